@@ -1,0 +1,143 @@
+"""Objectives: the one thing a task writes for the engine.
+
+An objective owns the trainable module and knows how to turn a batch into a scalar loss. A
+*staged* objective additionally exposes the model as an ordered list of stages, so evaluators can
+cache each stage's input once per step and restart a perturbed query at the stage that owns the
+perturbed parameter (feature reuse). Objectives that cannot be staged (a rollout through a solver)
+use the base class: every query then runs the whole loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .batchnorm import frozen_running_stats
+from .coords import CoordinateView
+from .queries import QueryCounter
+
+Batch = Any
+
+
+class Objective:
+    """Loss of `module` on a batch, with every query counted.
+
+    Subclasses implement `_loss(batch)`. The engine calls `loss` (whole query), `forward_cached`
+    (base query, keeps a cache) and `loss_from` (query restarted at a stage); the base class has a
+    single stage, so `loss_from` is a whole query.
+    """
+
+    num_stages = 1
+
+    def __init__(self, module: nn.Module, trainable: Callable[[str, nn.Parameter], bool] | None = None):
+        self.module = module
+        self.counter = QueryCounter()
+        keep = trainable or (lambda name, p: p.requires_grad)
+        named = [(n, p) for n, p in module.named_parameters() if keep(n, p)]
+        if not named:
+            raise ValueError("objective has no trainable parameters")
+        self.coords = CoordinateView(named, [self._stage_of_param(p) for _, p in named])
+
+    def _stage_of_param(self, p: nn.Parameter) -> int:
+        return 0
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stage_cost(self, stage: int) -> float:
+        """Fraction of a whole forward that a query restarted at `stage` runs."""
+        return 1.0
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        self.counter.add(1, 1.0)
+        return self._loss(batch)
+
+    def forward_cached(self, batch: Batch) -> tuple[torch.Tensor, Any]:
+        return self.loss(batch), None
+
+    def loss_from(self, stage: int, cache: Any, batch: Batch) -> torch.Tensor:
+        return self.loss(batch)
+
+
+def model_stages(model: nn.Module) -> list[nn.Module]:
+    """Stages of a model: `model.stages()` if it defines one, the children of an nn.Sequential, else itself."""
+    if callable(getattr(model, "stages", None)):
+        return list(model.stages())
+    if isinstance(model, nn.Sequential):
+        return list(model)
+    return [model]
+
+
+def first_item(batch: Batch) -> torch.Tensor:
+    return batch[0]
+
+
+class StagedObjective(Objective):
+    """`loss_fn(model(inputs(batch)), batch)` for a model made of ordered stages.
+
+    Custom models get feature reuse by being an `nn.Sequential` or by defining `stages()` that
+    returns modules whose composition is the forward; each stage maps one tensor to one tensor and
+    every trainable parameter lives in exactly one stage.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, Batch], torch.Tensor],
+        inputs: Callable[[Batch], torch.Tensor] = first_item,
+        trainable: Callable[[str, nn.Parameter], bool] | None = None,
+    ):
+        self.stages: Sequence[nn.Module] = model_stages(model)
+        self.num_stages = len(self.stages)
+        self._stage_by_param = {id(p): i for i, s in enumerate(self.stages) for p in s.parameters()}
+        self.loss_fn = loss_fn
+        self.inputs = inputs
+        self._suffix_cost: list[float] | None = None
+        super().__init__(model, trainable)
+
+    def _stage_of_param(self, p: nn.Parameter) -> int:
+        if id(p) not in self._stage_by_param:
+            raise ValueError("a trainable parameter belongs to no stage; stages() must cover the model")
+        return self._stage_by_param[id(p)]
+
+    def stage_cost(self, stage: int) -> float:
+        return 1.0 if self._suffix_cost is None else self._suffix_cost[stage]
+
+    def _run(self, stage: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        for s in self.stages[stage:]:
+            h = s(h)
+        return self.loss_fn(h, batch)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        return self._run(0, self.inputs(batch), batch)
+
+    def forward_cached(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self._suffix_cost is None:
+            self._suffix_cost = self._measure_suffix_cost(self.inputs(batch))
+        self.counter.add(1, 1.0)
+        h, cache = self.inputs(batch), []
+        for s in self.stages:
+            cache.append(h)
+            h = s(h)
+        return self.loss_fn(h, batch), cache
+
+    def loss_from(self, stage: int, cache: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+        self.counter.add(1, self.stage_cost(stage))
+        return self._run(stage, cache[stage], batch)
+
+    def _measure_suffix_cost(self, h: torch.Tensor) -> list[float]:
+        """FLOPs of stages s.. as a fraction of the whole forward (uniform if nothing is counted)."""
+        flops = []
+        with torch.no_grad(), frozen_running_stats(self.module):
+            for s in self.stages:
+                with FlopCounterMode(display=False) as fc:
+                    h = s(h)
+                flops.append(float(fc.get_total_flops()))
+        total = sum(flops)
+        if total <= 0:
+            flops, total = [1.0] * len(flops), float(len(flops))
+        return [sum(flops[i:]) / total for i in range(len(flops))]
