@@ -1,0 +1,26 @@
+"""Bundled models: each is an ``nn.Sequential`` whose top-level children are the ZO engine's stages.
+
+Importing this package registers every model with :func:`create_model`.
+"""
+
+from .cnn import small_cnn
+from .correction import correction_net
+from .dncnn import dncnn
+from .mlp import mlp
+from .registry import create_model, list_models, register_model
+from .resnet import resnet, resnet20, resnet32, resnet44, resnet56
+
+__all__ = [
+    "correction_net",
+    "create_model",
+    "dncnn",
+    "list_models",
+    "mlp",
+    "register_model",
+    "resnet",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "small_cnn",
+]

@@ -1,0 +1,48 @@
+"""Solver-in-the-Loop correction network (Um et al. NeurIPS 2020).
+
+A small fully convolutional ResNet (5x5 kernels, 32 filters) that maps a solver state to a
+correction of the same spatial size; ``padding_mode="circular"`` suits periodic domains.
+Input conv, every residual block and the output conv are separate stages for feature reuse.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import register_model
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(relu(conv(x))) with size-preserving padding."""
+
+    def __init__(self, width: int, kernel_size: int, padding_mode: str) -> None:
+        super().__init__()
+        pad = kernel_size // 2
+        self.conv1 = nn.Conv2d(width, width, kernel_size, padding=pad, padding_mode=padding_mode)
+        self.conv2 = nn.Conv2d(width, width, kernel_size, padding=pad, padding_mode=padding_mode)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+@register_model("correction_net")
+def correction_net(
+    in_channels: int,
+    out_channels: int,
+    width: int = 32,
+    blocks: int = 2,
+    kernel_size: int = 5,
+    padding_mode: str = "zeros",
+) -> nn.Sequential:
+    """Input conv+ReLU, ``blocks`` residual blocks, output conv; spatial size is preserved."""
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd to preserve the spatial size, got {kernel_size}")
+    pad = kernel_size // 2
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, width, kernel_size, padding=pad, padding_mode=padding_mode), nn.ReLU()
+    )
+    body = [ResidualBlock(width, kernel_size, padding_mode) for _ in range(blocks)]
+    out = nn.Conv2d(width, out_channels, kernel_size, padding=pad, padding_mode=padding_mode)
+    return nn.Sequential(stem, *body, out)
