@@ -1,0 +1,209 @@
+"""Query-only wrapper around a classifier, the black box that zeroth-order training works through.
+
+DeepZero's setting is a model whose gradients we may not use: the only thing allowed is to send a
+batch of images and read back its outputs. :class:`BlackBoxClassifier` enforces that contract in the
+API so that a pipeline cannot silently backpropagate through the classifier:
+
+* it is not an ``nn.Module``, so its parameters are never collected by ``.parameters()`` of an
+  enclosing module or handed to an optimizer;
+* it evaluates under ``torch.no_grad()`` with the model in ``eval()`` mode and returns detached
+  tensors, and it refuses inputs that require grad instead of silently cutting the graph;
+* the wrapped model lives in a private attribute. This is about the API contract, not security:
+  Python code in the same process can always reach it.
+
+It also counts queries (the cost measure of ZO methods) and turns failures of the wrapped callable
+(exceptions, NaN/inf, wrong shapes, timeouts) into one-line :class:`BlackBoxError` messages that
+name the black box.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BlackBoxClassifier", "BlackBoxError", "OutputKind"]
+
+OutputKind = Literal["logits", "probs", "label"]
+_OUTPUT_KINDS: tuple[str, ...] = ("logits", "probs", "label")
+
+
+class BlackBoxError(RuntimeError):
+    """A black-box query was misused or the black box itself failed."""
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace so that a wrapped error message stays on one line."""
+    return " ".join(text.split())
+
+
+class BlackBoxClassifier:
+    """Batched, query-only access to a classifier mapping a float batch ``(N, C, H, W)`` to logits.
+
+    Args:
+        model_or_callable: an ``nn.Module`` or any callable returning logits of shape
+            ``(N, num_classes)``. Modules are put in ``eval()`` mode before every query, and inputs
+            are moved to the device of the module's first parameter (outputs come back on the
+            input's device).
+        output: what ``__call__`` returns: ``"logits"``, ``"probs"`` (softmax of the logits) or
+            ``"label"`` (top-1 class, ``LongTensor`` of shape ``(N,)``).
+        batch_size: largest batch handed to the wrapped callable at once; bigger queries are chunked.
+        num_classes: expected number of classes, used to validate outputs. When ``None`` it is
+            taken from the first valid output and enforced from then on.
+        name: used in every error message.
+        timeout: seconds allowed for each invocation of the wrapped callable (one chunk). The
+            callable then runs in a worker thread; Python cannot kill a thread, so a timed-out call
+            keeps running in the background while :class:`BlackBoxError` is raised.
+    """
+
+    def __init__(
+        self,
+        model_or_callable: nn.Module | Callable[[Tensor], Tensor],
+        *,
+        output: OutputKind = "logits",
+        batch_size: int = 1024,
+        num_classes: int | None = None,
+        name: str = "black box",
+        timeout: float | None = None,
+    ) -> None:
+        if not callable(model_or_callable):
+            raise TypeError(f"model_or_callable must be callable, got {type(model_or_callable).__name__}")
+        if output not in _OUTPUT_KINDS:
+            raise ValueError(f"output must be one of {_OUTPUT_KINDS}, got {output!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self._model = model_or_callable
+        self.output: OutputKind = output
+        self.batch_size = batch_size
+        self.num_classes = num_classes
+        self.name = name
+        self.timeout = timeout
+        self.queries = 0
+        self.calls = 0
+        if isinstance(model_or_callable, nn.Module):
+            model_or_callable.eval()
+
+    def __repr__(self) -> str:
+        return (
+            f"BlackBoxClassifier(name={self.name!r}, output={self.output!r}, num_classes={self.num_classes}, "
+            f"queries={self.queries}, calls={self.calls})"
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Query the black box on a batch; returns a detached tensor of the configured ``output`` kind.
+
+        ``queries`` grows by the number of images sent (also when the black box then fails, as a
+        paid API would still charge), ``calls`` by one per ``__call__`` whatever the chunking.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"black box {self.name!r} expects a torch.Tensor batch, got {type(x).__name__}")
+        if x.requires_grad:
+            raise BlackBoxError(
+                f"black box {self.name!r} is query-only: the input requires grad but no gradient can flow "
+                "through a black box; detach the input (ZO estimators only need forward queries)"
+            )
+        if not x.is_floating_point() or x.dim() < 1:
+            raise BlackBoxError(
+                f"black box {self.name!r} expects a floating-point batch (N, C, H, W), "
+                f"got dtype {x.dtype} and shape {tuple(x.shape)}"
+            )
+        self.calls += 1
+        n = x.shape[0]
+        chunks = x.split(self.batch_size) if n > 0 else (x,)
+        logits = torch.cat([self._query_chunk(chunk) for chunk in chunks]) if n > 0 else self._query_chunk(x)
+        if self.output == "probs":
+            return logits.softmax(dim=1)
+        if self.output == "label":
+            return logits.argmax(dim=1)
+        return logits
+
+    def _query_chunk(self, chunk: Tensor) -> Tensor:
+        """Send one chunk to the wrapped callable and validate what comes back."""
+        self.queries += chunk.shape[0]
+        if isinstance(self._model, nn.Module):
+            self._model.eval()
+            param = next(self._model.parameters(), None)
+            model_input = chunk if param is None else chunk.to(param.device)
+        else:
+            model_input = chunk
+        out = self._invoke(model_input)
+        return self._validate(out, chunk.shape[0]).to(chunk.device)
+
+    def _evaluate(self, x: Tensor) -> object:
+        # Grad mode is thread-local, so no_grad must be entered here, inside the worker when timed.
+        with torch.no_grad():
+            return self._model(x)
+
+    def _invoke(self, x: Tensor) -> object:
+        """Run the wrapped callable (in a worker thread when a timeout is set), wrapping its failures."""
+        try:
+            if self.timeout is None:
+                return self._evaluate(x)
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blackbox")
+            try:
+                future = pool.submit(self._evaluate, x)
+                done, _ = concurrent.futures.wait([future], timeout=self.timeout)
+                if not done:
+                    raise BlackBoxError(
+                        f"black box {self.name!r} timed out after {self.timeout:g} s on a batch of {x.shape[0]}"
+                    )
+                return future.result()
+            finally:
+                pool.shutdown(wait=False)
+        except BlackBoxError:
+            raise
+        except Exception as err:
+            raise BlackBoxError(
+                f"black box {self.name!r} failed: {type(err).__name__}: {_one_line(str(err))}"
+            ) from err
+
+    def _validate(self, out: object, n: int) -> Tensor:
+        """Check type, shape and finiteness of raw logits; the result is detached."""
+        if not isinstance(out, Tensor):
+            raise BlackBoxError(
+                f"black box {self.name!r} returned {type(out).__name__}, expected a logits Tensor"
+            )
+        if not out.is_floating_point():
+            raise BlackBoxError(
+                f"black box {self.name!r} returned dtype {out.dtype}, expected floating-point logits"
+            )
+        expected = f"({n}, {self.num_classes if self.num_classes is not None else 'num_classes'})"
+        if (
+            out.dim() != 2
+            or out.shape[0] != n
+            or (self.num_classes is not None and out.shape[1] != self.num_classes)
+        ):
+            raise BlackBoxError(
+                f"black box {self.name!r} returned shape {tuple(out.shape)} for a batch of {n}, expected {expected}"
+            )
+        out = out.detach()
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).any(dim=1).sum())
+            raise BlackBoxError(f"black box {self.name!r} returned NaN/inf logits for {bad} of {n} inputs")
+        if self.num_classes is None:
+            self.num_classes = out.shape[1]
+        return out
+
+    def reset_counters(self) -> None:
+        """Zero the ``queries`` and ``calls`` counters (e.g. between training and evaluation)."""
+        self.queries = 0
+        self.calls = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Counters only, so that query budgets survive checkpoint/resume; the model is not included."""
+        return {"queries": self.queries, "calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the counters saved by :meth:`state_dict`."""
+        missing = {"queries", "calls"} - set(state)
+        if missing:
+            raise KeyError(f"black box {self.name!r} state_dict is missing {sorted(missing)}")
+        self.queries = int(state["queries"])
+        self.calls = int(state["calls"])
