@@ -1,0 +1,107 @@
+"""Black-box PDE solvers for Solver-in-the-Loop error correction, and their plug-in layer.
+
+A coarse *source* simulation is corrected by a neural network after every solver step and trained to
+follow a downsampled fine *reference* simulation. The solvers are numpy/scipy code or external
+programs without autograd, so the network is trained with zeroth-order estimates (DeepZero).
+
+Built-ins (``list_solvers()`` also shows plug-ins):
+
+* ``burgers`` -- :class:`~.burgers.BurgersSolver`, 2D forced viscous Burgers, periodic
+  (``burgers_torch.BurgersTorch`` is its differentiable twin for the first-order upper bound);
+* ``wake`` -- :class:`~.wake.WakeSolver`, incompressible flow past a cylinder (staggered grid);
+* ``external`` -- :class:`~.external.ExternalSolver`, any executable exchanging ``.npy`` files.
+
+Writing a solver
+----------------
+Subclass :class:`Solver` with a keyword-only-friendly constructor (so Hydra can build it)::
+
+    import numpy as np
+    from deepzero_apps.solvers import Grid, Solver
+
+    class HeatSolver(Solver):
+        name = "heat"
+        channels = ("T",)
+
+        def __init__(self, resolution: int = 32, kappa: float = 0.1, dt: float = 0.1):
+            self.grid = Grid(shape=(resolution, resolution), size=(1.0, 1.0), boundary="periodic")
+            self.kappa, self.dt = kappa, dt
+
+        def initial_state(self, seed: int, **params) -> np.ndarray:      # (C, ny, nx) float64
+            return np.random.default_rng(seed).normal(size=self.state_shape)
+
+        def step(self, state, forcing=None, **params) -> np.ndarray:   # pure and deterministic
+            lap = sum(np.roll(state, s, a) for s in (1, -1) for a in (1, 2)) - 4 * state
+            return state + self.dt * self.kappa * lap / self.grid.dx**2
+
+Per-simulation data that stays fixed during a rollout (forcing fields, Reynolds numbers) comes from
+``conditions(seed)`` and is passed to every ``step(state, **conditions)``. ``downsample``/``upsample``
+move states between resolutions (area averaging by default; override for staggered data), and the
+engine validates every output with :func:`check_state` (``SolverError`` on NaN/inf or wrong shape).
+
+Registering it
+--------------
+In-process: decorate the class with ``@register_solver("heat")``.
+
+As an installable plug-in, add an entry point to your package's ``pyproject.toml``::
+
+    [project.entry-points."deepzero_apps.solvers"]
+    heat = "my_package.heat:HeatSolver"
+
+then ``pip install -e .``; ``list_solvers()`` shows ``"heat"`` and ``create_solver("heat", resolution=64)``
+builds it. Without registering, point Hydra at the class::
+
+    solver:
+      _target_: my_package.heat.HeatSolver
+      resolution: 64
+      kappa: 0.05
+
+(``hydra.utils.instantiate(cfg.solver)`` or ``create_solver(cfg.solver)``). An external program::
+
+    solver:
+      _target_: deepzero_apps.solvers.external.ExternalSolver
+      command: ["./bin/stepper", "--in", "{input}", "--out", "{output}"]
+      grid: {shape: [32, 32], size: [1.0, 1.0]}
+      channels: [u, v]
+      initial_state_file: data/init_{seed}.npy
+      timeout: 30
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Grid, Solver, SolverError, block_mean, block_repeat, check_state
+from .registry import ENTRY_POINT_GROUP, create_solver, get_solver_class, list_solvers, register_solver
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "BurgersSolver",
+    "BurgersTorch",
+    "ExternalSolver",
+    "Grid",
+    "Solver",
+    "SolverError",
+    "WakeSolver",
+    "block_mean",
+    "block_repeat",
+    "check_state",
+    "create_solver",
+    "get_solver_class",
+    "list_solvers",
+    "register_solver",
+]
+
+_LAZY = {
+    "BurgersSolver": ".burgers",
+    "WakeSolver": ".wake",
+    "ExternalSolver": ".external",
+    "BurgersTorch": ".burgers_torch",  # imports torch only when used
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

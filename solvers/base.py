@@ -1,0 +1,274 @@
+"""Solver protocol shared by the built-in PDE solvers and user plug-ins.
+
+A solver is a deterministic, gradient-free time stepper on a fixed 2D grid. Its state is a float64
+array of shape ``(C, ny, nx)`` whose channels are named by :attr:`Solver.channels`. The engine never
+differentiates through :meth:`Solver.step`; the correction network is trained with zeroth-order
+estimates, so a solver can be numpy/scipy code or an external executable.
+
+Resolution is a constructor parameter, so the fine *reference* and the coarse *source* simulations
+of Solver-in-the-Loop are two instances of the same class; :meth:`Solver.downsample` and
+:meth:`Solver.upsample` move states between them.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Grid", "Solver", "SolverError", "check_state", "block_mean", "block_repeat"]
+
+BOUNDARIES: tuple[str, ...] = ("periodic", "wake", "custom")
+
+
+class SolverError(RuntimeError):
+    """A solver produced an invalid state or failed to run; the message is a single line."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A uniform 2D grid.
+
+    Attributes:
+        shape: ``(ny, nx)`` number of cells (rows are ``y``, columns are ``x``).
+        size: ``(Ly, Lx)`` physical extent of the domain.
+        boundary: boundary kind: ``"periodic"`` (both axes), ``"wake"`` (inflow left, outflow right,
+            free-slip walls top and bottom) or ``"custom"`` (defined by an external code).
+        staggered: ``True`` when velocity channels live on cell faces (MAC layout, see
+            :class:`~deepzero_apps.solvers.wake.WakeSolver`), ``False`` for cell centres.
+    """
+
+    shape: tuple[int, int]
+    size: tuple[float, float] = (1.0, 1.0)
+    boundary: str = "periodic"
+    staggered: bool = False
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.shape)
+        size = tuple(float(s) for s in self.size)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"Grid.shape must be two positive ints (ny, nx), got {self.shape!r}")
+        if len(size) != 2 or min(size) <= 0:
+            raise ValueError(f"Grid.size must be two positive floats (Ly, Lx), got {self.size!r}")
+        if self.boundary not in BOUNDARIES:
+            raise ValueError(f"Grid.boundary must be one of {BOUNDARIES}, got {self.boundary!r}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "size", size)
+
+    @property
+    def ny(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nx(self) -> int:
+        return self.shape[1]
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        """``(dy, dx)``."""
+        return self.size[0] / self.shape[0], self.size[1] / self.shape[1]
+
+    @property
+    def dy(self) -> float:
+        return self.spacing[0]
+
+    @property
+    def dx(self) -> float:
+        return self.spacing[1]
+
+    def cell_centers(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(Y, X)`` coordinates of the cell centres, each of shape ``(ny, nx)``."""
+        dy, dx = self.spacing
+        y = (np.arange(self.ny) + 0.5) * dy
+        x = (np.arange(self.nx) + 0.5) * dx
+        return np.meshgrid(y, x, indexing="ij")
+
+    def with_shape(self, shape: tuple[int, int]) -> Grid:
+        return Grid(shape=shape, size=self.size, boundary=self.boundary, staggered=self.staggered)
+
+
+def check_state(
+    name: str,
+    state: Any,
+    expected_shape: Sequence[int] | None,
+    step: int | str | None = None,
+    what: str = "state",
+) -> np.ndarray:
+    """Validate a solver state and return it as a float64 array.
+
+    Raises :class:`SolverError` with a one-line message naming the solver, the step and the problem
+    for non-arrays, wrong shapes and NaN/inf values. ``step`` is the step index (or a label such as
+    ``"initial_state"``); the engine calls this on every output of every solver.
+    """
+    where = f"solver {name!r}" + (f" step {step}" if step is not None else "")
+    try:
+        arr = np.asarray(state, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SolverError(_one_line(f"{where}: {what} is not a float array ({exc})")) from None
+    if expected_shape is not None and tuple(arr.shape) != tuple(int(s) for s in expected_shape):
+        raise SolverError(
+            f"{where}: {what} has shape {tuple(arr.shape)}, expected {tuple(int(s) for s in expected_shape)}"
+        )
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = arr[~finite]
+        n_nan = int(np.isnan(bad).sum())
+        n_inf = int(bad.size - n_nan)
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise SolverError(
+            f"{where}: {what} contains non-finite values ({n_nan} NaN, {n_inf} inf of {arr.size}; first at index {first})"
+        )
+    return arr
+
+
+def _ratio(fine: tuple[int, int], coarse: tuple[int, int]) -> tuple[int, int]:
+    ry, rx = fine[0] // coarse[0], fine[1] // coarse[1]
+    if ry < 1 or rx < 1 or ry * coarse[0] != fine[0] or rx * coarse[1] != fine[1]:
+        raise ValueError(f"grid {fine} is not an integer refinement of grid {coarse}")
+    return ry, rx
+
+
+def block_mean(state: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Area-average the last two axes of ``state`` down to ``shape`` (integer ratios only)."""
+    state = np.asarray(state, dtype=np.float64)
+    ry, rx = _ratio(state.shape[-2:], tuple(shape))
+    lead = state.shape[:-2]
+    return state.reshape(*lead, shape[0], ry, shape[1], rx).mean(axis=(-3, -1))
+
+
+def block_repeat(state: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Piecewise-constant prolongation of the last two axes to ``shape`` (mean preserving)."""
+    state = np.asarray(state, dtype=np.float64)
+    ry, rx = _ratio(tuple(shape), state.shape[-2:])
+    return np.repeat(np.repeat(state, ry, axis=-2), rx, axis=-1)
+
+
+class Solver(ABC):
+    """Base class of every solver (built-in or plug-in).
+
+    Subclasses set :attr:`grid`, :attr:`channels` and :attr:`dt` in ``__init__`` (keyword arguments
+    only, so Hydra's ``_target_`` can build them) and implement :meth:`initial_state` and
+    :meth:`step`. ``step`` must be a pure, deterministic function of its inputs.
+
+    Per-simulation quantities that stay fixed during a rollout (a forcing field, a Reynolds number)
+    are produced by :meth:`conditions` from the same seed as the initial state and passed to every
+    :meth:`step` call as keyword arguments: ``solver.step(state, **solver.conditions(seed))``.
+    """
+
+    #: Registry name; used in error messages.
+    name: str = "solver"
+    grid: Grid
+    channels: tuple[str, ...]
+    dt: float = 1.0
+
+    # -- required API ---------------------------------------------------------------------------
+    @abstractmethod
+    def initial_state(self, seed: int, **params: Any) -> np.ndarray:
+        """A deterministic initial state of shape ``(C, ny, nx)`` (float64) for ``seed``."""
+
+    @abstractmethod
+    def step(self, state: np.ndarray, forcing: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        """Advance ``state`` by one time step ``dt``; returns a new array, never modifies ``state``."""
+
+    # -- optional API ---------------------------------------------------------------------------
+    def conditions(self, seed: int, **params: Any) -> dict[str, Any]:
+        """Per-simulation keyword arguments for :meth:`step` (forcing field, parameters)."""
+        return {}
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        return (len(self.channels), *self.grid.shape)
+
+    def check(self, state: Any, step: int | str | None = None, what: str = "state") -> np.ndarray:
+        """:func:`check_state` against this solver's name and state shape."""
+        return check_state(self.name, state, self.state_shape, step=step, what=what)
+
+    def step_batch(self, states: np.ndarray, **params: Any) -> np.ndarray:
+        """Step a batch ``(B, C, ny, nx)``; array-valued ``params`` with a leading ``B`` axis are split."""
+        states = np.asarray(states, dtype=np.float64)
+        out = np.empty_like(states)
+        for b in range(states.shape[0]):
+            kw = {k: _index_batched(v, b, states.shape[0]) for k, v in params.items()}
+            out[b] = self.step(states[b], **kw)
+        return out
+
+    def rollout(self, state: np.ndarray, n_steps: int, check: bool = True, **params: Any) -> np.ndarray:
+        """``n_steps`` steps from ``state``; returns the trajectory ``(n_steps + 1, C, ny, nx)``."""
+        traj = [np.asarray(state, dtype=np.float64)]
+        for i in range(n_steps):
+            nxt = self.step(traj[-1], **params)
+            traj.append(self.check(nxt, step=i + 1) if check else nxt)
+        return np.stack(traj)
+
+    def downsample(self, state: np.ndarray, target: Solver | Grid | tuple[int, int]) -> np.ndarray:
+        """Area-average a state of this (fine) solver onto the grid of ``target`` (coarse)."""
+        return block_mean(state, _target_shape(target))
+
+    def upsample(self, state: np.ndarray, target: Solver | Grid | tuple[int, int]) -> np.ndarray:
+        """Piecewise-constant prolongation of a state of this (coarse) solver onto ``target``'s grid."""
+        return block_repeat(state, _target_shape(target))
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary (name, grid, channels, dt) for logs and result files."""
+        g = self.grid
+        return {
+            "name": self.name,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "shape": list(g.shape),
+            "size": list(g.size),
+            "spacing": list(g.spacing),
+            "boundary": g.boundary,
+            "staggered": g.staggered,
+            "channels": list(self.channels),
+            "dt": self.dt,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.grid.shape}, size={self.grid.size}, dt={self.dt})"
+
+
+def _index_batched(value: Any, b: int, batch: int) -> Any:
+    # Batched arrays: per-sample scalars (B,) or per-sample fields (B, C, ny, nx).
+    if isinstance(value, np.ndarray) and value.ndim in (1, 4) and value.shape[0] == batch:
+        return value[b]
+    if isinstance(value, (list, tuple)) and len(value) == batch:
+        return value[b]
+    return value
+
+
+def _target_shape(target: Solver | Grid | tuple[int, int] | Mapping) -> tuple[int, int]:
+    if isinstance(target, Solver):
+        return target.grid.shape
+    if isinstance(target, Grid):
+        return target.shape
+    shape = tuple(int(s) for s in target)  # type: ignore[arg-type]
+    if len(shape) != 2:
+        raise ValueError(f"target must be a Solver, a Grid or (ny, nx), got {target!r}")
+    return shape  # type: ignore[return-value]
+
+
+def parse_resolution(
+    resolution: int | str | Sequence[int], presets: Mapping[str, tuple[int, int]], aspect: float = 1.0
+) -> tuple[int, int]:
+    """``"reference"``/``"source"`` presets, an int ``n`` (``(round(n * aspect), n)`` is ``(ny, nx)``),
+    or an explicit ``(ny, nx)``."""
+    if isinstance(resolution, str):
+        if resolution not in presets:
+            raise ValueError(
+                f"unknown resolution {resolution!r}; choose one of {sorted(presets)} or (ny, nx)"
+            )
+        return presets[resolution]
+    if isinstance(resolution, (int, np.integer)):
+        return (max(1, int(math.floor(int(resolution) * aspect + 0.5))), int(resolution))
+    shape = tuple(int(s) for s in resolution)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"resolution must be a preset name, an int or (ny, nx), got {resolution!r}")
+    return shape  # type: ignore[return-value]

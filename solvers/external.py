@@ -1,0 +1,265 @@
+"""Wrap an external executable (Fortran, C, legacy code, another Python) as a :class:`Solver`.
+
+Every :meth:`ExternalSolver.step` runs the command once, with no shell, as an argument list:
+
+* ``io="files"`` (default): the state is written to ``<tmp>/input.npy`` and the command must write the
+  next state to ``<tmp>/output.npy``; ``{input}`` and ``{output}`` in the arguments are replaced by
+  these absolute paths. ``<tmp>`` is a fresh directory (under ``workdir`` if given), deleted afterwards
+  unless ``keep_files=True``.
+* ``io="stdio"``: the state is sent as ``.npy`` bytes on stdin and the next state is read as ``.npy``
+  bytes from stdout.
+
+Other placeholders: ``{forcing}`` (path of ``forcing.npy`` when a forcing array is passed to
+``step``), ``{step}`` (a call counter), ``{dt}``, ``{workdir}`` and ``{<name>}`` for any scalar keyword
+passed to ``step`` (e.g. ``{re}``). Unknown placeholders are left as they are.
+
+Initial states come from, in order: ``init_command`` (run like a step with ``{seed}`` and ``{output}``
+placeholders and no input; stdout is used with ``io="stdio"``), or ``initial_state_file`` (a ``.npy``
+path in which ``{seed}`` is replaced; one file may also hold a stack ``(S, C, ny, nx)`` indexed by
+``seed % S``). The command's working directory is ``workdir`` (default: the current one).
+
+Failures raise :class:`SolverError` with one line naming the solver and step: non-zero exit (exit
+code and the last line of stderr), timeout (the whole process group is killed), missing or unreadable
+output, NaN/inf, wrong shape. Nothing outside the per-step temporary directory is ever deleted.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Grid, Solver, SolverError, check_state
+
+__all__ = ["ExternalSolver"]
+
+_IO_MODES = ("files", "stdio")
+
+
+def _last_line(text: bytes | str | None) -> str:
+    if not text:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _substitute(args: Sequence[str], mapping: Mapping[str, str]) -> list[str]:
+    out = []
+    for a in args:
+        a = str(a)
+        for key, val in mapping.items():
+            a = a.replace("{" + key + "}", val)
+        out.append(a)
+    return out
+
+
+class ExternalSolver(Solver):
+    """A solver implemented by an external program.
+
+    Args:
+        command: argument list of one step, e.g. ``["./stepper", "{input}", "{output}"]``.
+        grid: a :class:`Grid` or a mapping of its fields, e.g. ``{"shape": [32, 32], "size": [1, 1]}``;
+            ``shape`` alone (a pair) is accepted too.
+        channels: names of the state channels.
+        timeout: seconds per invocation; the process group is killed when exceeded.
+        workdir: working directory of the command and parent of the temporary directories.
+        io: ``"files"`` or ``"stdio"`` (see the module docstring).
+        init_command: optional argument list that produces an initial state (``{seed}``, ``{output}``).
+        initial_state_file: optional ``.npy`` path (``{seed}`` is substituted) for initial states.
+        dt: time step of the external code (informative; available as ``{dt}``).
+        name: used in error messages.
+        env: extra environment variables for the command.
+        keep_files: keep the per-step temporary directories (for debugging).
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        grid: Grid | Mapping[str, Any] | Sequence[int],
+        channels: Sequence[str] = ("u",),
+        timeout: float = 60.0,
+        workdir: str | os.PathLike | None = None,
+        io: str = "files",
+        init_command: Sequence[str] | None = None,
+        initial_state_file: str | os.PathLike | None = None,
+        dt: float = 1.0,
+        name: str = "external",
+        env: Mapping[str, str] | None = None,
+        keep_files: bool = False,
+    ) -> None:
+        if isinstance(command, (str, bytes)) or not command:
+            raise ValueError(
+                "command must be a non-empty argument list (no shell), e.g. ['./solver', '{input}', '{output}']"
+            )
+        if io not in _IO_MODES:
+            raise ValueError(f"io must be one of {_IO_MODES}, got {io!r}")
+        self.command = [str(a) for a in command]
+        self.grid = _as_grid(grid)
+        self.channels = tuple(str(c) for c in channels)
+        if not self.channels:
+            raise ValueError("channels must not be empty")
+        self.timeout = float(timeout)
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.io = io
+        self.init_command = [str(a) for a in init_command] if init_command else None
+        self.initial_state_file = str(initial_state_file) if initial_state_file is not None else None
+        self.dt = float(dt)
+        self.name = str(name)
+        self.env = dict(env) if env else None
+        self.keep_files = bool(keep_files)
+        self.calls = 0
+
+    # -- running the program ----------------------------------------------------------------------
+    def _run(self, args: list[str], where: str, stdin: bytes | None) -> bytes:
+        env = None
+        if self.env:
+            env = {**os.environ, **self.env}
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.workdir,
+                env=env,
+                start_new_session=True,  # own process group: a timeout kills children too
+            )
+        except OSError as exc:
+            raise SolverError(f"{where}: cannot start {args[0]!r}: {exc.strerror or exc}") from None
+        try:
+            out, err = proc.communicate(input=stdin, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise SolverError(
+                f"{where}: timed out after {self.timeout:g} s (process killed): {' '.join(args)[:200]}"
+            ) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+        if proc.returncode != 0:
+            tail = _last_line(err) or "(no stderr)"
+            raise SolverError(f"{where}: command exited with code {proc.returncode}: {tail}")
+        return out
+
+    def _call(
+        self, where: str, args: Sequence[str], arrays: Mapping[str, np.ndarray], extra: Mapping[str, str]
+    ) -> np.ndarray:
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"dz_{self.name}_", dir=self.workdir))
+        try:
+            mapping = {"workdir": str(self.workdir or Path.cwd()), "dt": repr(self.dt), **extra}
+            for key, arr in arrays.items():
+                path = tmp / f"{key}.npy"
+                np.save(path, np.ascontiguousarray(arr, dtype=np.float64))
+                mapping[key] = str(path)
+            out_path = tmp / "output.npy"
+            mapping["output"] = str(out_path)
+            stdin = None
+            if self.io == "stdio" and "input" in arrays:
+                buf = _io.BytesIO()
+                np.save(buf, np.ascontiguousarray(arrays["input"], dtype=np.float64))
+                stdin = buf.getvalue()
+            stdout = self._run(_substitute(args, mapping), where, stdin)
+            if self.io == "stdio":
+                if not stdout:
+                    raise SolverError(
+                        f"{where}: command wrote nothing to stdout (io='stdio' expects .npy bytes)"
+                    )
+                source: Any = _io.BytesIO(stdout)
+                label = "stdout"
+            else:
+                if not out_path.exists():
+                    raise SolverError(
+                        f"{where}: command exited normally but did not write the output file {out_path.name}"
+                    )
+                source = out_path
+                label = out_path.name
+            try:
+                result = np.load(source, allow_pickle=False)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is reported the same way
+                raise SolverError(
+                    f"{where}: cannot read {label} as .npy ({type(exc).__name__}: {exc})"
+                ) from None
+            return result
+        finally:
+            if not self.keep_files:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- Solver API -------------------------------------------------------------------------------
+    def step(self, state: np.ndarray, forcing: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        self.calls += 1
+        where = f"solver {self.name!r} step {self.calls}"
+        state = check_state(self.name, state, self.state_shape, step=self.calls, what="input state")
+        arrays = {"input": state}
+        if forcing is not None:
+            arrays["forcing"] = np.asarray(forcing, dtype=np.float64)
+        extra = {"step": str(self.calls)}
+        extra.update({k: str(v) for k, v in params.items() if isinstance(v, (int, float, str, np.number))})
+        out = self._call(where, self.command, arrays, extra)
+        return check_state(self.name, out, self.state_shape, step=self.calls, what="output")
+
+    def initial_state(self, seed: int, **params: Any) -> np.ndarray:
+        label = f"initial_state(seed={seed})"
+        where = f"solver {self.name!r} {label}"
+        if self.init_command:
+            extra = {"seed": str(int(seed))}
+            extra.update(
+                {k: str(v) for k, v in params.items() if isinstance(v, (int, float, str, np.number))}
+            )
+            out = self._call(where, self.init_command, {}, extra)
+        elif self.initial_state_file:
+            path = Path(self.initial_state_file.replace("{seed}", str(int(seed))))
+            if not path.exists():
+                raise SolverError(f"{where}: initial state file {path} does not exist")
+            try:
+                out = np.load(path, allow_pickle=False)
+            except Exception as exc:  # noqa: BLE001
+                raise SolverError(
+                    f"{where}: cannot read {path} as .npy ({type(exc).__name__}: {exc})"
+                ) from None
+            if out.ndim == 4:
+                out = out[int(seed) % out.shape[0]]
+        else:
+            raise SolverError(f"{where}: no init_command or initial_state_file configured")
+        return check_state(self.name, out, self.state_shape, step=label, what="initial state")
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(command=self.command, io=self.io, timeout=self.timeout)
+        return d
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        proc.kill()
+    try:
+        proc.communicate(timeout=5)
+    except Exception:  # noqa: BLE001 - pipes may stay open if a child escaped its group
+        pass
+
+
+def _as_grid(grid: Grid | Mapping[str, Any] | Sequence[int]) -> Grid:
+    if isinstance(grid, Grid):
+        return grid
+    if isinstance(grid, Mapping):
+        kw = dict(grid)
+        if "shape" in kw:
+            kw["shape"] = tuple(kw["shape"])
+        if "size" in kw:
+            kw["size"] = tuple(kw["size"])
+        kw.setdefault("boundary", "custom")
+        return Grid(**kw)
+    return Grid(shape=tuple(grid), boundary="custom")

@@ -1,0 +1,320 @@
+"""2D unsteady incompressible wake flow behind a cylinder (Solver-in-the-Loop's wake setup).
+
+    du/dt + (u . grad) u = -grad p + nu lap(u),   div u = 0,   nu = U_in * 2 R / Re
+
+Setup (defaults): domain ``200 x 100`` (``Lx x Ly``), cylinder of radius 10 centred at (50, 50),
+inflow ``u = 1, v = 0`` at the left, outflow at the right (zero-gradient velocity, ``p = 0``),
+free-slip walls at the bottom and top. *Reference* grid 256x128 (``nx x ny``, spacing 0.78125),
+*source* grid 64x32 (spacing 3.125); ``dt = 1``. Each seed picks a Reynolds number log-uniformly in
+``re_range`` (unless ``re`` is given) and a small random perturbation of the uniform initial flow that
+breaks the symmetry, so vortex shedding (a Karman street) develops after a transient.
+
+Staggered (MAC) layout in a ``(2, ny, nx)`` state (``grid.staggered = True``):
+
+* ``state[0, j, i]`` is ``u`` on the *right* face of cell ``(j, i)``, at ``x = (i + 1) dx``,
+  ``y = (j + 1/2) dy``; the last column is the outflow face, the inflow face ``x = 0`` is not stored
+  (it is always ``u_in``);
+* ``state[1, j, i]`` is ``v`` on the *top* face of cell ``(j, i)``, at ``x = (i + 1/2) dx``,
+  ``y = (j + 1) dy``; the last row is the top wall (always 0), the bottom wall is not stored.
+
+One step: (1) semi-Lagrangian advection of both components (first-order backtrace, bilinear
+interpolation, boundary values by extrapolation); (2) explicit diffusion, sub-stepped when
+``dt nu (2/dx^2 + 2/dy^2) > 0.9``; (3) optional body force ``dt * forcing``; (4) faces touching the
+obstacle and the top wall are set to zero; (5) pressure projection: ``L_w p = div u`` with the
+5-point Laplacian restricted to the open faces (Dirichlet ``p = 0`` beyond the outflow), a sparse
+matrix that depends only on the geometry and is LU-factorised once per solver. The projected state
+satisfies the discrete divergence (:meth:`WakeSolver.divergence`) to round-off.
+
+:meth:`WakeSolver.downsample` averages face *fluxes* (a fine divergence-free state restricts to a
+coarse divergence-free one) and :meth:`WakeSolver.upsample` interpolates each component linearly
+along its own axis (a coarse divergence-free state prolongs to a fine divergence-free one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.ndimage import map_coordinates
+from scipy.sparse.linalg import factorized
+
+from .base import Grid, Solver, SolverError, _ratio, _target_shape, parse_resolution
+from .burgers import smooth_random_field
+
+__all__ = ["WakeSolver"]
+
+PRESETS: dict[str, tuple[int, int]] = {"reference": (128, 256), "source": (32, 64)}
+
+
+class WakeSolver(Solver):
+    """Incompressible flow past a cylinder on a staggered grid; channels ``("u", "v")``.
+
+    Args:
+        resolution: ``"reference"`` (256x128), ``"source"`` (64x32), an int ``nx`` (grid
+            ``nx/2 x nx`` for the default aspect) or ``(ny, nx)``.
+        size: ``(Ly, Lx)``.
+        dt: time step.
+        re: default Reynolds number (``U_in * 2 R / nu``) when :meth:`step` gets none.
+        re_range: ``(low, high)`` range of the per-seed Reynolds number (log-uniform).
+        inflow: inflow speed ``U_in``.
+        center, radius: cylinder centre ``(x, y)`` and radius; ``radius = 0`` removes it.
+        perturbation: RMS of the random initial perturbation.
+    """
+
+    name = "wake"
+    channels = ("u", "v")
+
+    def __init__(
+        self,
+        resolution: int | str | Sequence[int] = "source",
+        size: Sequence[float] = (100.0, 200.0),
+        dt: float = 1.0,
+        re: float = 200.0,
+        re_range: Sequence[float] = (100.0, 1000.0),
+        inflow: float = 1.0,
+        center: Sequence[float] = (50.0, 50.0),
+        radius: float = 10.0,
+        perturbation: float = 0.1,
+    ) -> None:
+        ly, lx = (float(s) for s in size)
+        shape = parse_resolution(resolution, PRESETS, aspect=ly / lx)
+        self.grid = Grid(shape=shape, size=(ly, lx), boundary="wake", staggered=True)
+        self.dt = float(dt)
+        self.re = float(re)
+        self.re_range = (float(re_range[0]), float(re_range[1]))
+        self.inflow = float(inflow)
+        self.center = (float(center[0]), float(center[1]))
+        self.radius = float(radius)
+        self.perturbation = float(perturbation)
+
+        ny, nx = shape
+        dy, dx = self.grid.spacing
+        yc, xc = self.grid.cell_centers()
+        self.solid = (xc - self.center[0]) ** 2 + (yc - self.center[1]) ** 2 < self.radius**2
+        # Fixed faces (velocity 0, never changed by the projection) in the stored layout.
+        fixed_u = self.solid.copy()
+        fixed_u[:, :-1] |= self.solid[:, 1:]
+        fixed_v = self.solid.copy()
+        fixed_v[:-1, :] |= self.solid[1:, :]
+        fixed_v[-1, :] = True  # top wall
+        self.fixed = np.stack([fixed_u, fixed_v])
+        self.open = ~self.fixed
+        self._solve = factorized(self._pressure_matrix().tocsc())
+
+        # Face positions (physical) of the stored components.
+        jj, ii = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij")
+        self._u_pos = ((jj + 0.5) * dy, (ii + 1.0) * dx)
+        self._v_pos = ((jj + 1.0) * dy, (ii + 0.5) * dx)
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def _pressure_matrix(self) -> sp.csr_matrix:
+        """``L_w`` with ``(L_w p)_c = sum over open faces f of c of (p_nb - p_c) / h_f^2``."""
+        ny, nx = self.grid.shape
+        dy, dx = self.grid.spacing
+        idx = np.arange(ny * nx).reshape(ny, nx)
+        open_u, open_v = self.open
+        rows, cols, vals = [], [], []
+        diag = np.zeros((ny, nx))
+
+        def couple(a: np.ndarray, b: np.ndarray, w: float) -> None:
+            rows.extend([a, b])
+            cols.extend([b, a])
+            vals.extend([np.full(a.size, w), np.full(a.size, w)])
+
+        # Interior x-faces: u[:, i] for i < nx - 1 joins cells i and i + 1.
+        m = open_u[:, :-1]
+        couple(idx[:, :-1][m], idx[:, 1:][m], 1.0 / dx**2)
+        diag[:, :-1] -= m / dx**2
+        diag[:, 1:] -= m / dx**2
+        # Outflow faces: ghost pressure 0.
+        diag[:, -1] -= open_u[:, -1] / dx**2
+        # Interior y-faces: v[j, :] for j < ny - 1 joins cells j and j + 1 (v[ny - 1] is the wall).
+        m = open_v[:-1, :]
+        couple(idx[:-1, :][m], idx[1:, :][m], 1.0 / dy**2)
+        diag[:-1, :] -= m / dy**2
+        diag[1:, :] -= m / dy**2
+        # Cells without any open face (inside the obstacle): p = 0.
+        isolated = diag == 0.0
+        diag[isolated] = 1.0
+        rows.append(idx.ravel())
+        cols.append(idx.ravel())
+        vals.append(diag.ravel())
+        n = ny * nx
+        return sp.coo_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+        ).tocsr()
+
+    def nu(self, re: float | None = None) -> float:
+        """Kinematic viscosity for Reynolds number ``re`` (default: the constructor's)."""
+        re = self.re if re is None else float(re)
+        if not re > 0:
+            raise SolverError(f"solver {self.name!r}: Reynolds number must be positive, got {re}")
+        return self.inflow * 2.0 * self.radius / re if self.radius > 0 else self.inflow * 20.0 / re
+
+    # -- full face arrays ----------------------------------------------------------------------------
+    def _full_u(self, u: np.ndarray) -> np.ndarray:
+        """``(ny, nx + 1)``: inflow face, then the stored faces."""
+        return np.concatenate([np.full((u.shape[0], 1), self.inflow), u], axis=1)
+
+    def _full_v(self, v: np.ndarray) -> np.ndarray:
+        """``(ny + 1, nx)``: bottom wall, then the stored faces."""
+        return np.concatenate([np.zeros((1, v.shape[1])), v], axis=0)
+
+    def divergence(self, state: np.ndarray) -> np.ndarray:
+        """Discrete divergence per cell, ``(ny, nx)``."""
+        dy, dx = self.grid.spacing
+        uf = self._full_u(np.asarray(state[0], dtype=np.float64))
+        vf = self._full_v(np.asarray(state[1], dtype=np.float64))
+        return (uf[:, 1:] - uf[:, :-1]) / dx + (vf[1:, :] - vf[:-1, :]) / dy
+
+    def apply_boundaries(self, state: np.ndarray) -> np.ndarray:
+        """Zero the faces touching the obstacle and the top wall (returns a new array)."""
+        out = np.array(state, dtype=np.float64, copy=True)
+        out[self.fixed] = 0.0
+        return out
+
+    def project(self, state: np.ndarray) -> np.ndarray:
+        """Pressure projection onto discretely divergence-free fields (boundaries applied first)."""
+        out = self.apply_boundaries(state)
+        ny, nx = self.grid.shape
+        dy, dx = self.grid.spacing
+        div = self.divergence(out)
+        div[self.solid] = 0.0
+        p = np.asarray(self._solve(np.ascontiguousarray(div.ravel()))).reshape(ny, nx)
+        grad_x = np.empty((ny, nx))
+        grad_x[:, :-1] = (p[:, 1:] - p[:, :-1]) / dx
+        grad_x[:, -1] = (0.0 - p[:, -1]) / dx
+        grad_y = np.zeros((ny, nx))
+        grad_y[:-1, :] = (p[1:, :] - p[:-1, :]) / dy
+        out[0] -= np.where(self.open[0], grad_x, 0.0)
+        out[1] -= np.where(self.open[1], grad_y, 0.0)
+        return out
+
+    # -- interpolation ----------------------------------------------------------------------------
+    def _sample_u(self, uf: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        dy, dx = self.grid.spacing
+        return map_coordinates(uf, [y / dy - 0.5, x / dx], order=1, mode="nearest")
+
+    def _sample_v(self, vf: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        dy, dx = self.grid.spacing
+        # Ghost column at x = -dx/2 holding -v, so that v = 0 on the inflow boundary.
+        vg = np.concatenate([-vf[:, :1], vf], axis=1)
+        return map_coordinates(vg, [y / dy, x / dx + 0.5], order=1, mode="nearest")
+
+    def advect(self, state: np.ndarray) -> np.ndarray:
+        uf = self._full_u(state[0])
+        vf = self._full_v(state[1])
+        (yu, xu), (yv, xv) = self._u_pos, self._v_pos
+        dt = self.dt
+        v_at_u = self._sample_v(vf, yu, xu)
+        u_new = self._sample_u(uf, yu - dt * v_at_u, xu - dt * state[0])
+        u_at_v = self._sample_u(uf, yv, xv)
+        v_new = self._sample_v(vf, yv - dt * state[1], xv - dt * u_at_v)
+        return np.stack([u_new, v_new])
+
+    def diffuse(self, state: np.ndarray, nu: float) -> np.ndarray:
+        dy, dx = self.grid.spacing
+        rate = self.dt * nu * (2.0 / dx**2 + 2.0 / dy**2)
+        n_sub = max(1, math.ceil(rate / 0.9))
+        h = self.dt * nu / n_sub
+        u, v = state[0].copy(), state[1].copy()
+        for _ in range(n_sub):
+            # u: inflow value on the left, zero-gradient right (outflow) and top/bottom (free slip).
+            up = np.pad(self._full_u(u), ((1, 1), (0, 1)), mode="edge")
+            lap_u = (up[1:-1, :-2] - 2 * up[1:-1, 1:-1] + up[1:-1, 2:]) / dx**2 + (
+                up[:-2, 1:-1] - 2 * up[1:-1, 1:-1] + up[2:, 1:-1]
+            ) / dy**2
+            # v: walls (0) at bottom/top, v = 0 at the inflow (odd ghost), zero-gradient outflow.
+            vf = self._full_v(v)
+            vf[-1] = 0.0
+            vp = np.concatenate([-vf[:, :1], vf, vf[:, -1:]], axis=1)
+            lap_v = (vp[1:-1, :-2] - 2 * vp[1:-1, 1:-1] + vp[1:-1, 2:]) / dx**2 + (
+                vp[:-2, 1:-1] - 2 * vp[1:-1, 1:-1] + vp[2:, 1:-1]
+            ) / dy**2
+            u = u + h * lap_u
+            v[:-1] = v[:-1] + h * lap_v
+            u[self.fixed[0]] = 0.0
+            v[self.fixed[1]] = 0.0
+        return np.stack([u, v])
+
+    # -- Solver API -------------------------------------------------------------------------------
+    def reynolds(self, seed: int) -> float:
+        """The Reynolds number of simulation ``seed`` (log-uniform in ``re_range``)."""
+        lo, hi = self.re_range
+        u = np.random.default_rng([int(seed), 2]).uniform()
+        return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
+
+    def conditions(self, seed: int, **params: Any) -> dict[str, Any]:
+        re = params.get("re")
+        return {"re": float(re) if re is not None else self.reynolds(seed)}
+
+    def initial_state(self, seed: int, **params: Any) -> np.ndarray:
+        amp = float(params.get("perturbation", self.perturbation))
+        rng = np.random.default_rng([int(seed), 0])
+        state = np.zeros(self.state_shape)
+        state[0] = self.inflow
+        if amp > 0:
+            # A smooth field sampled at cell centres; the projection makes it divergence-free.
+            state += smooth_random_field(self.grid, rng, 2, amp, kmax=3)
+        return self.project(state)
+
+    def step(
+        self, state: np.ndarray, forcing: np.ndarray | None = None, re: float | None = None, **params: Any
+    ) -> np.ndarray:
+        state = self.apply_boundaries(state)
+        new = self.advect(state)
+        new = self.diffuse(new, self.nu(re))
+        if forcing is not None:
+            new = new + self.dt * np.asarray(forcing, dtype=np.float64)
+        return self.project(new)
+
+    # -- resolution transfer ------------------------------------------------------------------------
+    def downsample(self, state: np.ndarray, target: Solver | Grid | tuple[int, int]) -> np.ndarray:
+        """Flux-conserving restriction: each coarse face gets the mean of the fine faces on it."""
+        state = np.asarray(state, dtype=np.float64)
+        cy, cx = _target_shape(target)
+        ry, rx = _ratio(state.shape[-2:], (cy, cx))
+        u = state[..., 0, :, rx - 1 :: rx]  # fine faces lying on coarse right faces
+        u = u.reshape(*u.shape[:-2], cy, ry, cx).mean(axis=-2)
+        v = state[..., 1, ry - 1 :: ry, :]
+        v = v.reshape(*v.shape[:-2], cy, cx, rx).mean(axis=-1)
+        return np.stack([u, v], axis=-3)
+
+    def upsample(self, state: np.ndarray, target: Solver | Grid | tuple[int, int]) -> np.ndarray:
+        """Prolongation: ``u`` linear in ``x`` and constant in ``y`` within a coarse cell (``v`` alike)."""
+        state = np.asarray(state, dtype=np.float64)
+        if state.ndim != 3:
+            return np.stack([self.upsample(s, target) for s in state])
+        fy, fx = _target_shape(target)
+        cy, cx = state.shape[-2:]
+        ry, rx = _ratio((fy, fx), (cy, cx))
+        uf = self._full_u_shape(state[0], cy)  # (cy, cx + 1) coarse faces incl. inflow
+        s = np.arange(1, fx + 1) / rx  # fine face positions in coarse face units
+        k0 = np.minimum(np.floor(s).astype(int), cx - 1)
+        t = s - k0
+        u = (1 - t) * uf[:, k0] + t * uf[:, k0 + 1]
+        u = np.repeat(u, ry, axis=0)
+        vf = np.concatenate([np.zeros((1, cx)), state[1]], axis=0)  # (cy + 1, cx)
+        s = np.arange(1, fy + 1) / ry
+        m0 = np.minimum(np.floor(s).astype(int), cy - 1)
+        t = (s - m0)[:, None]
+        v = (1 - t) * vf[m0, :] + t * vf[m0 + 1, :]
+        v = np.repeat(v, rx, axis=1)
+        return np.stack([u, v])
+
+    def _full_u_shape(self, u: np.ndarray, ny: int) -> np.ndarray:
+        return np.concatenate([np.full((ny, 1), self.inflow), u], axis=1)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(
+            re=self.re,
+            re_range=list(self.re_range),
+            inflow=self.inflow,
+            center=list(self.center),
+            radius=self.radius,
+        )
+        return d

@@ -1,0 +1,280 @@
+"""Solver plug-ins: entry points, Hydra ``_target_``, ``register_solver`` and ``ExternalSolver``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deepzero_apps.solvers import (
+    ENTRY_POINT_GROUP,
+    Solver,
+    SolverError,
+    create_solver,
+    get_solver_class,
+    list_solvers,
+    register_solver,
+)
+from deepzero_apps.solvers.external import ExternalSolver
+from deepzero_apps.solvers.registry import unregister_solver
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+PLUGIN_SRC = Path(__file__).resolve().parent / "plugin_pkg"
+
+
+def _write_dist(root: Path, dist: str, entry_points: dict[str, str]) -> None:
+    """A minimal installed distribution: ``<dist>-0.1.dist-info`` with METADATA and entry_points.txt."""
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = [f"[{ENTRY_POINT_GROUP}]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def plugin_on_path(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    _write_dist(
+        site,
+        "dz_solver_plugin_demo",
+        {"demo_decay": "dz_solver_plugin_demo:DecaySolver", "demo_broken": "dz_no_such_module_xyz:Solver"},
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(PLUGIN_SRC))
+    return site
+
+
+# ------------------------------------------------------------------------------- entry points
+def test_entry_point_plugin_is_listed_and_runs(plugin_on_path):
+    names = list_solvers()
+    assert "demo_decay" in names and "burgers" in names
+    solver = create_solver("demo_decay", resolution=6, rate=0.5, dt=0.1)
+    assert isinstance(solver, Solver) and type(solver).__name__ == "DecaySolver"
+    x = solver.initial_state(0)
+    traj = solver.rollout(x, 3)
+    np.testing.assert_allclose(traj[-1], x * 0.95**3)
+
+
+def test_broken_entry_point_fails_only_when_used(plugin_on_path):
+    assert "demo_broken" in list_solvers()
+    with pytest.raises(ImportError, match=r"solver plug-in 'demo_broken'.*dz_solver_plugin_demo"):
+        create_solver("demo_broken")
+
+
+def test_plugin_absent_without_its_distribution():
+    assert "demo_decay" not in list_solvers()
+    with pytest.raises(ValueError, match="unknown solver 'demo_decay'"):
+        create_solver("demo_decay")
+
+
+def test_register_solver_decorator():
+    @register_solver("test_inline_decay")
+    class Inline(Solver):
+        channels = ("q",)
+
+        def __init__(self, n: int = 4):
+            from deepzero_apps.solvers import Grid
+
+            self.grid = Grid(shape=(n, n))
+
+        def initial_state(self, seed, **params):
+            return np.ones(self.state_shape)
+
+        def step(self, state, forcing=None, **params):
+            return 0.5 * state
+
+    try:
+        assert "test_inline_decay" in list_solvers()
+        assert get_solver_class("test_inline_decay") is Inline
+        s = create_solver("test_inline_decay", n=3)
+        assert s.step(s.initial_state(0)).sum() == pytest.approx(4.5)
+        with pytest.raises(ValueError, match="already registered"):
+            register_solver("test_inline_decay", lambda: None)
+    finally:
+        unregister_solver("test_inline_decay")
+
+
+# ---------------------------------------------------------------------------------- Hydra
+def test_hydra_target_instantiation(plugin_on_path):
+    solver = instantiate(
+        {"_target_": "deepzero_apps.solvers.burgers.BurgersSolver", "resolution": 8, "nu": 0.05}
+    )
+    assert solver.grid.shape == (8, 8) and solver.nu == 0.05
+    x = solver.step(solver.initial_state(1), **solver.conditions(1))
+    assert np.isfinite(x).all()
+    cfg = OmegaConf.create({"_target_": "dz_solver_plugin_demo.DecaySolver", "resolution": 4})
+    plugin = instantiate(cfg)
+    np.testing.assert_allclose(plugin.step(np.ones((1, 4, 4))), 0.95)
+    wake = create_solver({"_target_": "deepzero_apps.solvers.wake.WakeSolver", "resolution": 32})
+    assert wake.grid.shape == (16, 32)
+    assert create_solver({"name": "burgers", "resolution": 4}).grid.shape == (4, 4)
+    assert create_solver("deepzero_apps.solvers.burgers:BurgersSolver", resolution=4).grid.shape == (4, 4)
+
+
+# ------------------------------------------------------------------------------ ExternalSolver
+EXTERNAL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+
+    mode, inp, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    if mode == "init":
+        seed = int(inp)
+        np.save(out, np.full((2, 4, 6), float(seed)))
+        sys.exit(0)
+    x = np.load(inp)
+    if mode == "ok":
+        np.save(out, 0.5 * x + 1.0)
+    elif mode == "crash":
+        print("reading input ... ok", file=sys.stderr)
+        print("FATAL: matrix is singular at row 7", file=sys.stderr)
+        sys.exit(3)
+    elif mode == "sleep":
+        with open(sys.argv[4], "w") as f:
+            f.write(str(__import__("os").getpid()))
+        time.sleep(60)
+    elif mode == "nan":
+        x[1, 2, 3] = np.nan
+        np.save(out, x)
+    elif mode == "shape":
+        np.save(out, x[:, :, :-1])
+    elif mode == "garbage":
+        open(out, "w").write("this is not an npy file")
+    elif mode == "stdio":
+        import io
+        x = np.load(io.BytesIO(sys.stdin.buffer.read()))
+        buf = io.BytesIO()
+        np.save(buf, x * 2.0)
+        sys.stdout.buffer.write(buf.getvalue())
+    # mode == "silent": exits 0 without writing anything
+    """
+)
+
+GRID = {"shape": [4, 6], "size": [1.0, 1.5]}
+
+
+@pytest.fixture
+def ext(tmp_path):
+    script = tmp_path / "legacy_solver.py"
+    script.write_text(EXTERNAL_SCRIPT)
+    work = tmp_path / "work"
+    work.mkdir()
+    saved = tmp_path / "saved_outputs"
+    saved.mkdir()
+    np.save(saved / "trajectory.npy", np.arange(12.0))
+    (work / "checkpoint.txt").write_text("epoch 3")
+
+    def make(mode: str, **kw) -> ExternalSolver:
+        args = [sys.executable, str(script), mode, "{input}", "{output}", *kw.pop("extra_args", [])]
+        kw.setdefault("timeout", 20.0)
+        return ExternalSolver(args, grid=GRID, channels=("u", "v"), workdir=work, name=f"legacy-{mode}", **kw)
+
+    make.tmp_path = tmp_path
+    make.work = work
+    make.saved = saved
+    make.script = script
+    return make
+
+
+def _assert_outputs_intact(ext) -> None:
+    np.testing.assert_array_equal(np.load(ext.saved / "trajectory.npy"), np.arange(12.0))
+    assert (ext.work / "checkpoint.txt").read_text() == "epoch 3"
+    assert not [p for p in ext.work.iterdir() if p.name.startswith("dz_")]  # temp dirs cleaned up
+
+
+def test_external_solver_runs(ext):
+    solver = ext("ok", init_command=[sys.executable, str(ext.script), "init", "{seed}", "{output}"])
+    x0 = solver.initial_state(5)
+    assert x0.shape == (2, 4, 6) and np.all(x0 == 5.0)
+    x1 = solver.step(x0)
+    np.testing.assert_allclose(x1, 3.5)
+    np.testing.assert_allclose(solver.step(x1), 2.75)
+    assert solver.calls == 2
+    _assert_outputs_intact(ext)
+
+
+def test_external_solver_stdio_and_initial_state_file(ext):
+    init = ext.tmp_path / "init_7.npy"
+    np.save(init, np.ones((2, 4, 6)))
+    solver = ext("stdio", io="stdio", initial_state_file=str(ext.tmp_path / "init_{seed}.npy"))
+    np.testing.assert_allclose(solver.step(solver.initial_state(7)), 2.0)
+    with pytest.raises(SolverError, match="initial state file .* does not exist"):
+        solver.initial_state(8)
+
+
+def test_external_solver_via_hydra(ext):
+    cfg = OmegaConf.create(
+        {
+            "_target_": "deepzero_apps.solvers.external.ExternalSolver",
+            "command": [sys.executable, str(ext.script), "ok", "{input}", "{output}"],
+            "grid": GRID,
+            "channels": ["u", "v"],
+            "timeout": 20,
+        }
+    )
+    solver = instantiate(cfg)
+    np.testing.assert_allclose(solver.step(np.zeros((2, 4, 6))), 1.0)
+
+
+def _one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_external_crash(ext):
+    with pytest.raises(SolverError) as e:
+        ext("crash").step(np.zeros((2, 4, 6)))
+    msg = _one_line_error(e)
+    assert "legacy-crash" in msg and "step 1" in msg and "exited with code 3" in msg
+    assert "FATAL: matrix is singular at row 7" in msg
+    _assert_outputs_intact(ext)
+
+
+def test_external_timeout_kills_process(ext):
+    pid_file = ext.tmp_path / "child.pid"
+    solver = ext("sleep", timeout=1.0, extra_args=[str(pid_file)])
+    t0 = time.monotonic()
+    with pytest.raises(SolverError) as e:
+        solver.step(np.zeros((2, 4, 6)))
+    assert time.monotonic() - t0 < 10.0
+    msg = _one_line_error(e)
+    assert "legacy-sleep" in msg and "timed out after 1 s" in msg and "killed" in msg
+    if pid_file.exists() and pid_file.read_text().strip():
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+    _assert_outputs_intact(ext)
+
+
+@pytest.mark.parametrize(
+    ("mode", "pattern"),
+    [
+        ("nan", r"step 1: output contains non-finite values \(1 NaN"),
+        ("shape", r"step 1: output has shape \(2, 4, 5\), expected \(2, 4, 6\)"),
+        ("silent", r"step 1: command exited normally but did not write the output file"),
+        ("garbage", r"step 1: cannot read output.npy as .npy"),
+    ],
+)
+def test_external_bad_outputs(ext, mode, pattern):
+    with pytest.raises(SolverError, match=pattern) as e:
+        ext(mode).step(np.zeros((2, 4, 6)))
+    assert f"legacy-{mode}" in _one_line_error(e)
+    _assert_outputs_intact(ext)
+
+
+def test_external_input_and_config_errors(ext, tmp_path):
+    solver = ext("ok")
+    with pytest.raises(SolverError, match="input state has shape"):
+        solver.step(np.zeros((2, 4, 4)))
+    with pytest.raises(SolverError, match="no init_command or initial_state_file"):
+        solver.initial_state(0)
+    missing = ExternalSolver([str(tmp_path / "no_such_binary"), "{input}"], grid=GRID, channels=("u", "v"))
+    with pytest.raises(SolverError, match="cannot start"):
+        missing.step(np.zeros((2, 4, 6)))
+    with pytest.raises(ValueError, match="argument list"):
+        ExternalSolver("python solver.py {input} {output}", grid=GRID)
