@@ -5,7 +5,16 @@ from .coords import Block, CoordinateView
 from .estimators import CGE, RGE, FirstOrder
 from .evaluators import FeatureReuse, ReferenceEvaluator, make_evaluator
 from .objective import Objective, StagedObjective, model_stages
+from .pruning import (
+    compute_ratios,
+    grasp_scores,
+    layer_ratios,
+    prunable_weights,
+    random_scores,
+    zo_grasp_scores,
+)
 from .queries import QueryBudgetExceeded, QueryCounter
+from .sparsity import DenseSampler, SparseCoordinateSampler, load_ratios, save_ratios
 
 __all__ = [
     "CGE",
@@ -22,4 +31,14 @@ __all__ = [
     "frozen_running_stats",
     "make_evaluator",
     "model_stages",
+    "DenseSampler",
+    "SparseCoordinateSampler",
+    "compute_ratios",
+    "grasp_scores",
+    "layer_ratios",
+    "load_ratios",
+    "prunable_weights",
+    "random_scores",
+    "save_ratios",
+    "zo_grasp_scores",
 ]
