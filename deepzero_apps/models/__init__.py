@@ -7,13 +7,14 @@ from .cnn import small_cnn
 from .correction import correction_net
 from .dncnn import dncnn
 from .mlp import mlp
-from .registry import create_model, list_models, register_model
+from .registry import create_model, get_factory, list_models, register_model
 from .resnet import resnet, resnet20, resnet32, resnet44, resnet56
 
 __all__ = [
     "correction_net",
     "create_model",
     "dncnn",
+    "get_factory",
     "list_models",
     "mlp",
     "register_model",

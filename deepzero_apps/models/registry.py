@@ -33,13 +33,17 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs) -> nn.Sequential:
-    """Build the registered model ``name`` with the factory's keyword arguments."""
+def get_factory(name: str) -> Callable[..., nn.Sequential]:
+    """The factory registered as ``name`` (callers inspect its signature to fill data-dependent sizes)."""
     try:
-        factory = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model '{name}'; choose from: {', '.join(list_models())}") from None
-    model = factory(**kwargs)
+
+
+def create_model(name: str, **kwargs) -> nn.Sequential:
+    """Build the registered model ``name`` with the factory's keyword arguments."""
+    model = get_factory(name)(**kwargs)
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model factory '{name}' returned {type(model).__name__}, not an nn.Sequential")
     return model

@@ -1,0 +1,126 @@
+"""`deepzero-task APP [hydra overrides]`: one command, one sub-command per application.
+
+Each application is a Hydra app (config groups, `--cfg job`, `--help`, `-m` multiruns). Before
+Hydra runs, the overrides are composed and validated once, so a typo'd key, a wrong type or an
+impossible value is a one-line error with exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import hydra
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import ConfigError, validate
+
+CONFIG_MODULE = "deepzero_apps.configs"
+USAGE_ERROR = 2
+
+
+@dataclass(frozen=True)
+class App:
+    module: str  # exposes run(cfg) -> dict
+    summary: str
+
+
+APPS: dict[str, App] = {
+    "classify": App("deepzero_apps.tasks.classify", "image classification trained with ZO (CGE/RGE, sparse) or FO"),
+}
+
+
+class UsageError(Exception):
+    """Bad command line or configuration: reported in one line, exit code 2."""
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main_help() -> str:
+    width = max(map(len, APPS))
+    apps = "\n".join(f"  {name:<{width}}  {app.summary}" for name, app in APPS.items())
+    return (
+        "usage: deepzero-task APP [OVERRIDES ...]\n\n"
+        "Train deep models with zeroth-order optimization (DeepZero) through black boxes.\n\n"
+        f"applications:\n{apps}\n\n"
+        "Each application is a Hydra app: `deepzero-task APP --help` shows its config groups,\n"
+        "`deepzero-task APP --cfg job` prints the composed config, `-m a=1,2` runs a sweep."
+    )
+
+
+def _first_of_sweeps(overrides: Sequence[str]) -> list[str]:
+    """Replace every sweep `k=a,b` by its first value so one composition checks the whole sweep."""
+    out = []
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if o.is_sweep_override():
+            out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+        else:
+            out.append(o.input_line)
+    return out
+
+
+def check_overrides(app: str, overrides: Sequence[str]) -> None:
+    """Compose and validate the config the way the run will; raise UsageError naming the problem."""
+    try:
+        with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = hydra.compose(app, overrides=_first_of_sweeps(overrides))
+        validate(cfg, app)
+    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
+        raise UsageError(one_line(exc)) from exc
+
+
+def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
+    """Turn configuration errors found while building a run into one-line exit-2 errors."""
+
+    def job(cfg: DictConfig) -> dict:
+        try:
+            return run(cfg)
+        except (ConfigError, FileExistsError) as exc:
+            print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
+            sys.exit(USAGE_ERROR)
+
+    return job
+
+
+def run_app(app: str, argv: Sequence[str]) -> int:
+    args = get_args_parser().parse_args(list(argv))
+    wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
+    if wants_run:
+        check_overrides(app, args.overrides)
+    task = importlib.import_module(APPS[app].module)
+    hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
+    saved_argv = sys.argv
+    sys.argv = [f"deepzero-task {app}", *argv]
+    try:
+        hydra_main(guarded(app, task.run))()
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(main_help())
+        return 0 if argv else USAGE_ERROR
+    app, rest = argv[0], argv[1:]
+    if app not in APPS:
+        print(f"deepzero-task: error: unknown application '{app}'; choose from: {', '.join(APPS)}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        return run_app(app, rest)
+    except UsageError as exc:
+        print(f"deepzero-task {app}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Learning curves from a run's metrics.jsonl (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
+    """Training loss per logged step (left) and every evaluation metric per epoch (right)."""
+    records = read_metrics(metrics_path)
+    steps = [r for r in records if r.get("kind") == "train"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_eval = fig.subplots(1, 2)
+    ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
+    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
+    for key in sorted({k for r in epochs for k in r.get("eval", {})}):
+        ax_eval.plot([r["epoch"] for r in epochs], [r["eval"].get(key) for r in epochs], marker="o", label=key)
+    ax_eval.set(xlabel="epoch", title="evaluation")
+    if epochs:
+        ax_eval.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
