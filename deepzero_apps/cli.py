@@ -101,6 +101,8 @@ def run_app(app: str, argv: Sequence[str]) -> int:
     sys.argv = [f"deepzero-task {app}", *argv]
     try:
         hydra_main(guarded(app, task.run))()
+    except SystemExit as exc:  # Hydra exits after --help/--cfg; guarded jobs exit 2 on config errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved_argv
     return 0

@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader
 
 from deepzero_apps.config import ConfigError, validate
 from deepzero_apps.data import DataBundle, build_datasets
-from deepzero_apps.engine import FirstOrder, StagedObjective
+from deepzero_apps.engine import (
+    FirstOrder,
+    SparseCoordinateSampler,
+    StagedObjective,
+    compute_ratios,
+    load_ratios,
+    save_ratios,
+)
 from deepzero_apps.models import get_factory
 from deepzero_apps.trainer import Trainer, TrainerConfig, is_main_process
 
@@ -31,11 +38,11 @@ def build_model(model_cfg: DictConfig, data: DataBundle) -> nn.Module:
     """Instantiate the model, filling the sizes its factory asks for from the data."""
     spec = OmegaConf.to_container(model_cfg, resolve=True)
     target = spec.get("_target_", "")
-    factory = get_factory(spec["name"]) if target.endswith("create_model") else None
     try:
-        params = inspect.signature(factory or _resolve(target)).parameters
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+        factory = get_factory(spec["name"]) if target.endswith("create_model") else _resolve(target)
+        params = inspect.signature(factory).parameters
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"model: {' '.join(str(exc).split())}") from exc
     sizes = {
         "in_channels": data.in_channels,
         "num_classes": data.num_classes,
@@ -74,6 +81,50 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: str) -> dict[st
     return {"test_acc": correct / n, "test_loss": loss / n}
 
 
+def balanced_examples(dataset, per_class: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` examples of every class, drawn in a seeded order (the pruning scorers' batch)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked: dict[int, list[torch.Tensor]] = {c: [] for c in range(num_classes)}
+    for i in order:
+        x, y = dataset[i]
+        if len(picked[int(y)]) < per_class:
+            picked[int(y)].append(x)
+        if all(len(v) == per_class for v in picked.values()):
+            break
+    xs = [x for c in range(num_classes) for x in picked[c]]
+    ys = [c for c in range(num_classes) for _ in picked[c]]
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def build_sampler(cfg: DictConfig, model: nn.Module, objective: StagedObjective, data: DataBundle, out_dir: Path):
+    """Sparse coordinate sets from layer-wise pruning ratios: a saved file, this run's own, or computed now.
+
+    Ratios are computed once at initialisation and saved as `ratios.json`, so a resumed run reuses
+    them instead of rescoring the trained weights.
+    """
+    sp = cfg.sparsity
+    own = out_dir / "ratios.json"
+    if sp.ratios is None and sp.method == "dense":
+        return None
+    if sp.ratios is not None or own.exists():
+        try:
+            ratios, _ = load_ratios(sp.ratios or own, model)
+        except ValueError as exc:
+            raise ConfigError(f"sparsity.ratios: {exc}") from exc
+    else:
+        examples = balanced_examples(data.train, sp.samples_per_class, data.num_classes, cfg.seed)
+        examples = (examples[0].to(cfg.device), examples[1].to(cfg.device))
+        scorer = {"q": sp.q, "mu": sp.mu, "samples_per_class": sp.samples_per_class} if sp.method == "zo_grasp" else (
+            {"samples_per_class": sp.samples_per_class} if sp.method == "grasp" else {})
+        ratios = compute_ratios(sp.method, model, F.cross_entropy, examples, sparsity=sp.sparsity,
+                                ordering=sp.ordering, seed=cfg.seed, **scorer)
+        if is_main_process():
+            save_ratios(own, ratios, {"method": sp.method, "sparsity": sp.sparsity, "ordering": sp.ordering,
+                                      "model": cfg.model.name, "seed": cfg.seed})
+    return SparseCoordinateSampler(objective.coords, ratios, mask_interval=sp.mask_interval, seed=cfg.seed,
+                                   dense_unscored=sp.dense_unscored)
+
+
 def build_estimator(cfg: DictConfig):
     if cfg.mode == "fo":
         return FirstOrder()
@@ -89,6 +140,7 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(typed.threads)
     torch.manual_seed(cfg.seed)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    estimator = build_estimator(cfg)
     try:
         data = build_datasets(
             cfg.data.name, cfg.data.root, train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit,
@@ -98,7 +150,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(str(exc)) from exc
     model = build_model(cfg.model, data).to(cfg.device)
     objective = StagedObjective(model, cross_entropy)
-    estimator = build_estimator(cfg)
+    sampler = build_sampler(cfg, model, objective, data, out_dir)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
     trainer = Trainer(
@@ -110,12 +162,15 @@ def run(cfg: DictConfig) -> dict:
             query_budget=typed.query_budget, checkpoint_every=typed.checkpoint_every, log_every=typed.log_every,
             on_nonfinite=typed.on_nonfinite, resume=typed.resume, progress=typed.progress,
         ),
-        scheduler_factory=scheduler, device=cfg.device,
+        scheduler_factory=scheduler, sampler=sampler, device=cfg.device,
         title=f"classify {cfg.data.name} {cfg.model.name} mode={cfg.mode}",
     )
     if is_main_process():
         print(f"classify: {cfg.data.name} ({len(data.train)} train / {len(data.test)} test), model {cfg.model.name} "
               f"({objective.coords.dim:,} parameters), mode={cfg.mode}, output {out_dir}")
+        if sampler is not None:
+            print(f"sparsity: {sampler.num_coords:,} of {objective.coords.dim:,} coordinates estimated per step "
+                  f"({sampler.queries_per_step():,} queries per step with forward differences)")
     summary = trainer.fit()
     if is_main_process():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

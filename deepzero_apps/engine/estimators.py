@@ -73,6 +73,7 @@ class RGE:
     with d the number of estimated coordinates; both make E[u u^T] phi = I, so g is unbiased for the
     gradient of the Gaussian / sphere-smoothed loss.
 
+    q=None uses q = d directions (the paper's CGE-vs-RGE comparison at equal query counts).
     seed_replay=True stores no directions: direction i of step t is regenerated from its seed when
     the gradient is assembled (MeZO-style), so memory stays at inference plus one parameter copy,
     which is kept to restore the weights bit for bit after every query.
@@ -80,7 +81,7 @@ class RGE:
 
     def __init__(
         self,
-        q: int = 192,
+        q: int | None = 192,
         mu: float = 5e-3,
         distribution: Literal["gaussian", "sphere"] = "gaussian",
         scheme: Scheme = "forward",
@@ -88,11 +89,11 @@ class RGE:
         seed: int = 0,
         evaluator: str | ReferenceEvaluator = "reuse",
     ):
-        if q < 1:
-            raise ValueError(f"q must be >= 1, got {q}")
+        if q is not None and q < 1:
+            raise ValueError(f"q must be >= 1 or None (q = d), got {q}")
         if distribution not in ("gaussian", "sphere"):
             raise ValueError(f"unknown RGE distribution '{distribution}'; choose gaussian or sphere")
-        self.q, self.mu, self.distribution = int(q), _check_mu(mu), distribution
+        self.q, self.mu, self.distribution = (None if q is None else int(q)), _check_mu(mu), distribution
         self.scheme = _check_scheme(scheme)
         self.seed_replay, self.seed = seed_replay, int(seed)
         self.evaluator = make_evaluator(evaluator)
@@ -110,6 +111,7 @@ class RGE:
         d = view.dim if coords is None else len(coords)
         first_stage = int(view.stage_of(coords).min()) if coords is not None else min(b.stage for b in view.blocks)
         phi = d if self.distribution == "sphere" else 1.0
+        q = self.q or d
 
         def loss_at(u: torch.Tensor, sign: float) -> float:
             theta = theta0.clone()
@@ -126,7 +128,7 @@ class RGE:
             coefs, stored = [], []
             with frozen_running_stats(objective.module):
                 try:
-                    for i in range(self.q):
+                    for i in range(q):
                         u = self.direction(step, i, d, theta0)
                         low = loss_at(u, -1.0) if self.scheme == "central" else f0
                         width = 2 * self.mu if self.scheme == "central" else self.mu
@@ -139,7 +141,7 @@ class RGE:
             for i, c in enumerate(coefs):
                 u = stored[i] if stored else self.direction(step, i, d, theta0)
                 grad.add_(u.to(torch.float64), alpha=c)
-            grad.mul_(phi / self.q)
+            grad.mul_(phi / q)
         view.write_grad(grad, coords)
         return f0
 
