@@ -171,7 +171,8 @@ def run(cfg: DictConfig) -> dict:
         if sampler is not None:
             print(f"sparsity: {sampler.num_coords:,} of {objective.coords.dim:,} coordinates estimated per step "
                   f"({sampler.queries_per_step():,} queries per step with forward differences)")
-    summary = trainer.fit()
+    summary = {**trainer.fit(), "parameters": objective.coords.dim, "mode": cfg.mode,
+               "estimator": cfg.estimator._target_.rsplit(".", 1)[-1] if cfg.mode == "zo" else "FirstOrder"}
     if is_main_process():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         ev = summary["eval"]
