@@ -38,6 +38,13 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Delete temp files a killed `atomic_write(path, ...)` left behind (a SIGKILL skips its cleanup)."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, remove_stale_temps, rng_state, save_checkpoint, set_rng_state
 from .engine import Objective
 from .plotting import plot_learning_curve, read_metrics
 from .schedules import build_scheduler
@@ -157,6 +157,8 @@ class Trainer:
             raise FileExistsError(
                 f"{self.checkpoint_path} already exists; pass resume=true to continue it or pick another output dir"
             )
+        if self.main:
+            remove_stale_temps(self.checkpoint_path)
         if exists:
             self.load_state_dict(load_checkpoint(self.checkpoint_path, map_location=self.device))
             kept = [r for r in read_metrics(self.out_dir / METRICS) if r["step"] <= self.global_step]
@@ -188,6 +190,7 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             print(f"skipping step {self.global_step}: non-finite loss or gradient (loss={loss})")
+            self._log({"kind": "skipped", "step": self.global_step, "epoch": self.epoch, "loss": str(loss)})
         else:
             self.optimizer.step()
         if self.scheduler is not None:
