@@ -61,24 +61,29 @@ def _first_of_sweeps(overrides: Sequence[str]) -> list[str]:
     out = []
     for o in OverridesParser.create().parse_overrides(list(overrides)):
         if o.is_sweep_override():
-            out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+            first = next(iter(o.sweep_string_iterator()), None)
+            if first is None:
+                raise ConfigError(f"{o.input_line}: the sweep is empty")
+            out.append(f"{o.get_key_element()}={first}")
         else:
             out.append(o.input_line)
     return out
 
 
-def check_overrides(app: str, overrides: Sequence[str]) -> None:
+def check_overrides(app: str, overrides: Sequence[str], multirun: bool = False) -> None:
     """Compose and validate the config the way the run will; raise UsageError naming the problem."""
     try:
         with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = hydra.compose(app, overrides=_first_of_sweeps(overrides))
+            cfg = hydra.compose(app, overrides=_first_of_sweeps(overrides) if multirun else list(overrides))
         validate(cfg, app)
     except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         raise UsageError(one_line(exc)) from exc
 
 
 def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
-    """Turn configuration errors found while building a run into one-line exit-2 errors."""
+    """Turn configuration errors found while building a run into one-line exit-2 errors, and a
+    non-finite step into a one-line exit-1 error (the last good checkpoint stays)."""
+    from .trainer import NonFiniteError
 
     def job(cfg: DictConfig) -> dict:
         try:
@@ -86,6 +91,9 @@ def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig
         except (ConfigError, FileExistsError) as exc:
             print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
             sys.exit(USAGE_ERROR)
+        except NonFiniteError as exc:
+            print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
+            sys.exit(1)
 
     return job
 
@@ -94,7 +102,7 @@ def run_app(app: str, argv: Sequence[str]) -> int:
     args = get_args_parser().parse_args(list(argv))
     wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
     if wants_run:
-        check_overrides(app, args.overrides)
+        check_overrides(app, args.overrides, multirun=args.multirun)
     task = importlib.import_module(APPS[app].module)
     hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
     saved_argv = sys.argv

@@ -4,11 +4,13 @@ Registered in Hydra's ConfigStore, so composition itself rejects unknown keys an
 `validate` then instantiates the dataclasses, whose `__post_init__` rejects impossible values. Both
 happen before any work starts and surface as one-line `ConfigError`s (exit code 2 in the CLI).
 Groups whose options are `_target_` objects (model, estimator, optimizer, scheduler) stay open
-dicts so users can point them at their own classes; those are checked when instantiated.
+dicts so users can point them at their own classes; `validate` checks that each `_target_` imports
+and accepts the keys given to it.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,8 @@ class TrainConfig:
         _require(self.on_nonfinite in ("stop", "skip"), f"on_nonfinite='{self.on_nonfinite}' must be stop or skip")
         _require(self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1 or null")
         _require(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
+        _require(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        _require(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size} must be >= 1")
         _require(
             self.device == "cpu" or self.device.startswith("cuda"), f"device='{self.device}' must be cpu or cuda[:N]"
         )
@@ -121,10 +125,43 @@ def register_configs() -> None:
         cs.store(name=f"{app}_schema", node=schema)
 
 
+def _check_targets(node: Any, key: str = "") -> None:
+    """Every `_target_` in `node` must import and accept the arguments listed next to it."""
+    from hydra._internal.utils import _locate
+
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_targets(item, f"{key}[{i}]")
+        return
+    if not isinstance(node, dict):
+        return
+    for k, v in node.items():
+        _check_targets(v, f"{key}.{k}" if key else str(k))
+    if "_target_" not in node:
+        return
+    name = f"{key}._target_" if key else "_target_"
+    try:
+        target = _locate(str(node["_target_"]))
+    except Exception as exc:  # ImportError, or whatever the imported module raises
+        raise ConfigError(f"{name}='{node['_target_']}' cannot be imported: {' '.join(str(exc).split())}") from exc
+    _require(callable(target), f"{name}='{node['_target_']}' is not callable")
+    kwargs = {k: v for k, v in node.items() if not (str(k).startswith("_") and str(k).endswith("_"))}
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # some builtins have no signature: checked when instantiated
+        return
+    try:
+        signature.bind_partial(*node.get("_args_", []), **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{key or 'config'}: {node['_target_']} does not accept these arguments: {exc}") from exc
+
+
 def validate(cfg: DictConfig, app: str) -> Any:
-    """Run the schema's value checks; returns the typed config object."""
-    schema = OmegaConf.structured(SCHEMAS[app])
-    return OmegaConf.to_object(OmegaConf.merge(schema, cfg))
+    """Run the schema's value checks and the `_target_` checks; returns the typed config object."""
+    merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[app]), cfg)
+    typed = OmegaConf.to_object(merged)
+    _check_targets(OmegaConf.to_container(merged, resolve=True))
+    return typed
 
 
 register_configs()
