@@ -1,0 +1,151 @@
+"""Property tests of the CLI's config layer: any override list either composes or is a one-line
+UsageError (exit 2), never another exception (a traceback)."""
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepzero_apps.cli import UsageError, check_overrides
+
+FUZZ = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+GROUPS = {
+    "data": ["digits", "fake", "cifar10", "imagefolder"],
+    "model": ["small_cnn", "mlp", "resnet20", "resnet56"],
+    "estimator": ["cge", "rge", "rge_qd"],
+    "optimizer": ["sgd", "adam"],
+    "scheduler": ["cosine", "constant"],
+    "sparsity": ["dense", "random", "zo_grasp", "grasp"],
+    "experiment": ["cge_vs_rge"],
+}
+
+positive_int = st.integers(1, 10_000).map(str)
+positive_float = st.floats(1e-6, 10.0).map(repr)
+flag = st.sampled_from(["true", "false"])
+optional_int = st.one_of(st.just("null"), positive_int)
+
+# Keys of the classify config with values its schema accepts (warmup_epochs stays at 0 < epochs).
+VALID = {
+    "mode": st.sampled_from(["zo", "fo"]),
+    "threads": optional_int,
+    "epochs": positive_int,
+    "batch_size": positive_int,
+    "eval_batch_size": positive_int,
+    "seed": st.integers(0, 2**31 - 1).map(str),
+    "resume": flag,
+    "progress": flag,
+    "query_budget": optional_int,
+    "checkpoint_every": st.integers(0, 100).map(str),
+    "log_every": positive_int,
+    "on_nonfinite": st.sampled_from(["stop", "skip"]),
+    "data.train_limit": optional_int,
+    "data.test_limit": optional_int,
+    "data.augment": flag,
+    "sparsity.sparsity": st.floats(0.0, 0.99).map(repr),
+    "sparsity.mask_interval": positive_int,
+    "sparsity.ordering": st.sampled_from(["magnitude", "signed"]),
+    "sparsity.dense_unscored": flag,
+    "sparsity.mu": positive_float,
+    "sparsity.q": positive_int,
+    "estimator.mu": positive_float,
+    "optimizer.lr": positive_float,
+}
+
+
+@st.composite
+def valid_overrides(draw) -> list[str]:
+    groups = draw(
+        st.dictionaries(st.sampled_from(sorted(set(GROUPS) - {"experiment"})), st.none(), max_size=3)
+    )
+    overrides = [f"{g}={draw(st.sampled_from([o for o in GROUPS[g] if o != 'imagefolder']))}" for g in groups]
+    for key in draw(st.lists(st.sampled_from(sorted(VALID)), unique=True, max_size=6)):
+        overrides.append(f"{key}={draw(VALID[key])}")
+    return overrides
+
+
+def mutated(key: str) -> st.SearchStrategy[str]:
+    """A real key, or a typo of it (dropped, doubled or swapped character, case, suffix)."""
+    return st.integers(0, len(key) - 1).flatmap(
+        lambda i: st.sampled_from(
+            [
+                key,
+                key[:i] + key[i + 1 :],
+                key[:i] + key[i] + key[i:],
+                key[:i] + key[i + 1 : i + 2] + key[i] + key[i + 2 :],
+                key.upper(),
+                key + "_x",
+            ]
+        )
+    )
+
+
+KEYS = st.one_of(
+    st.sampled_from(
+        [
+            *VALID,
+            "warmup_epochs",
+            "device",
+            "data.name",
+            "data.root",
+            "sparsity.method",
+            "sparsity.ratios",
+            "model.name",
+            "model.depth",
+            "estimator.q",
+            "estimator._target_",
+            "optimizer._target_",
+            "scheduler._target_",
+        ]
+    ).flatmap(mutated),
+    st.text("abcdefghij._", min_size=1, max_size=12),
+)
+TEXT = st.text(alphabet=st.sampled_from(list("az09 _-.=,'\"[]{}()$:/\\~+*@%")), max_size=12)
+SCALAR = st.one_of(
+    st.integers(-(2**40), 2**40).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["null", "true", "false", "inf", "-inf", "nan", "''", '""', "${seed}", "${nope}"]),
+    TEXT,
+)
+SWEEP = st.sampled_from(
+    [
+        "1,2",
+        "a,b",
+        "range(0,0)",
+        "range(1,4)",
+        "choice(1,x)",
+        "interval(0,1)",
+        "glob(*)",
+        "shuffle(1,2)",
+        "sort(3,1)",
+    ]
+)
+VALUE = st.one_of(SCALAR, SWEEP, st.lists(SCALAR, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]"))
+GROUP = st.tuples(st.sampled_from(sorted(GROUPS)), st.one_of(st.sampled_from(sum(GROUPS.values(), [])), TEXT))
+PREFIX = st.sampled_from(["", "", "", "+", "++", "~"])
+
+
+@st.composite
+def any_overrides(draw) -> list[str]:
+    overrides = []
+    for _ in range(draw(st.integers(0, 5))):
+        if draw(st.booleans()):
+            group, option = draw(GROUP)
+            overrides.append(f"{draw(PREFIX)}{group}={option}")
+        else:
+            overrides.append(f"{draw(PREFIX)}{draw(KEYS)}={draw(VALUE)}")
+    return overrides
+
+
+@settings(max_examples=60, **FUZZ)
+@given(valid_overrides())
+def test_valid_overrides_compose(overrides):
+    check_overrides("classify", overrides)
+
+
+@settings(max_examples=120, **FUZZ)
+@given(any_overrides(), st.booleans())
+def test_any_overrides_compose_or_fail_in_one_line(overrides, multirun):
+    try:
+        check_overrides("classify", overrides, multirun=multirun)
+    except UsageError as exc:
+        message = str(exc)
+        assert message and "\n" not in message, message
