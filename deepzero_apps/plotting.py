@@ -9,10 +9,17 @@ from matplotlib.figure import Figure
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """All complete records of a metrics.jsonl (missing file: none)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill: drop it, the checkpoint decides
+            continue
+    return records
 
 
 def plot_learning_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:

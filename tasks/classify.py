@@ -106,7 +106,7 @@ def build_sampler(cfg: DictConfig, model: nn.Module, objective: StagedObjective,
     own = out_dir / "ratios.json"
     if sp.ratios is None and sp.method == "dense":
         return None
-    if sp.ratios is not None or own.exists():
+    if sp.ratios is not None or (cfg.resume and own.exists()):
         try:
             ratios, _ = load_ratios(sp.ratios or own, model)
         except ValueError as exc:
@@ -151,7 +151,10 @@ def run(cfg: DictConfig) -> dict:
     model = build_model(cfg.model, data).to(cfg.device)
     objective = StagedObjective(model, cross_entropy)
     sampler = build_sampler(cfg, model, objective, data, out_dir)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    try:
+        optimizer = instantiate(cfg.optimizer)(model.parameters())
+    except Exception as exc:  # torch.optim rejects bad values with ValueError/TypeError
+        raise ConfigError(f"optimizer: {' '.join(str(exc).split())}") from exc
     scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
     trainer = Trainer(
         objective, estimator, optimizer, data.train,

@@ -42,6 +42,7 @@ def test_console_script_unknown_application_is_one_line_exit_2():
         ("estimator.mu=-1", "mu must be > 0, got -1"),
         ("model.name=vgg", "unknown model 'vgg'"),
         ("mode=so", "mode='so'"),
+        ("optimizer.lr=abc", "optimizer:"),
     ],
 )
 def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, needle):
