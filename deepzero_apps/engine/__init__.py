@@ -1,5 +1,6 @@
 """The zeroth-order engine: coordinates, objectives, evaluators, estimators, query accounting."""
 
+from .batched import BatchedEvaluator
 from .batchnorm import frozen_running_stats
 from .coords import Block, CoordinateView
 from .estimators import CGE, RGE, FirstOrder
@@ -41,4 +42,5 @@ __all__ = [
     "random_scores",
     "save_ratios",
     "zo_grasp_scores",
+    "BatchedEvaluator",
 ]

@@ -1,0 +1,288 @@
+"""The batched evaluator: many coordinate queries per pass, each one exact.
+
+For a coordinate of a conv/linear/BatchNorm parameter the perturbed layer output is the base output
+plus a one-channel term (the output is linear in the parameter), so nothing before that layer is
+rerun; the changed channel is carried alone through per-channel layers, and the K perturbations of a
+chunk are stacked along the batch dimension from the next channel-mixing layer on, with BatchNorm
+statistics kept per perturbation (see `fastpaths`). The last linear layer's coordinates thus cost
+no forward at all. Parameters of other leaves are perturbed in place and only that leaf is rerun.
+The chunk size K per parameter tensor is bounded by a memory budget and, unless fixed, picked by
+timing on first use (on CPU, stacking big activations can be slower than looping: K=1 wins there).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .evaluators import EVALUATORS, FeatureReuse
+from .fastpaths import (
+    Leaf,
+    Node,
+    Propagator,
+    State,
+    Trace,
+    describe,
+    grouped_batchnorm,
+    is_standard,
+    leaves,
+    linear_source,
+    trace,
+)
+from .objective import Batch, Objective, StagedObjective
+
+
+class StepCache(list):
+    """FeatureReuse's cache of stage inputs (so `query` still works), plus the base loss and the
+    per-layer trace of this step's base point, filled lazily."""
+
+    def __init__(self, stage_inputs: list[Tensor], loss: Tensor):
+        super().__init__(stage_inputs)
+        self.loss = loss
+        self.traces: Trace = {}
+        self.traced: set[int] = set()
+
+
+@dataclass
+class Site:
+    """Where a parameter tensor lives: its stage, the path to its leaf, its name in the leaf."""
+
+    stage: int
+    path: tuple[Node, ...]
+    pname: str
+    linear: bool
+    chunk: int | None = None  # K once tuned
+    trial: int = 1  # next K to time while tuning
+    best: tuple[float, int] = (math.inf, 1)  # (seconds per coordinate, K) so far
+
+    @property
+    def module(self) -> nn.Module:
+        leaf = self.path[-1]
+        assert isinstance(leaf, Leaf)
+        return leaf.module
+
+
+class Plan:
+    """Stage trees of one objective and the site of every parameter that has exactly one owner."""
+
+    def __init__(self, stages: list[nn.Module]):
+        self.stages = stages
+        self.trees = [describe(s) for s in stages]
+        self.vmap_loss = True
+        self.index()
+
+    def index(self) -> None:
+        found = [
+            (id(p), Site(s, path, pname, _linearizable(leaf.module, pname)))
+            for s, tree in enumerate(self.trees)
+            for leaf, path in leaves(tree)
+            for pname, p in leaf.module.named_parameters()
+        ]
+        owners = Counter(pid for pid, _ in found)
+        old = getattr(self, "sites", {})
+        self.sites = {pid: site for pid, site in found if owners[pid] == 1}
+        for pid, site in self.sites.items():
+            if pid in old and old[pid].path == site.path:
+                site.chunk, site.trial, site.best = old[pid].chunk, old[pid].trial, old[pid].best
+
+    def make_opaque(self, stage: int) -> None:
+        """The tree did not reproduce the stage: run it as one leaf from now on."""
+        self.trees[stage] = Leaf(self.stages[stage])
+        self.index()
+
+
+def _linearizable(module: nn.Module, pname: str) -> bool:
+    kinds = (nn.Conv2d, nn.Linear, _BatchNorm)
+    return pname in ("weight", "bias") and any(is_standard(module, k) for k in kinds)
+
+
+class BatchedEvaluator(FeatureReuse):
+    """Exact coordinate queries evaluated K at a time with the layer-level fast paths.
+
+    max_batch_bytes bounds the activations of one chunk (K is derived from the traced activation
+    sizes); `chunk` fixes K instead of timing candidates. channels_last runs the traced and stacked
+    4-D activations in NHWC (default: on CPU, where BatchNorm, pooling and convs are several times
+    faster in that layout; values only change by float rounding). Coordinates of parameters shared by several
+    layers, and objectives that are not staged, use the FeatureReuse loop. Query accounting is the
+    FeatureReuse one (one query restarted at the owning stage per coordinate), so budgets mean the
+    same thing whichever evaluator runs them.
+    """
+
+    name = "batched"
+
+    def __init__(
+        self, max_batch_bytes: int = 256 * 2**20, chunk: int | None = None, channels_last: bool | None = None
+    ):
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.max_batch_bytes, self.chunk, self.channels_last = int(max_batch_bytes), chunk, channels_last
+        self._plans: weakref.WeakKeyDictionary[Objective, Plan | None] = weakref.WeakKeyDictionary()
+
+    def base(self, objective: Objective, batch: Batch) -> tuple[Tensor, Any]:
+        loss, cache = super().base(objective, batch)
+        return loss, (StepCache(cache, loss) if isinstance(cache, list) else cache)
+
+    def plan(self, objective: Objective) -> Plan | None:
+        if objective not in self._plans:
+            custom_bn = any(
+                isinstance(m, _BatchNorm) and not is_standard(m, _BatchNorm)
+                for m in objective.module.modules()
+            )
+            staged = isinstance(objective, StagedObjective) and not custom_bn
+            self._plans[objective] = Plan(list(objective.stages)) if staged else None
+        return self._plans[objective]
+
+    def coordinate_losses(
+        self, objective: Objective, batch: Batch, context: Any, coords: Tensor, step: float
+    ) -> Tensor:
+        plan = self.plan(objective) if isinstance(context, StepCache) else None
+        if plan is None or not len(coords):
+            return super().coordinate_losses(objective, batch, context, coords, step)
+        out = torch.empty(len(coords), dtype=torch.float64)
+        groups = list(objective.coords.split(coords))
+        with torch.no_grad(), grouped_batchnorm(objective.module, context[0].shape[0]):
+            self._trace(plan, objective, batch, context, min(block.stage for block, _, _ in groups))
+            for block, positions, local in groups:
+                site = plan.sites.get(id(block.param))
+                if site is None:
+                    out[positions] = super().coordinate_losses(
+                        objective, batch, context, local + block.start, step
+                    )
+                    continue
+                out[positions] = self._site_losses(plan, site, objective, batch, context, local, step)
+                objective.counter.add(len(local), len(local) * objective.stage_cost(block.stage))
+        return out
+
+    def _trace(
+        self, plan: Plan, objective: StagedObjective, batch: Batch, ctx: StepCache, first: int
+    ) -> None:
+        """Trace stages first.. on the cached inputs; a tree that does not reproduce its stage's
+        cached output (a custom forward, a hook) makes that stage opaque."""
+        for s in range(first, len(plan.trees)):
+            if s in ctx.traced:
+                continue
+            x = ctx[s]
+            if x.dim() == 4 and (
+                x.device.type == "cpu" if self.channels_last is None else self.channels_last
+            ):
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = trace(plan.trees[s], x, ctx.traces)
+            last = s + 1 == len(plan.trees)
+            got, want = (objective.loss_fn(y, batch), ctx.loss) if last else (y, ctx[s + 1])
+            if not _close(got, want):
+                plan.make_opaque(s)
+                trace(plan.trees[s], x, ctx.traces)
+            ctx.traced.add(s)
+
+    def _memory_chunk(self, plan: Plan, ctx: StepCache, stage: int) -> int:
+        """Largest K whose stacked activations (about 4 live copies of the largest one from this stage
+        on) fit max_batch_bytes."""
+        sizes = [ctx.traces[leaf][1] for leaf, _ in leaves(plan.trees[stage])] + list(ctx[stage + 1 :])
+        largest = max(t.numel() * t.element_size() for t in sizes)
+        return max(1, self.max_batch_bytes // (4 * largest))
+
+    def _site_losses(
+        self,
+        plan: Plan,
+        site: Site,
+        objective: StagedObjective,
+        batch: Batch,
+        ctx: StepCache,
+        local: Tensor,
+        step: float,
+    ) -> Tensor:
+        local = local.to(site.module.get_parameter(site.pname).device)
+        n, k_max = len(local), self._memory_chunk(plan, ctx, site.stage)
+        results, start = [], 0
+
+        def run(k: int) -> None:
+            nonlocal start
+            results.append(self._chunk(plan, site, objective, batch, ctx, local[start : start + k], step))
+            start += k
+
+        # Tune (across calls): time K = 1, 4, 16, ... up to the memory bound, keep the fastest.
+        while self.chunk is None and site.chunk is None and start < n:
+            size = min(site.trial, k_max, n - start)
+            t0 = time.perf_counter()
+            run(size)
+            per = (time.perf_counter() - t0) / size
+            if per < site.best[0]:
+                site.best = (per, size)
+            if size == min(site.trial, k_max):
+                if site.best[1] != size or size >= k_max:
+                    site.chunk = site.best[1]
+                site.trial *= 4
+        k = self.chunk or min(site.chunk or site.best[1], k_max)
+        while start < n:
+            run(min(k, n - start))
+        return torch.cat(results)
+
+    def _chunk(
+        self,
+        plan: Plan,
+        site: Site,
+        objective: StagedObjective,
+        batch: Batch,
+        ctx: StepCache,
+        local: Tensor,
+        step: float,
+    ) -> Tensor:
+        """Losses of the K coordinates `local` of one parameter tensor."""
+        k, leaf = len(local), site.path[-1]
+        x, y = ctx.traces[leaf]
+        state: State = linear_source(site.module, site.pname, local, step, x, y) if site.linear else None
+        if state is None:
+            state = _rerun(site.module, site.pname, local, step, x)
+        prop = Propagator(ctx.traces, k)
+        state = prop.resume(site.path, state)
+        for s in range(site.stage + 1, len(plan.trees)):
+            state = plan.stages[s](state) if isinstance(state, Tensor) else prop.run(plan.trees[s], state)
+        outputs = prop.dense(state, ctx.traces[plan.trees[-1]][1])
+        return self._losses(plan, objective, batch, outputs.view(k, -1, *outputs.shape[1:]))
+
+    def _losses(self, plan: Plan, objective: StagedObjective, batch: Batch, outputs: Tensor) -> Tensor:
+        """loss_fn per perturbation; vmapped for many perturbations when the loss allows it (vmap costs
+        about as much as a loop of 64 calls)."""
+        if plan.vmap_loss and len(outputs) >= 64:
+            try:
+                return torch.func.vmap(lambda out: objective.loss_fn(out, batch))(outputs).to(
+                    "cpu", torch.float64
+                )
+            except Exception:  # any loss vmap cannot batch: the loop below is the same math
+                plan.vmap_loss = False
+        return torch.stack([objective.loss_fn(out, batch) for out in outputs]).to("cpu", torch.float64)
+
+
+EVALUATORS["batched"] = (
+    BatchedEvaluator  # registered here: evaluators.py importing this module would be circular
+)
+
+
+def _rerun(module: nn.Module, pname: str, local: Tensor, step: float, x: Tensor) -> Tensor:
+    """Outputs of `module` with each coordinate perturbed in turn (no closed form), stacked."""
+    flat = module.get_parameter(pname).data.view(-1)
+    outs = []
+    for j in local.tolist():
+        old = flat[j].clone()
+        flat[j] += step
+        try:
+            outs.append(module(x))
+        finally:
+            flat[j] = old
+    return torch.cat(outs)
+
+
+def _close(got: Tensor, want: Tensor) -> bool:
+    """Equal up to float rounding (the trees use grouped BatchNorm, the stages the real one)."""
+    if got.shape != want.shape:
+        return False
+    tol = math.sqrt(torch.finfo(want.dtype).eps) if want.is_floating_point() else 0.0
+    return bool(((got - want).abs().max() <= tol * (want.abs().max() + tol)).item()) if want.numel() else True

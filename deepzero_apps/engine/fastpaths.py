@@ -1,0 +1,379 @@
+"""Running a stage "from inside": the exact shortcuts behind the batched evaluator.
+
+A stage is described as a small tree: `Seq` (children in order), `Residual` (main + shortcut) and
+`Leaf` (a module run as a whole). `trace` runs the tree once on the cached stage input and records
+every node's base input and output. A coordinate of a leaf's parameter then changes the leaf's
+output in a known way, and `Propagator` pushes that change through the rest of the tree for K
+coordinates at once, carrying one of three states:
+
+* `None`: nothing changed (the traced base value holds);
+* `Sparse`: only channel c_k of perturbation k changed; its new values are kept, shaped (K, B, ...).
+  A conv/linear/BatchNorm-affine coordinate starts here, and per-channel layers (BN, activations,
+  pools) keep it here, so a perturbed channel costs 1/C of the layer;
+* a dense tensor of K*B samples (perturbation-major), reached at the next channel-mixing layer, whose
+  output is the traced base output plus that layer applied to the one changed input channel.
+
+Everything is exact (equal to rerunning the perturbed model up to float rounding), device-agnostic,
+and BatchNorm keeps per-perturbation batch statistics through `grouped_batchnorm`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from deepzero_apps.models.cnn import MaybeMaxPool2d
+from deepzero_apps.models.correction import ResidualBlock
+from deepzero_apps.models.resnet import BasicBlock
+
+
+@dataclass(eq=False)
+class Leaf:
+    """A module run as a whole; coordinates of its parameters are linearized when its type allows."""
+
+    module: nn.Module
+
+
+@dataclass(eq=False)
+class Seq:
+    items: tuple[Node, ...]
+
+
+@dataclass(eq=False)
+class Residual:
+    """main(x) + shortcut(x)."""
+
+    main: Node
+    shortcut: Node
+
+
+Node = Leaf | Seq | Residual
+Trace = dict[Node, tuple[Tensor, Tensor]]
+
+
+@dataclass
+class Sparse:
+    """Perturbation k changed only channel `channels[k]`; `values[k]` is that channel's new value."""
+
+    values: Tensor
+    channels: Tensor
+
+
+State = Tensor | Sparse | None
+
+
+def _basic_block(block: BasicBlock) -> Node:
+    main = Seq((Leaf(block.conv1), Leaf(block.bn1), Leaf(nn.ReLU()), Leaf(block.conv2), Leaf(block.bn2)))
+    return Seq((Residual(main, describe(block.shortcut)), Leaf(nn.ReLU())))
+
+
+def _residual_block(block: ResidualBlock) -> Node:
+    return Residual(Seq((Leaf(block.conv1), Leaf(block.act), Leaf(block.conv2))), Seq(()))
+
+
+# Composite modules whose forward is known, by exact type (a subclass may override forward).
+STRUCTURES: dict[type[nn.Module], Callable[[nn.Module], Node]] = {
+    BasicBlock: _basic_block,
+    ResidualBlock: _residual_block,
+}
+
+
+def register_structure(cls: type[nn.Module], describer: Callable[[nn.Module], Node]) -> None:
+    """Teach `describe` the forward of a composite module type (its stage then gets the fast paths)."""
+    STRUCTURES[cls] = describer
+
+
+def describe(module: nn.Module) -> Node:
+    """The tree of `module`; unknown composites become one opaque leaf (still exact, just slower)."""
+    if type(module) in STRUCTURES:
+        return STRUCTURES[type(module)](module)
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        return Seq(tuple(describe(child) for child in module))
+    return Leaf(module)
+
+
+def leaves(node: Node, path: tuple[Node, ...] = ()) -> Iterator[tuple[Leaf, tuple[Node, ...]]]:
+    """Every leaf with its path from the root (root first, leaf last)."""
+    path = (*path, node)
+    if isinstance(node, Leaf):
+        yield node, path
+    elif isinstance(node, Seq):
+        for item in node.items:
+            yield from leaves(item, path)
+    else:
+        yield from leaves(node.main, path)
+        yield from leaves(node.shortcut, path)
+
+
+def trace(node: Node, x: Tensor, record: Trace) -> Tensor:
+    """Run the tree on the base input, recording each node's (input, output)."""
+    if isinstance(node, Leaf):
+        y = node.module(x.clone() if getattr(node.module, "inplace", False) else x)
+    elif isinstance(node, Seq):
+        y = x
+        for item in node.items:
+            y = trace(item, y, record)
+    else:
+        y = trace(node.main, x, record) + trace(node.shortcut, x, record)
+    record[node] = (x, y)
+    return y
+
+
+def is_standard(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """`module` is a `cls` whose forward is `cls`'s own (so its math is known)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _uses_batch_stats(bn: _BatchNorm) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _standardize(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over `dims`, two-pass (var_mean is several times slower on CPU)."""
+    centered = x - x.mean(dims, keepdim=True)
+    n = math.prod(x.shape[d] for d in dims)
+    var = torch.linalg.vector_norm(centered, dim=dims, keepdim=True).square_().div_(n)
+    return centered.mul_(var.add_(eps).rsqrt_())
+
+
+def _affine(x: Tensor, bn: _BatchNorm, shape: tuple[int, ...], index: Tensor | None = None) -> Tensor:
+    """x * weight + bias in place, the BN parameters (gathered at `index`) viewed as `shape`."""
+    if bn.weight is not None:
+        x.mul_((bn.weight if index is None else bn.weight[index]).view(shape))
+    if bn.bias is not None:
+        x.add_((bn.bias if index is None else bn.bias[index]).view(shape))
+    return x
+
+
+def grouped_batch_norm(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
+    """BatchNorm of K stacked batches, each with its own batch statistics; running stats untouched."""
+    if not _uses_batch_stats(bn):
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    groups = x.shape[0] // batch_size
+    if groups * batch_size != x.shape[0]:
+        raise ValueError(
+            f"BatchNorm input of {x.shape[0]} samples is not a multiple of the batch {batch_size}"
+        )
+    if groups == 1:
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    c = x.shape[1]
+    if is_channels_last(x):  # (K*B, H, W, C) in memory: statistics over (B, H, W), vectorized over C
+        g = x.permute(0, 2, 3, 1).reshape(groups, -1, c)
+        out = _affine(_standardize(g, (1,), bn.eps), bn, (1, 1, c))
+        return out.view(x.shape[0], *x.shape[2:], c).permute(0, 3, 1, 2)
+    g = x.reshape(groups, batch_size, c, -1)
+    return _affine(_standardize(g, (1, 3), bn.eps), bn, (1, 1, c, 1)).view(x.shape)
+
+
+@contextmanager
+def grouped_batchnorm(module: nn.Module, batch_size: int) -> Iterator[None]:
+    """While active, every standard BatchNorm in `module` normalizes each block of `batch_size` samples
+    with that block's own statistics (as K separate train-mode forwards) and never updates running
+    statistics. Non-standard BatchNorms (SyncBatchNorm, custom forwards) are left alone."""
+    bns = [m for m in module.modules() if is_standard(m, _BatchNorm)]
+    saved = [m.__dict__.get("forward") for m in bns]
+    for m in bns:
+        m.forward = partial(grouped_batch_norm, m, batch_size=batch_size)
+    try:
+        yield
+    finally:
+        for m, old in zip(bns, saved):
+            del m.forward
+            if old is not None:
+                m.forward = old
+
+
+def channels(t: Tensor, ch: Tensor) -> Tensor:
+    """Channel ch[k] of the base tensor t (B, C, ...) for each k, as (K, B, ...)."""
+    return t.transpose(0, 1)[ch]
+
+
+def _normalized(bn: _BatchNorm, v: Tensor, ch: Tensor) -> Tensor:
+    """(v - mean) / std per perturbation k, for channel-k values v of shape (K, B, ...)."""
+    if _uses_batch_stats(bn):
+        return _standardize(v, tuple(range(1, v.dim())), bn.eps)
+    shape = (len(ch),) + (1,) * (v.dim() - 1)
+    return (v - bn.running_mean[ch].view(shape)) * torch.rsqrt(bn.running_var[ch].view(shape) + bn.eps)
+
+
+def _sparse_batch_norm(bn: _BatchNorm, s: Sparse) -> Sparse:
+    out = _normalized(bn, s.values, s.channels)
+    return Sparse(_affine(out, bn, (len(s.channels),) + (1,) * (out.dim() - 1), s.channels), s.channels)
+
+
+def _pad(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """x padded as `conv` pads its input (any padding mode), so windows start at (0, 0)."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+
+
+def _conv_from_sparse(conv: nn.Conv2d, s: Sparse, x: Tensor, y: Tensor) -> Tensor:
+    """conv(x + d e_c) = conv(x) + conv_c(d): each perturbation's one changed input channel, unfolded
+    and multiplied by that channel's filters (a small GEMM), added to the base output y."""
+    k, b = s.values.shape[:2]
+    d = (s.values - channels(x, s.channels)).reshape(k * b, 1, *x.shape[2:])
+    u = F.unfold(_pad(conv, d), conv.kernel_size, conv.dilation, 0, conv.stride).view(
+        k, b, -1, y[0, 0].numel()
+    )
+    w = conv.weight[:, s.channels].transpose(0, 1).reshape(k, 1, conv.out_channels, -1)
+    if is_channels_last(y):  # keep the base layout: rows are pixels, columns channels
+        out = torch.matmul(u.transpose(2, 3), w.transpose(2, 3))
+        out += y.permute(0, 2, 3, 1).reshape(b, -1, y.shape[1])
+        return out.view(k * b, *y.shape[2:], y.shape[1]).permute(0, 3, 1, 2)
+    out = torch.matmul(w, u)
+    out += y.reshape(b, y.shape[1], -1)
+    return out.view(k * b, *y.shape[1:])
+
+
+def effective_step(param: Tensor, local: Tensor, step: float) -> Tensor:
+    """The change an in-place `p[j] += step` really makes, fl(p + step) - p, per coordinate."""
+    p = param.detach().view(-1)[local]
+    return (p + step) - p
+
+
+def linear_source(
+    module: nn.Module, pname: str, local: Tensor, step: float, x: Tensor, y: Tensor
+) -> Sparse | None:
+    """Output of a conv/linear/BatchNorm leaf with coordinate `local[k]` of its parameter `pname`
+    moved by `step`, from the base input x and output y alone (outputs are linear in these
+    parameters). None when this leaf/parameter has no closed form."""
+    if pname not in ("weight", "bias"):
+        return None
+    delta = effective_step(getattr(module, pname), local, step)
+    k = len(local)
+    if is_standard(module, nn.Conv2d):
+        if pname == "bias":
+            return Sparse(channels(y, local) + delta.view(k, 1, 1, 1), local)
+        # Weight (o, i, a, b) adds delta * (input channel i seen through window offset (a, b)) to channel o.
+        o, i, a, b = torch.unravel_index(local, module.weight.shape)
+        c_in = o // (module.out_channels // module.groups) * (module.in_channels // module.groups) + i
+        xp = _pad(module, x.index_select(1, c_in))
+        (sh, sw), (dh, dw) = module.stride, module.dilation
+        rows = a[:, None] * dh + sh * torch.arange(y.shape[2], device=x.device)
+        cols = b[:, None] * dw + sw * torch.arange(y.shape[3], device=x.device)
+        seen = xp[:, torch.arange(k, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        return Sparse(channels(y, o) + delta.view(k, 1, 1, 1) * seen.transpose(0, 1), o)
+    if is_standard(module, nn.Linear):
+        if x.dim() != 2:
+            return None
+        if pname == "bias":
+            return Sparse(channels(y, local) + delta.view(k, 1), local)
+        o, j = torch.unravel_index(local, module.weight.shape)
+        return Sparse(channels(y, o) + delta.view(k, 1) * channels(x, j), o)
+    if is_standard(module, _BatchNorm):
+        tail = (1,) * (y.dim() - 1)
+        if pname == "bias":
+            return Sparse(channels(y, local) + delta.view(k, *tail), local)
+        return Sparse(
+            channels(y, local) + delta.view(k, *tail) * _normalized(module, channels(x, local), local), local
+        )
+    return None
+
+
+def repeat_batch(base: Tensor, k: int) -> Tensor:
+    """K copies of the batch stacked along dim 0, in base's memory layout (channels_last stays)."""
+    fmt = torch.channels_last if is_channels_last(base) else torch.contiguous_format
+    out = torch.empty(
+        (k * base.shape[0], *base.shape[1:]), dtype=base.dtype, device=base.device, memory_format=fmt
+    )
+    out.view(k, *base.shape).copy_(base)
+    return out
+
+
+ELEMENTWISE = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish,
+)  # fmt: skip
+POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, MaybeMaxPool2d,
+)  # fmt: skip
+
+
+class Propagator:
+    """Pushes the states of K perturbations through traced trees (see the module docstring)."""
+
+    def __init__(self, record: Trace, k: int):
+        self.record, self.k = record, k
+
+    def dense(self, state: State, base: Tensor) -> Tensor:
+        """K*B samples: the base repeated, with each perturbation's changed channel written in."""
+        if isinstance(state, Tensor):
+            return state
+        out = repeat_batch(base, self.k)
+        if state is not None:
+            out.view(self.k, *base.shape)[torch.arange(self.k, device=base.device), :, state.channels] = (
+                state.values
+            )
+        return out
+
+    def run(self, node: Node, state: State) -> State:
+        """State of `node`'s output given the state of its input."""
+        if state is None:
+            return None
+        if isinstance(node, Leaf):
+            return self._leaf(node, state)
+        if isinstance(node, Seq):
+            for item in node.items:
+                state = self.run(item, state)
+            return state
+        return self._add(node, self.run(node.main, state), self.run(node.shortcut, state))
+
+    def resume(self, path: tuple[Node, ...], state: State) -> State:
+        """State of `path[0]`'s output when the leaf `path[-1]` outputs `state` (all else base)."""
+        for parent, child in zip(reversed(path[:-1]), reversed(path[1:])):
+            if isinstance(parent, Seq):
+                at = next(i for i, item in enumerate(parent.items) if item is child)
+                for item in parent.items[at + 1 :]:
+                    state = self.run(item, state)
+            elif child is parent.main:
+                state = self._add(parent, state, None)
+            else:
+                state = self._add(parent, None, state)
+        return state
+
+    def _add(self, node: Residual, main: State, shortcut: State) -> State:
+        y_main, y_short = self.record[node.main][1], self.record[node.shortcut][1]
+        if main is None and shortcut is None:
+            return None
+        if isinstance(main, Sparse) and shortcut is None:
+            return Sparse(main.values + channels(y_short, main.channels), main.channels)
+        if main is None and isinstance(shortcut, Sparse):
+            return Sparse(channels(y_main, shortcut.channels) + shortcut.values, shortcut.channels)
+        if main is None or shortcut is None:  # dense + base: broadcast the base over the K groups
+            dense, base = (shortcut, y_main) if main is None else (main, y_short)
+            return (dense.view(self.k, *base.shape) + base).view(dense.shape)
+        return self.dense(main, y_main) + self.dense(shortcut, y_short)
+
+    def _leaf(self, leaf: Leaf, state: Tensor | Sparse) -> State:
+        m = leaf.module
+        if isinstance(state, Tensor):
+            return m(state)
+        x, y = self.record[leaf]
+        v, ch, k = state.values, state.channels, self.k
+        if type(m) in ELEMENTWISE or (type(m) in POOLS and v.dim() >= 3):
+            out = m(v.reshape(k * v.shape[1], 1, *v.shape[2:]))
+            return Sparse(out.reshape(k, v.shape[1], *out.shape[2:]), ch)
+        if is_standard(m, _BatchNorm):
+            return _sparse_batch_norm(m, state)
+        if is_standard(m, nn.Conv2d) and m.groups == 1:
+            return _conv_from_sparse(m, state, x, y)
+        if is_standard(m, nn.Linear) and v.dim() == 2:
+            d = v - channels(x, ch)
+            out = y + d.unsqueeze(-1) * m.weight[:, ch].t().unsqueeze(1)
+            return out.reshape(k * y.shape[0], -1)
+        if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 and v[0, 0].numel() == 1:
+            return Sparse(v.reshape(k, v.shape[1]), ch)
+        return m(self.dense(state, x))
