@@ -3,6 +3,7 @@
 from .batched import BatchedEvaluator
 from .batchnorm import frozen_running_stats
 from .coords import Block, CoordinateView
+from .distributed import ShardedEvaluator, barrier, init_distributed, is_main, rank, world_size
 from .estimators import CGE, RGE, FirstOrder
 from .evaluators import FeatureReuse, ReferenceEvaluator, make_evaluator
 from .objective import Objective, StagedObjective, model_stages
@@ -43,4 +44,10 @@ __all__ = [
     "save_ratios",
     "zo_grasp_scores",
     "BatchedEvaluator",
+    "ShardedEvaluator",
+    "barrier",
+    "init_distributed",
+    "is_main",
+    "rank",
+    "world_size",
 ]
