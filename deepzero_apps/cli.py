@@ -33,6 +33,7 @@ class App:
 
 APPS: dict[str, App] = {
     "classify": App("deepzero_apps.tasks.classify", "image classification trained with ZO (CGE/RGE, sparse) or FO"),
+    "certify": App("deepzero_apps.tasks.certify", "certified defense of a black-box classifier: denoiser trained by DeepZero, ZO-AE-DS or FO"),
 }
 
 

@@ -115,7 +115,117 @@ class ClassifyConfig(TrainConfig):
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
 
-SCHEMAS: dict[str, type] = {"classify": ClassifyConfig}
+CERTIFY_MODES = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
+
+
+@dataclass
+class CertifyClassifierConfig:
+    """Stage 1 of certify: the classifier behind the black box (trained first-order, loaded, or a callable)."""
+
+    output: str = "logits"  # what the black box returns: logits | probs | label
+    checkpoint: str | None = None  # trained weights of `model` instead of training
+    callable: Any = None  # a `_target_` returning any callable [0, 1] images -> logits
+    cache_dir: str | None = None  # where stage 1 trains and is reused (null: <run dir>/classifier)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        kinds = ("logits", "probs", "label")
+        _require(self.output in kinds, f"classifier.output='{self.output}' is unknown; choose from: {', '.join(kinds)}")
+        _require(self.checkpoint is None or Path(self.checkpoint).is_file(), f"classifier.checkpoint='{self.checkpoint}' does not exist")
+        _require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "classifier.epochs, batch_size and lr must be positive")
+
+
+@dataclass
+class DenoiserPretrainConfig:
+    """First-order MSE pretraining of the denoiser (no classifier queries), shared by every mode."""
+
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    cache_dir: str | None = None  # null: <run dir>/pretrain
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "pretrain.epochs, batch_size and lr must be positive")
+
+
+@dataclass
+class ZOAEDSConfig:
+    """The ZO-AE-DS baseline: autoencoder size and the ZO estimator over its latent."""
+
+    estimator: str = "cge"  # cge | rge
+    q: int = 192  # rge directions
+    mu: float = 5e-3
+    latent_channels: int = 3  # latent = latent_channels x H/4 x W/4
+    width: int = 16
+    ae_epochs: int = 5
+    cache_dir: str | None = None  # null: <run dir>/autoencoder
+
+    def __post_init__(self) -> None:
+        _require(self.estimator in ("cge", "rge"), f"zo_ae_ds.estimator='{self.estimator}' must be cge or rge")
+        _require(self.q >= 1 and self.mu > 0, f"zo_ae_ds needs q >= 1 and mu > 0, got q={self.q}, mu={self.mu}")
+        _require(min(self.latent_channels, self.width, self.ae_epochs) >= 1, "zo_ae_ds.latent_channels, width and ae_epochs must be >= 1")
+
+
+@dataclass
+class SmoothingConfig:
+    """Cohen's CERTIFY on `limit` class-balanced test images."""
+
+    limit: int = 100
+    n0: int = 100
+    n: int = 1000
+    alpha: float = 0.001
+    batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(min(self.limit, self.n0, self.n, self.batch_size) >= 1, "certify.limit, n0, n and batch_size must be >= 1")
+        _require(0 < self.alpha < 1, f"certify.alpha={self.alpha} must be in (0, 1)")
+
+
+@dataclass
+class CertifyConfig(TrainConfig):
+    """Denoised smoothing through a black box; `mode` picks how the denoiser is fine-tuned."""
+
+    mode: str = "deepzero"  # deepzero | zo_ae_ds | fo_ds | mse
+    sigma: float = 0.25
+    mse_weight: float = 0.0
+    stab_weight: float = 1.0
+    eval_limit: int = 256
+    finetune_limit: int | None = None  # class-balanced training images for fine-tuning (null: all)
+    compare: list[str] | None = None  # finished run dirs: plot and tabulate them instead of running
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING  # the classifier's architecture
+    denoiser: Any = MISSING
+    estimator: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = None
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    classifier: CertifyClassifierConfig = field(default_factory=CertifyClassifierConfig)
+    pretrain: DenoiserPretrainConfig = field(default_factory=DenoiserPretrainConfig)
+    zo_ae_ds: ZOAEDSConfig = field(default_factory=ZOAEDSConfig)
+    certify: SmoothingConfig = field(default_factory=SmoothingConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in CERTIFY_MODES, f"mode='{self.mode}' is unknown; choose from: {', '.join(CERTIFY_MODES)}")
+        mode, self.mode = self.mode, "fo" if self.mode == "fo_ds" else "zo"  # the shared checks know zo | fo
+        super().__post_init__()
+        self.mode = mode
+        _require(self.sigma > 0, f"sigma={self.sigma} must be > 0")
+        _require(self.mse_weight >= 0 and self.stab_weight > 0, "need mse_weight >= 0 and stab_weight > 0 (Stab drives the queries)")
+        _require(self.eval_limit >= 1, f"eval_limit={self.eval_limit} must be >= 1")
+        _require(self.finetune_limit is None or self.finetune_limit >= 1, f"finetune_limit={self.finetune_limit} must be >= 1")
+        _require(
+            self.mode != "fo_ds" or self.classifier.output != "label",
+            "mode=fo_ds backpropagates through the classifier's output; classifier.output=label has no gradient",
+        )
+        _require(
+            self.sparsity.method != "grasp",
+            "sparsity.method='grasp' needs gradients through the black box; use zo_grasp, random or dense",
+        )
+
+
+SCHEMAS: dict[str, type] = {"classify": ClassifyConfig, "certify": CertifyConfig}
 
 
 def register_configs() -> None:
