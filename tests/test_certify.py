@@ -1,0 +1,174 @@
+"""certify: the black box stays query-only, every mode trains, and the CLI certifies end to end."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
+from deepzero_apps.cli import main
+from deepzero_apps.engine import CGE, FirstOrder, StagedObjective
+from deepzero_apps.models import create_model
+from deepzero_apps.tasks.certify import DenoiserLoss, ImageQueries, NoisyInputs, WhiteBox, stability
+from deepzero_apps.tasks.certify_zoae import AEObjective, LatentZO, autoencoder
+
+TINY = [
+    "data.train_limit=64", "data.test_limit=40", "eval_limit=40", "classifier.epochs=1", "pretrain.epochs=1",
+    "zo_ae_ds.ae_epochs=1", "zo_ae_ds.latent_channels=1", "denoiser.depth=3", "denoiser.width=4", "epochs=20",
+    "batch_size=8", "query_budget=1500", "sparsity.q=4", "sparsity.samples_per_class=2", "certify.limit=4",
+    "certify.n0=8", "certify.n=32", "progress=false",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tests share a busy CPU: one intra-op thread, as the app itself runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def problem() -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed classifier, a tiny DnCNN in eval mode (as the task fine-tunes it) and one batch of 8x8 images."""
+    classifier = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 4)).eval()
+    denoiser = create_model("dncnn", channels=1, depth=3, width=4).eval()
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        target = classifier(x).argmax(1)
+    return classifier, denoiser, (x, target)
+
+
+def test_blackbox_refuses_gradients_in_the_task_path():
+    classifier, denoiser, batch = problem()
+    blackbox = BlackBoxClassifier(classifier)
+    objective = StagedObjective(denoiser, DenoiserLoss(blackbox, "logits", 0.0, 1.0), inputs=NoisyInputs(0.25, 0))
+    objective.counter = ImageQueries([blackbox])
+    with pytest.raises(BlackBoxError, match="query-only"):
+        FirstOrder().estimate(objective, batch)
+    before = blackbox.queries
+    CGE().estimate(objective, batch)  # queries only: fine
+    assert objective.counter.queries - before == (objective.coords.dim + 1) * len(batch[0])
+
+
+def test_noise_is_fixed_within_a_step_and_replayed_on_resume():
+    noisy, batch = NoisyInputs(0.5, 3), (torch.zeros(2, 1, 4, 4), torch.zeros(2))
+    first = noisy(batch)
+    assert noisy(batch) is first
+    state = noisy.state_dict()
+    second = noisy((batch[0], batch[1]))
+    assert not torch.equal(first, second)
+    replay = NoisyInputs(0.5, 3)
+    replay.load_state_dict(state)
+    assert torch.equal(replay((batch[0], batch[1])), second)
+
+
+def _train(objective, estimator, batch, steps: int, lr: float = 0.03) -> tuple[float, float]:
+    params = [b.param for b in objective.coords.blocks]
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.no_grad():
+        start = float(objective.loss(batch))
+    for step in range(steps):
+        opt.zero_grad()
+        estimator.estimate(objective, batch, step=step)
+        opt.step()
+    with torch.no_grad():
+        return start, float(objective.loss(batch))
+
+
+@pytest.mark.parametrize("mode", ["deepzero", "zo_ae_ds_cge", "zo_ae_ds_rge", "fo_ds"])
+def test_each_mode_decreases_its_loss(mode):
+    torch.manual_seed(0)
+    classifier, denoiser, batch = problem()
+    noisy = NoisyInputs(0.25, 0)
+    if mode == "fo_ds":
+        objective = StagedObjective(denoiser, DenoiserLoss(WhiteBox(classifier, "logits"), "logits", 1.0, 1.0), noisy)
+        estimator = FirstOrder()
+    elif mode == "deepzero":
+        objective = StagedObjective(denoiser, DenoiserLoss(BlackBoxClassifier(classifier), "logits", 1.0, 1.0), noisy)
+        estimator = CGE()
+    else:
+        blackbox = BlackBoxClassifier(classifier)
+        encoder, decoder = autoencoder(1, 2, 4)
+
+        def per_image(z, target):
+            return stability(blackbox(decoder(z)), target, "logits", reduction="none")
+
+        objective = AEObjective(denoiser, encoder, decoder, per_image, noisy, 1.0)
+        estimator = LatentZO(mode[-3:], q=8)
+    start, end = _train(objective, estimator, batch, steps=15 if mode == "deepzero" else 40)
+    assert end < 0.9 * start, (start, end)
+
+
+def test_latent_cge_matches_autograd_of_the_latent_loss():
+    torch.manual_seed(0)
+    classifier, denoiser, batch = problem()
+    encoder, decoder = autoencoder(1, 2, 4)
+    model = nn.Sequential(decoder, classifier).double()
+    objective = AEObjective(
+        denoiser.double(), encoder.double(), decoder,
+        lambda z, t: stability(model(z), t, "logits", reduction="none"), NoisyInputs(0.25, 0), 0.0,
+    )  # fmt: skip
+    z = torch.randn(8, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    exact = torch.autograd.grad(stability(model(z), batch[1], "logits"), z)[0]
+    _, estimate = LatentZO("cge", mu=1e-6).latent_grad(objective, z.detach(), batch[1], step=0)
+    assert torch.allclose(estimate, exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("output", ["probs", "label"])
+def test_stability_from_probabilities_and_labels(output):
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    target = torch.tensor([0, 0])
+    if output == "probs":
+        assert torch.isclose(stability(logits.softmax(1), target, "probs"), stability(logits, target, "logits"))
+    else:
+        assert stability(logits.argmax(1), target, "label") == 0.5
+
+
+def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
+    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain", "zo_ae_ds")]
+    runs = []
+    for mode in ("deepzero", "zo_ae_ds", "fo_ds", "mse"):
+        run_dir = tmp_path / mode
+        assert main(["certify", f"hydra.run.dir={run_dir}", *TINY, *cache, f"mode={mode}"]) == 0
+        for name in ("certify.tsv", "certified_accuracy.json", "certified_accuracy.png", "summary.json"):
+            assert (run_dir / name).exists(), (mode, name)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert set(summary["certify"]["certified_accuracy"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
+        assert summary["certify"]["examples"] == 4
+        if mode in ("deepzero", "zo_ae_ds"):
+            assert summary["train"]["stopped"] == "query budget" and summary["train"]["queries"] >= 1500
+            assert (run_dir / "learning_curve.png").exists()
+        runs.append(str(run_dir))
+    assert (tmp_path / "deepzero" / "ratios.json").exists()
+    assert "certify done: mode=mse" in capsys.readouterr().out
+    out = tmp_path / "compare"
+    assert main(["certify", f"hydra.run.dir={out}", f"compare=[{','.join(runs)}]"]) == 0
+    for name in ("compare.png", "compare.csv", "compare.md"):
+        assert (out / name).exists(), name
+    assert len((out / "compare.csv").read_text().splitlines()) == 5
+
+
+def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):
+    cache = f"pretrain.cache_dir={tmp_path / 'pretrain'}"
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'a'}", *TINY, cache, "mode=mse"]) == 0
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'b'}", *TINY, cache, "mode=mse", "sigma=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another configuration" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("mode=zo", "mode='zo'"),
+        ("mode=fo_ds classifier.output=label", "no gradient"),
+        ("sparsity.method=grasp", "gradients through the black box"),
+        ("sigma=0", "sigma=0.0 must be > 0"),
+        ("classifier.output=soft", "classifier.output='soft'"),
+    ],
+)
+def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, needle):
+    assert main(["certify", f"hydra.run.dir={tmp_path}", *override.split()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
