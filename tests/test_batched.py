@@ -75,9 +75,10 @@ def test_mlp():
     )
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_small_cnn_with_batchnorm(channels_last):
-    model = create_model("small_cnn", depth=2, in_channels=1, num_classes=10)
+@pytest.mark.parametrize("depth, channels_last", [(2, False), (2, True), (4, True)])
+def test_small_cnn_with_batchnorm(depth, channels_last):
+    """Depth 4 on 8x8 inputs pools down to 1x1, where its max pool is skipped."""
+    model = create_model("small_cnn", depth=depth, in_channels=1, num_classes=10, channels=6)
     assert_matches_reference(model, images(8, 1, 8), channels_last=channels_last)
 
 

@@ -77,6 +77,7 @@ class ShardedEvaluator(ReferenceEvaluator):
     def __init__(self, inner: str | ReferenceEvaluator = "batched"):
         self.inner = make_evaluator(inner)
         self.seconds: dict[str, float] = {}  # measured seconds per coordinate, per parameter tensor
+        self.last_busy_seconds = 0.0  # this rank's time on its own shard in the last call (balance check)
 
     def base(self, objective: Objective, batch: Batch) -> tuple[torch.Tensor, Any]:
         return self.inner.base(objective, batch)
@@ -107,6 +108,7 @@ class ShardedEvaluator(ReferenceEvaluator):
             )
             timing[0, index[block.name]] += time.perf_counter() - t0
             timing[1, index[block.name]] += len(local)
+        self.last_busy_seconds = float(timing[0].sum())
         losses, timing = losses.to(device), timing.to(device)
         dist.all_reduce(losses)
         dist.all_reduce(timing)

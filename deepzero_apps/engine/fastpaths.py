@@ -19,6 +19,7 @@ and BatchNorm keeps per-perturbation batch statistics through `grouped_batchnorm
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.utils import _pair
 
 from deepzero_apps.models.cnn import MaybeMaxPool2d
 from deepzero_apps.models.correction import ResidualBlock
@@ -219,22 +221,53 @@ def _pad(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
 
 
+def _taps(
+    xp: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], size
+) -> list[Tensor]:
+    """Views of the padded xp (..., Hp, Wp), one per kernel tap (i, j): pixel (h, w) of view (i, j) is
+    the input that tap multiplies for output pixel (h, w). Slicing beats F.unfold, whose CPU kernel
+    loops over samples."""
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, size
+    return [
+        xp[..., i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
 def _conv_from_sparse(conv: nn.Conv2d, s: Sparse, x: Tensor, y: Tensor) -> Tensor:
     """conv(x + d e_c) = conv(x) + conv_c(d): each perturbation's one changed input channel, unfolded
-    and multiplied by that channel's filters (a small GEMM), added to the base output y."""
+    and multiplied by that channel's filters (one GEMM per perturbation), added to the base output y."""
     k, b = s.values.shape[:2]
-    d = (s.values - channels(x, s.channels)).reshape(k * b, 1, *x.shape[2:])
-    u = F.unfold(_pad(conv, d), conv.kernel_size, conv.dilation, 0, conv.stride).view(
-        k, b, -1, y[0, 0].numel()
+    taps = _taps(
+        _pad(conv, s.values - channels(x, s.channels)),
+        conv.kernel_size,
+        conv.stride,
+        conv.dilation,
+        y.shape[2:],
     )
-    w = conv.weight[:, s.channels].transpose(0, 1).reshape(k, 1, conv.out_channels, -1)
-    if is_channels_last(y):  # keep the base layout: rows are pixels, columns channels
-        out = torch.matmul(u.transpose(2, 3), w.transpose(2, 3))
-        out += y.permute(0, 2, 3, 1).reshape(b, -1, y.shape[1])
+    w = conv.weight[:, s.channels].transpose(0, 1).reshape(k, conv.out_channels, -1)  # (K, O, taps)
+    if is_channels_last(y):  # rows are the B*H*W pixels, columns the channels: y's own layout
+        out = torch.matmul(torch.stack(taps, -1).view(k, -1, len(taps)), w.transpose(1, 2))
+        out += y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
         return out.view(k * b, *y.shape[2:], y.shape[1]).permute(0, 3, 1, 2)
-    out = torch.matmul(w, u)
+    out = torch.matmul(w.unsqueeze(1), torch.stack(taps, 2).view(k, b, len(taps), -1))
     out += y.reshape(b, y.shape[1], -1)
     return out.view(k * b, *y.shape[1:])
+
+
+def _max_pool(pool: nn.MaxPool2d, v: Tensor) -> Tensor | None:
+    """Max pooling of the (K, B, H, W) changed channels as a max over tap views (the NCHW CPU kernel
+    is slow on many one-channel maps); None for padded, ceil-mode or index-returning pools."""
+    if pool.padding not in (0, (0, 0)) or pool.ceil_mode or pool.return_indices:
+        return None
+    if isinstance(pool, MaybeMaxPool2d) and min(v.shape[-2:]) < 2:
+        return v
+    kernel, stride, dilation = _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.dilation)
+    size = [
+        (n - dl * (kk - 1) - 1) // st + 1 for n, kk, st, dl in zip(v.shape[-2:], kernel, stride, dilation)
+    ]
+    return functools.reduce(torch.maximum, _taps(v, kernel, stride, dilation, size))
 
 
 def effective_step(param: Tensor, local: Tensor, step: float) -> Tensor:
@@ -363,6 +396,10 @@ class Propagator:
             return m(state)
         x, y = self.record[leaf]
         v, ch, k = state.values, state.channels, self.k
+        if type(m) in (nn.MaxPool2d, MaybeMaxPool2d) and v.dim() == 4:
+            pooled = _max_pool(m, v)
+            if pooled is not None:
+                return Sparse(pooled, ch)
         if type(m) in ELEMENTWISE or (type(m) in POOLS and v.dim() >= 3):
             out = m(v.reshape(k * v.shape[1], 1, *v.shape[2:]))
             return Sparse(out.reshape(k, v.shape[1], *out.shape[2:]), ch)
