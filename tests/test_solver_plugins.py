@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
 from deepzero_apps.solvers import (
     ENTRY_POINT_GROUP,
     Solver,
@@ -21,8 +24,6 @@ from deepzero_apps.solvers import (
 )
 from deepzero_apps.solvers.external import ExternalSolver
 from deepzero_apps.solvers.registry import unregister_solver
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 PLUGIN_SRC = Path(__file__).resolve().parent / "plugin_pkg"
 

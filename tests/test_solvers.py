@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from deepzero_apps.solvers import Grid, Solver, SolverError, check_state, create_solver, list_solvers
 from deepzero_apps.solvers.burgers import BurgersSolver
 from deepzero_apps.solvers.registry import BUILTINS

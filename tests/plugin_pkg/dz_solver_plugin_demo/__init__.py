@@ -7,6 +7,7 @@ temporary directory on ``sys.path`` (group ``deepzero_apps.solvers``, name ``dem
 from __future__ import annotations
 
 import numpy as np
+
 from deepzero_apps.solvers import Grid, Solver
 
 
