@@ -208,7 +208,8 @@ class BatchedEvaluator(FeatureReuse):
             results.append(self._chunk(plan, site, objective, batch, ctx, local[start : start + k], step))
             start += k
 
-        # Tune (across calls): time K = 1, 4, 16, ... up to the memory bound, keep the fastest.
+        # Tune (across calls): time K = 1, 4, 16, ... up to the memory bound, keep the fastest; grow
+        # until a K is clearly slower (one timing is noisy on a shared machine).
         while self.chunk is None and site.chunk is None and start < n:
             size = min(site.trial, k_max, n - start)
             t0 = time.perf_counter()
@@ -217,7 +218,7 @@ class BatchedEvaluator(FeatureReuse):
             if per < site.best[0]:
                 site.best = (per, size)
             if size == min(site.trial, k_max):
-                if site.best[1] != size or size >= k_max:
+                if per > 1.25 * site.best[0] or size >= k_max:
                     site.chunk = site.best[1]
                 site.trial *= 4
         k = self.chunk or min(site.chunk or site.best[1], k_max)
