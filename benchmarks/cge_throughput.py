@@ -1,0 +1,204 @@
+"""CGE coordinate throughput: reference loop, reuse loop, batched engine, engine on 2 ranks.
+
+One JSON line per model with coordinates/second for
+  (a) reference: every coordinate reruns the whole model (no feature reuse);
+  (b) reuse: one coordinate per forward restarted at its stage (the official DeepZero worker);
+  (b_cl) the same reuse loop with the model in channels_last, to separate layout from algorithm;
+  (c) engine: BatchedEvaluator in one process with 1 thread, and (c_2threads) with 2 threads;
+  (d) engine on --ranks processes (1 thread each, gloo), ShardedEvaluator(BatchedEvaluator()).
+Engine figures are steady state: two calls (chunk-size tuning, shard timing) precede the timed one,
+as in training where every step after the first reuses them. Every evaluator runs the same
+coordinates on the same batch; the reference loop runs a uniform subsample of them.
+
+    python benchmarks/cge_throughput.py                       # both models, 2 ranks
+    python benchmarks/cge_throughput.py --models small_cnn --ranks 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from deepzero_apps.engine import (
+    BatchedEvaluator,
+    FeatureReuse,
+    ReferenceEvaluator,
+    ShardedEvaluator,
+    StagedObjective,
+    frozen_running_stats,
+    init_distributed,
+    rank,
+)
+from deepzero_apps.models import create_model
+
+STEP = 5e-3
+
+
+def ce(out: torch.Tensor, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(out, b[1])
+
+
+def setup(name: str, sample: int, seed: int, channels_last: bool = False):
+    """Model, batch and coordinates of one benchmark case (identical in every process)."""
+    torch.manual_seed(seed)
+    if name == "small_cnn":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images[:128], dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(digits.target[:128])
+        model = create_model("small_cnn", depth=2, in_channels=1, num_classes=10, channels=18)
+    else:
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        model = create_model("resnet20")
+    if channels_last:  # NHWC input makes every activation NHWC (weights stay contiguous: flat coordinates)
+        x = x.contiguous(memory_format=torch.channels_last)
+    obj = StagedObjective(model, ce)
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.arange(obj.coords.dim)
+    if sample and sample < obj.coords.dim:
+        coords = torch.randperm(obj.coords.dim, generator=g)[:sample].sort().values
+    return obj, (x, y), coords
+
+
+def timed_call(
+    ev: ReferenceEvaluator, obj: StagedObjective, b, coords: torch.Tensor, warmup: int = 0
+) -> dict:
+    """Seconds of one coordinate_losses call (after `warmup` untimed ones), total and per stage."""
+    with torch.no_grad():
+        _, ctx = ev.base(obj, b)
+        with frozen_running_stats(obj.module):
+            for _ in range(warmup):
+                ev.coordinate_losses(obj, b, ctx, coords, STEP)
+            stages = obj.coords.stage_of(coords)
+            per_stage = {}
+            for s in stages.unique().tolist():
+                t0 = time.perf_counter()
+                ev.coordinate_losses(obj, b, ctx, coords[stages == s], STEP)
+                per_stage[s] = time.perf_counter() - t0
+    return {"seconds": sum(per_stage.values()), "per_stage": per_stage, "n": len(coords)}
+
+
+def rate(m: dict) -> float:
+    return m["n"] / m["seconds"]
+
+
+def _rank_worker(r: int, world: int, port: int, name: str, sample: int, seed: int, queue) -> None:
+    os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    init_distributed()
+    try:
+        obj, b, coords = setup(name, sample, seed)
+        ev = ShardedEvaluator(BatchedEvaluator())
+        with torch.no_grad():
+            _, ctx = ev.base(obj, b)
+            with frozen_running_stats(obj.module):
+                for _ in range(2):  # chunk tuning, then shard timing, as in the first training steps
+                    ev.coordinate_losses(obj, b, ctx, coords, STEP)
+                dist.barrier()
+                t0 = time.perf_counter()
+                ev.coordinate_losses(obj, b, ctx, coords, STEP)
+                seconds = time.perf_counter() - t0
+        busy = [None] * world
+        dist.all_gather_object(busy, ev.last_busy_seconds)
+        if rank() == 0:
+            queue.put({"seconds": seconds, "n": len(coords), "busy_per_rank": busy})
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks_call(name: str, sample: int, seed: int, world: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.spawn(_rank_worker, args=(world, free_port(), name, sample, seed, queue), nprocs=world, join=True)
+    return queue.get()
+
+
+def with_threads(n: int, fn: Callable[[], dict]) -> dict:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+def bench(name: str, sample: int, reference_sample: int, seed: int, world: int) -> dict:
+    obj, b, coords = setup(name, sample, seed)
+    ref_coords = coords[
+        torch.randperm(len(coords), generator=torch.Generator().manual_seed(seed))[:reference_sample]
+    ]
+    a = with_threads(1, lambda: timed_call(ReferenceEvaluator(), obj, b, ref_coords))
+    bb = with_threads(1, lambda: timed_call(FeatureReuse(), obj, b, coords))
+    obj_cl, b_cl, _ = setup(name, sample, seed, channels_last=True)
+    bcl = with_threads(1, lambda: timed_call(FeatureReuse(), obj_cl, b_cl, coords))
+    c = with_threads(1, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2))
+    c2 = with_threads(2, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2))
+    d = ranks_call(name, sample, seed, world) if world > 1 else None
+    out = {
+        "model": name,
+        "batch": int(b[0].shape[0]),
+        "coordinates": len(coords),
+        "reference_subsample": len(ref_coords),
+        "coords_per_s": {
+            "a_reference": round(rate(a), 2),
+            "b_reuse": round(rate(bb), 2),
+            "b_reuse_channels_last": round(rate(bcl), 2),
+            "c_engine_1thread": round(rate(c), 2),
+            "c_engine_2threads": round(rate(c2), 2),
+        },
+        "speedup": {
+            "engine_vs_reference": round(rate(c) / rate(a), 2),
+            "engine_vs_reuse": round(rate(c) / rate(bb), 2),
+            "engine_vs_reuse_channels_last": round(rate(c) / rate(bcl), 2),
+            "2threads_vs_1thread": round(rate(c2) / rate(c), 2),
+        },
+        "seconds_per_stage": {
+            "b_reuse": {s: round(t, 3) for s, t in bb["per_stage"].items()},
+            "c_engine_1thread": {s: round(t, 3) for s, t in c["per_stage"].items()},
+        },
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    if d is not None:
+        out["coords_per_s"][f"d_engine_{world}ranks"] = round(rate(d), 2)
+        out["speedup"][f"{world}ranks_vs_1rank"] = round(rate(d) / rate(c), 2)
+        out["d_busy_seconds_per_rank"] = [round(t, 3) for t in d["busy_per_rank"]]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--models", nargs="+", default=["small_cnn", "resnet20"], choices=["small_cnn", "resnet20"]
+    )
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument(
+        "--sample", type=int, default=2000, help="random coordinates for resnet20 (small_cnn: all)"
+    )
+    p.add_argument("--reference-sample", type=int, default=200, help="subsample for the slow reference loop")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in args.models:
+        sample = 0 if name == "small_cnn" else args.sample
+        print(json.dumps(bench(name, sample, args.reference_sample, args.seed, args.ranks)), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
