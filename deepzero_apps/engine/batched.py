@@ -110,10 +110,10 @@ class BatchedEvaluator(FeatureReuse):
     max_batch_bytes bounds the activations of one chunk (K is derived from the traced activation
     sizes); `chunk` fixes K instead of timing candidates. channels_last runs the traced and stacked
     4-D activations in NHWC (default: on CPU, where BatchNorm, pooling and convs are several times
-    faster in that layout; values only change by float rounding). Coordinates of parameters shared by several
-    layers, and objectives that are not staged, use the FeatureReuse loop. Query accounting is the
-    FeatureReuse one (one query restarted at the owning stage per coordinate), so budgets mean the
-    same thing whichever evaluator runs them.
+    faster in that layout; values only change by float rounding). Coordinates of parameters shared
+    by several layers, and objectives that are not staged, use the FeatureReuse loop. Query
+    accounting is the FeatureReuse one (one query restarted at the owning stage per coordinate), so
+    budgets mean the same thing whichever evaluator runs them.
     """
 
     name = "batched"
@@ -131,6 +131,7 @@ class BatchedEvaluator(FeatureReuse):
         return loss, (StepCache(cache, loss) if isinstance(cache, list) else cache)
 
     def plan(self, objective: Objective) -> Plan | None:
+        """The objective's stage trees and parameter sites, built once (None: not batchable)."""
         if objective not in self._plans:
             custom_bn = any(
                 isinstance(m, _BatchNorm) and not is_standard(m, _BatchNorm)
