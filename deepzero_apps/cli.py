@@ -77,7 +77,7 @@ def check_overrides(app: str, overrides: Sequence[str], multirun: bool = False) 
         with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             cfg = hydra.compose(app, overrides=_first_of_sweeps(overrides) if multirun else list(overrides))
         validate(cfg, app)
-    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # ValueError: ConfigError, and Hydra on e.g. `data=0`
         raise UsageError(one_line(exc)) from exc
 
 
