@@ -43,6 +43,7 @@ def test_console_script_unknown_application_is_one_line_exit_2():
         ("model.name=vgg", "unknown model 'vgg'"),
         ("mode=so", "mode='so'"),
         ("optimizer.lr=abc", "optimizer:"),
+        ("data=0", "Got int"),
     ],
 )
 def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, needle):
