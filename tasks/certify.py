@@ -413,6 +413,9 @@ def pretrain_autoencoder(cfg: DictConfig, data: DataBundle, denoiser: nn.Module,
 def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, denoiser: nn.Module,
                metrics: Callable[[nn.Module], dict], out_dir: Path) -> tuple[nn.Module, dict]:
     """Fine-tune the denoiser by `cfg.mode`; returns the certified pipeline and the trainer summary."""
+    # Fine-tuning, scoring and the autoencoder all see the denoiser as certification will: BatchNorm keeps
+    # the pretrained statistics (and no forward pass here may move them).
+    denoiser.eval()
     kind = cfg.classifier.output
     blackbox = BlackBoxClassifier(classifier, output=kind, batch_size=cfg.eval_batch_size,
                                   num_classes=data.num_classes, name="classifier")
@@ -464,9 +467,7 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
         print(f"certify: mode={cfg.mode}, {objective.coords.dim:,} trainable parameters, "
               + ("backprop through the classifier" if cfg.mode == "fo_ds" else f"{per_step:,} queries of the batch per step")
               + f", query budget {typed.query_budget or 'none'}, output {out_dir}")
-    # The denoiser's BatchNorm keeps the pretrained statistics: train and certify the same function.
-    pipeline.eval()
-    return pipeline, trainer.fit()
+    return pipeline.eval(), trainer.fit()
 
 
 # ---- certification and comparison -----------------------------------------------------------------
