@@ -115,6 +115,97 @@ class ClassifyConfig(TrainConfig):
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
 
+@dataclass
+class PdeSolverConfig:
+    """A registered solver (`list_solvers()`) built twice: `params` shared, `reference`/`source` per grid."""
+
+    name: str = "burgers"
+    params: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .solvers import get_solver_class
+
+        try:
+            get_solver_class(self.name)
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"solver.name: {exc}") from exc
+
+
+@dataclass
+class PdeDataConfig:
+    """Reference simulations: seeds 0.. for training, test_seed_start.. held out; `warmup_steps` discarded,
+    then `steps` kept (cached in `cache_dir`)."""
+
+    train_sims: int = 8
+    test_sims: int = 4
+    test_seed_start: int = 1000
+    steps: int = 32
+    warmup_steps: int = 0
+    cache_dir: str = "data/pde"
+
+    def __post_init__(self) -> None:
+        _require(self.train_sims >= 1, f"data.train_sims={self.train_sims} must be >= 1")
+        _require(self.test_sims >= 1, f"data.test_sims={self.test_sims} must be >= 1")
+        _require(
+            self.test_seed_start >= self.train_sims,
+            f"data.test_seed_start={self.test_seed_start} must be >= data.train_sims={self.train_sims} "
+            "(test simulations are held out)",
+        )
+        _require(self.steps >= 1, f"data.steps={self.steps} must be >= 1")
+        _require(self.warmup_steps >= 0, f"data.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+PDE_METHODS = ("src", "non", "zo_sol", "fo_sol")
+
+
+@dataclass
+class PdeConfig(TrainConfig):
+    """Solver-in-the-Loop; `method` picks the training, and the trainer's `mode` follows from it (not set)."""
+
+    mode: str | None = None
+    method: str = "zo_sol"  # src | non | zo_sol | fo_sol
+    unroll: int = 4  # solver steps per training rollout (zo_sol, fo_sol)
+    eval_steps: int | None = None  # rollout length on the test simulations (null: data.steps)
+    init_from: str | None = None  # start from another run's weights (its checkpoint.pt or run directory)
+    solver: PdeSolverConfig = field(default_factory=PdeSolverConfig)
+    data: PdeDataConfig = field(default_factory=PdeDataConfig)
+    model: Any = MISSING
+    estimator: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = None
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+
+    def __post_init__(self) -> None:
+        from .solvers import get_solver_class
+
+        methods = ", ".join(PDE_METHODS)
+        _require(self.method in PDE_METHODS, f"method='{self.method}' is unknown; choose from: {methods}")
+        _require(self.mode is None, f"mode='{self.mode}' is not used by pde; set method (one of: {methods})")
+        self.mode = "zo" if self.method == "zo_sol" else "fo"
+        super().__post_init__()
+        steps = self.data.steps
+        _require(1 <= self.unroll <= steps, f"unroll={self.unroll} must be in [1, data.steps={steps}]")
+        _require(
+            self.eval_steps is None or 1 <= self.eval_steps <= steps,
+            f"eval_steps={self.eval_steps} must be in [1, data.steps={steps}]",
+        )
+        _require(
+            self.sparsity.ratios is not None or self.sparsity.method in ("dense", "random"),
+            f"sparsity.method='{self.sparsity.method}' scores need class labels; pde supports dense or "
+            "random (or sparsity.ratios=FILE)",
+        )
+        found = self.init_from is None or Path(self.init_from).exists()
+        _require(found, f"init_from='{self.init_from}' does not exist")
+        twin = getattr(get_solver_class(self.solver.name), "torch_twin", None)
+        _require(
+            self.method != "fo_sol" or callable(twin),
+            f"method=fo_sol needs a differentiable torch twin of the solver and '{self.solver.name}' has "
+            "none (burgers has one); use method=zo_sol",
+        )
+
+
 CERTIFY_MODES = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
 
 
@@ -225,7 +316,7 @@ class CertifyConfig(TrainConfig):
         )
 
 
-SCHEMAS: dict[str, type] = {"classify": ClassifyConfig, "certify": CertifyConfig}
+SCHEMAS: dict[str, type] = {"classify": ClassifyConfig, "pde": PdeConfig, "certify": CertifyConfig}
 
 
 def register_configs() -> None:

@@ -1,0 +1,414 @@
+"""`deepzero-task pde`: Solver-in-the-Loop error correction (Um et al. 2020) through a black-box solver.
+
+A coarse *source* solver drifts from a fine *reference* simulation restricted to its grid. A small CNN
+corrects the state after every solver step, ``state_{k+1} = s + net(s)`` with ``s = solver.step(state_k)``,
+and is trained so corrected rollouts follow the reference. Methods (``method=``):
+
+* ``src``: the uncorrected solver (the lower bound; evaluation only);
+* ``non``: first-order supervised training on precomputed one-step pairs, no solver in the loop;
+* ``zo_sol``: the loss of an unrolled, corrected rollout through the numpy solver, whose gradient with
+  respect to the network comes from loss queries only (the engine's CGE / sparse CGE / RGE): DeepZero;
+* ``fo_sol``: the same rollout loss backpropagated through the solver's differentiable torch twin
+  (the upper bound; Burgers only).
+
+Every method is evaluated the same way: corrected rollouts of the numpy solver on held-out simulations,
+mean absolute error against the reference averaged over time (``eval.json``, PNG plots).
+``python -m deepzero_apps.tasks.pde compare OUT.png RUN_DIR...`` tabulates and plots several runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from deepzero_apps.checkpoint import load_checkpoint
+from deepzero_apps.config import ConfigError, validate
+from deepzero_apps.engine import FirstOrder, Objective, SparseCoordinateSampler, compute_ratios, load_ratios
+from deepzero_apps.solvers import SolverError, list_solvers
+from deepzero_apps.tasks.pde_data import SolverPair, Stepper, build_solvers, reference_data, split_seeds
+from deepzero_apps.trainer import CHECKPOINT, Trainer, TrainerConfig, is_main_process
+
+EVAL = "eval.json"
+LABELS = {"src": "SRC", "non": "NON", "zo_sol": "ZO-SOL", "fo_sol": "FO-SOL"}
+StepFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+# `deepzero-task pde --help` lists the solvers registered at that moment (built-ins and plug-ins).
+OmegaConf.register_new_resolver("pde_solvers", lambda: ", ".join(list_solvers()), replace=True)
+
+
+def correct(model: nn.Module, state: torch.Tensor) -> torch.Tensor:
+    """``state + net(state)``: the net runs on its own device/dtype; solver states stay float64 on CPU."""
+    p = next(model.parameters())
+    return state + model(state.to(device=p.device, dtype=p.dtype)).to(state)
+
+
+class OneStepObjective(Objective):
+    """NON: squared error of one corrected coarse step; batch = (solver output, reference target)."""
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        stepped, target = batch
+        return F.mse_loss(correct(self.module, stepped), target)
+
+
+class RolloutObjective(Objective):
+    """SOL: mean squared error of `unroll` corrected solver steps against the reference; batch = (sims, t0).
+
+    `step` is the black-box solver (a numpy rollout, queried by the ZO estimators) or its torch twin
+    (differentiable, for FO-SOL); the windows index the reference trajectories `refs`.
+    """
+
+    def __init__(self, module: nn.Module, step: StepFn, refs: torch.Tensor, unroll: int):
+        super().__init__(module)
+        self.step, self.refs, self.unroll = step, refs, unroll
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        sims, t0 = batch
+        state = self.refs[sims, t0]
+        loss = torch.zeros((), dtype=state.dtype)
+        for k in range(1, self.unroll + 1):
+            state = correct(self.module, self.step(state, sims, k))
+            loss = loss + F.mse_loss(state, self.refs[sims, t0 + k])
+        return loss / self.unroll
+
+
+def black_box_step(stepper: Stepper) -> StepFn:
+    """The numpy solver as a step function: no autograd, every output checked."""
+
+    def step(state: torch.Tensor, sims: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.from_numpy(stepper(state.detach().numpy(), sims.tolist(), k))
+
+    return step
+
+
+def twin_step(pair: SolverPair, stepper: Stepper) -> StepFn:
+    """The solver's differentiable torch twin with the same per-simulation conditions as `stepper`."""
+    twin = pair.coarse.torch_twin()
+    conditions = {
+        key: torch.as_tensor(np.stack([np.asarray(c[key], dtype=np.float64) for c in stepper.conditions]))
+        for key in (stepper.conditions[0] if stepper.conditions else {})
+    }
+
+    def step(state: torch.Tensor, sims: torch.Tensor, k: int) -> torch.Tensor:
+        return twin(state, **{key: value[sims] for key, value in conditions.items()})
+
+    return step
+
+
+@torch.no_grad()
+def corrected_rollout(
+    model: nn.Module | None, stepper: Stepper, refs: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Rollouts of every simulation in `refs` from its first frame; `model=None` is the uncorrected source."""
+    sims = torch.arange(len(refs))
+    step = black_box_step(stepper)
+    state, frames = refs[:, 0], [refs[:, 0]]
+    for k in range(1, steps + 1):
+        state = step(state, sims, k)
+        if model is not None:
+            state = correct(model, state)
+        frames.append(state)
+    return torch.stack(frames, dim=1)
+
+
+def mae_over_time(traj: torch.Tensor, refs: torch.Tensor) -> list[float]:
+    """Mean absolute error per step 1..T over simulations, channels and cells."""
+    steps = traj.shape[1] - 1
+    return (traj[:, 1:] - refs[:, 1 : steps + 1]).abs().mean(dim=(0, 2, 3, 4)).tolist()
+
+
+def build_model(model_cfg: DictConfig, pair: SolverPair) -> nn.Module:
+    """The correction network, sized from the solver's channels and padded to match its boundaries.
+
+    The output layer starts at zero, so every method starts from the uncorrected solver (SRC) and
+    the first ZO steps are not spent undoing a random correction.
+    """
+    spec = OmegaConf.to_container(model_cfg, resolve=True)
+    channels = len(pair.coarse.channels)
+    fill = {
+        "in_channels": channels,
+        "out_channels": channels,
+        "padding_mode": "circular" if pair.coarse.grid.boundary == "periodic" else "zeros",
+    }
+    try:
+        model = instantiate(model_cfg, **{k: v for k, v in fill.items() if k not in spec})
+    except Exception as exc:  # hydra wraps the factory's own error
+        raise ConfigError(f"model: {' '.join(str(exc).split())}") from exc
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    if not layers:
+        raise ConfigError("model: the correction network has no conv or linear layer")
+    nn.init.zeros_(layers[-1].weight)
+    if layers[-1].bias is not None:
+        nn.init.zeros_(layers[-1].bias)
+    return model
+
+
+def load_initial_weights(model: nn.Module, init_from: str) -> None:
+    """Warm start from another run (e.g. SOL fine-tuning of a NON network); optimizer state is not taken."""
+    path = Path(init_from)
+    state = load_checkpoint(path / CHECKPOINT if path.is_dir() else path)
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise ConfigError(
+            f"init_from='{init_from}' does not hold weights of this model: {' '.join(str(exc).split())}"
+        ) from exc
+    print(f"pde: initial weights from {path}")
+
+
+def one_step_pairs(stepper: Stepper, refs: torch.Tensor) -> TensorDataset:
+    """NON's training set: (coarse step of reference frame t, reference frame t + 1) for every sim and t."""
+    sims = torch.arange(len(refs))
+    step = black_box_step(stepper)
+    stepped = torch.stack([step(refs[:, t], sims, t + 1) for t in range(refs.shape[1] - 1)], dim=1)
+    return TensorDataset(stepped.flatten(0, 1), refs[:, 1:].flatten(0, 1))
+
+
+def rollout_windows(num_sims: int, steps: int, unroll: int) -> TensorDataset:
+    """SOL's training set: every (simulation, start frame) with `unroll` reference frames after it."""
+    sims, starts = torch.meshgrid(torch.arange(num_sims), torch.arange(steps - unroll + 1), indexing="ij")
+    return TensorDataset(sims.flatten(), starts.flatten())
+
+
+def build_sampler(cfg: DictConfig, model: nn.Module, objective: Objective) -> SparseCoordinateSampler | None:
+    """Sparse CGE coordinate sets: random per-layer subsets sized by random-score (or saved) LPR ratios."""
+    sp = cfg.sparsity
+    if sp.ratios is None and sp.method == "dense":
+        return None
+    if sp.ratios is not None:
+        try:
+            ratios, _ = load_ratios(sp.ratios, model)
+        except ValueError as exc:
+            raise ConfigError(f"sparsity.ratios: {exc}") from exc
+    else:
+        ratios = compute_ratios("random", model, sparsity=sp.sparsity, ordering=sp.ordering, seed=cfg.seed)
+    return SparseCoordinateSampler(
+        objective.coords,
+        ratios,
+        mask_interval=sp.mask_interval,
+        seed=cfg.seed,
+        dense_unscored=sp.dense_unscored,
+    )
+
+
+def build_training(
+    cfg: DictConfig, pair: SolverPair, model: nn.Module, train_refs: torch.Tensor
+) -> tuple[Objective, Any, TensorDataset, SparseCoordinateSampler | None]:
+    """Objective, estimator, training set and coordinate sampler of `cfg.method`."""
+    stepper = Stepper(pair.coarse, split_seeds(cfg.data)[0])
+    if cfg.method == "non":
+        return OneStepObjective(model), FirstOrder(), one_step_pairs(stepper, train_refs), None
+    windows = rollout_windows(len(train_refs), cfg.data.steps, cfg.unroll)
+    if cfg.method == "fo_sol":
+        return (
+            RolloutObjective(model, twin_step(pair, stepper), train_refs, cfg.unroll),
+            FirstOrder(),
+            windows,
+            None,
+        )
+    objective = RolloutObjective(model, black_box_step(stepper), train_refs, cfg.unroll)
+    try:
+        estimator = instantiate(cfg.estimator)
+    except Exception as exc:
+        raise ConfigError(f"estimator: {' '.join(str(exc).split())}") from exc
+    return objective, estimator, windows, build_sampler(cfg, model, objective)
+
+
+def train(
+    cfg: DictConfig,
+    typed: Any,
+    pair: SolverPair,
+    model: nn.Module,
+    evaluate: Callable[[], dict],
+    out_dir: Path,
+) -> dict:
+    """Fit `model` with the shared Trainer (checkpoints, resume, metrics.jsonl, learning curve, budget)."""
+    d = cfg.data
+    seeds = split_seeds(d)[0]
+    train_refs = torch.from_numpy(
+        reference_data(pair, cfg.solver, seeds, d.steps, d.warmup_steps, d.cache_dir)
+    )
+    objective, estimator, train_set, sampler = build_training(cfg, pair, model, train_refs)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
+    per_step = f", {sampler.num_coords:,} of {objective.coords.dim:,} coordinates per step" if sampler else ""
+    unit = "pairs" if cfg.method == "non" else "windows"
+    print(
+        f"pde: {LABELS[cfg.method]} on {len(train_set)} training {unit} of {len(seeds)} simulations, "
+        f"{objective.coords.dim:,} parameters{per_step}"
+    )
+    trainer = Trainer(
+        objective,
+        estimator,
+        optimizer,
+        train_set,
+        evaluate=evaluate,
+        out_dir=out_dir,
+        config=TrainerConfig(
+            epochs=typed.epochs,
+            batch_size=typed.batch_size,
+            warmup_epochs=typed.warmup_epochs,
+            seed=typed.seed,
+            query_budget=typed.query_budget,
+            checkpoint_every=typed.checkpoint_every,
+            log_every=typed.log_every,
+            on_nonfinite=typed.on_nonfinite,
+            resume=typed.resume,
+            progress=typed.progress,
+        ),
+        scheduler_factory=scheduler,
+        sampler=sampler,
+        device=cfg.device,
+        title=f"pde {pair.name} {LABELS[cfg.method]}",
+    )
+    return trainer.fit()
+
+
+# ---- plots -------------------------------------------------------------------------------------------
+def plot_errors(curves: dict[str, Sequence[float]], png: Path, title: str) -> None:
+    """Mean absolute error against the reference over the rollout, one line per method."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for label, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, label=label)
+    ax.set(xlabel="solver step", ylabel="MAE vs reference", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+
+
+def plot_snapshots(rows: dict[str, np.ndarray], channels: Sequence[str], png: Path, title: str) -> None:
+    """One frame per row (reference / source / corrected), one column per channel, shared colour scale."""
+    ny, nx = next(iter(rows.values())).shape[-2:]
+    fig = Figure(figsize=(3.6 * len(channels), 0.6 + 3.0 * len(rows) * ny / nx), layout="constrained")
+    axes = np.asarray(fig.subplots(len(rows), len(channels), squeeze=False))
+    for c, name in enumerate(channels):
+        lo = min(float(f[c].min()) for f in rows.values())
+        hi = max(float(f[c].max()) for f in rows.values())
+        for r, (label, frame) in enumerate(rows.items()):
+            im = axes[r, c].imshow(frame[c], origin="lower", cmap="RdBu_r", vmin=lo, vmax=hi)
+            axes[r, c].set(xticks=[], yticks=[], title=f"{label}: {name}")
+        fig.colorbar(im, ax=list(axes[:, c]), shrink=0.8)
+    fig.suptitle(title)
+    fig.savefig(png, dpi=100)
+
+
+# ---- the app -----------------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> dict:
+    typed = validate(cfg, "pde")
+    if typed.threads is not None:
+        torch.set_num_threads(typed.threads)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d, label = cfg.data, LABELS[cfg.method]
+    print(f"pde: registered solvers: {', '.join(list_solvers())}; using '{cfg.solver.name}'")
+    pair = build_solvers(cfg.solver)
+    print(
+        f"pde: {label}, reference grid {pair.fine.grid.shape} -> source grid {pair.coarse.grid.shape}, "
+        f"output {out_dir}"
+    )
+    eval_steps = cfg.eval_steps or d.steps
+    train_seeds, test_seeds = split_seeds(d)
+    try:
+        test_refs = torch.from_numpy(
+            reference_data(pair, cfg.solver, test_seeds, d.steps, d.warmup_steps, d.cache_dir)
+        )
+        test_stepper = Stepper(pair.coarse, test_seeds)
+        src = corrected_rollout(None, test_stepper, test_refs, eval_steps)
+        model, summary = None, {}
+        if cfg.method != "src":
+            model = build_model(cfg.model, pair).to(cfg.device)
+            if cfg.init_from is not None:
+                load_initial_weights(model, cfg.init_from)
+
+            def evaluate() -> dict[str, float]:
+                traj = corrected_rollout(model, test_stepper, test_refs, eval_steps)
+                return {"test_mae": float(np.mean(mae_over_time(traj, test_refs)))}
+
+            summary = train(cfg, typed, pair, model, evaluate, out_dir)
+        traj = src if model is None else corrected_rollout(model, test_stepper, test_refs, eval_steps)
+    except SolverError as exc:
+        ckpt = out_dir / CHECKPOINT
+        kept = (
+            f"last good checkpoint: {ckpt} (resume=true continues it)"
+            if ckpt.exists()
+            else "no checkpoint written"
+        )
+        print(f"deepzero-task pde: error: {exc}; {kept}", file=sys.stderr)
+        sys.exit(1)
+    curve, src_curve = mae_over_time(traj, test_refs), mae_over_time(src, test_refs)
+    result = {
+        "method": cfg.method,
+        "label": label,
+        "solver": pair.name,
+        "mae": float(np.mean(curve)),
+        "mae_src": float(np.mean(src_curve)),
+        "mae_over_time": curve,
+        "mae_src_over_time": src_curve,
+        "eval_steps": eval_steps,
+        "test_seeds": test_seeds,
+        "train_seeds": train_seeds,
+        "reference_grid": list(pair.fine.grid.shape),
+        "source_grid": list(pair.coarse.grid.shape),
+        "parameters": sum(p.numel() for p in model.parameters()) if model is not None else 0,
+        "train": {k: v for k, v in summary.items() if k != "eval"},
+    }
+    if is_main_process():
+        (out_dir / EVAL).write_text(json.dumps(result, indent=2))
+        curves = {"SRC": src_curve} if model is None else {"SRC": src_curve, label: curve}
+        plot_errors(curves, out_dir / "error_over_time.png", f"{pair.name}: held-out simulations")
+        rows = {"reference": test_refs[0, eval_steps].numpy(), "source": src[0, -1].numpy()}
+        if model is not None:
+            rows[label] = traj[0, -1].numpy()
+        plot_snapshots(
+            rows,
+            pair.coarse.channels,
+            out_dir / "snapshots.png",
+            f"{pair.name}, test seed {test_seeds[0]}, step {eval_steps}",
+        )
+        print(
+            f"pde done: {label} MAE={result['mae']:.4f} (SRC {result['mae_src']:.4f}) over {eval_steps} "
+            f"steps of {len(test_seeds)} held-out simulations; output={out_dir}"
+        )
+    return result
+
+
+def compare(png: Path, run_dirs: Sequence[Path]) -> str:
+    """Markdown table of several runs' eval.json and one error-over-time plot (SRC drawn once).
+
+    A run whose directory is not named after its method is labelled with the directory too.
+    """
+    results = {Path(r).name: json.loads((Path(r) / EVAL).read_text()) for r in run_dirs}
+    first = next(iter(results.values()))
+    curves = {"SRC": first["mae_src_over_time"]}
+    lines = [
+        "| method | MAE (held-out, mean over time) | final-step MAE |",
+        "|---|---|---|",
+        f"| SRC | {first['mae_src']:.4f} | {first['mae_src_over_time'][-1]:.4f} |",
+    ]
+    for name, r in results.items():
+        if r["method"] != "src":
+            label = r["label"] if name == r["method"] else f"{r['label']} ({name})"
+            curves[label] = r["mae_over_time"]
+            lines.append(f"| {label} | {r['mae']:.4f} | {r['mae_over_time'][-1]:.4f} |")
+    plot_errors(curves, png, f"{first['solver']}: held-out simulations")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[1] != "compare":
+        sys.exit("usage: python -m deepzero_apps.tasks.pde compare OUT.png RUN_DIR [RUN_DIR ...]")
+    print(compare(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]))

@@ -1,0 +1,162 @@
+"""Data of `deepzero-task pde`: the reference/source solver pair, cached reference simulations and the
+checked black-box stepper.
+
+Solver-in-the-Loop compares a coarse *source* solver against a fine *reference* run of the same PDE
+restricted to the coarse grid. Fine runs dominate the cost of small experiments, so every simulation is
+cached on disk under a key made of everything that determines it (solver configuration, seed, steps)
+and reused by any later run -- another method, another training-set size, a resumed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from deepzero_apps.config import ConfigError
+from deepzero_apps.solvers import Solver, check_state, create_solver
+
+CACHE_FORMAT = 1  # bump when the stored arrays change meaning
+
+
+@dataclass
+class SolverPair:
+    """The fine (reference) and coarse (source) instances of one solver."""
+
+    name: str
+    fine: Solver
+    coarse: Solver
+
+
+def build_solvers(solver_cfg: DictConfig) -> SolverPair:
+    """Instantiate `solver.name` twice: shared `params` plus the `reference` / `source` overrides."""
+    spec = OmegaConf.to_container(solver_cfg, resolve=True)
+    built = {}
+    for role in ("reference", "source"):
+        kwargs = {**spec["params"], **spec[role]}
+        try:
+            built[role] = create_solver(spec["name"], **kwargs)
+        except (TypeError, ValueError, ImportError) as exc:
+            raise ConfigError(
+                f"solver.{role}: cannot build solver '{spec['name']}' with {kwargs}: {exc}"
+            ) from exc
+    fine, coarse = built["reference"], built["source"]
+    try:
+        fine.downsample(fine.initial_state(0), coarse)
+    except ValueError as exc:
+        raise ConfigError(
+            f"solver: reference grid {fine.grid.shape} vs source grid {coarse.grid.shape}: {exc}"
+        ) from exc
+    if len(fine.channels) != len(coarse.channels):
+        raise ConfigError(
+            f"solver: reference channels {fine.channels} differ from source channels {coarse.channels}"
+        )
+    return SolverPair(spec["name"], fine, coarse)
+
+
+def split_seeds(data_cfg: DictConfig) -> tuple[list[int], list[int]]:
+    """Training seeds 0..train_sims-1 and held-out seeds test_seed_start..; disjoint by validation."""
+    start = data_cfg.test_seed_start
+    return list(range(data_cfg.train_sims)), list(range(start, start + data_cfg.test_sims))
+
+
+def cache_key(solver_cfg: DictConfig, seed: int, steps: int, warmup_steps: int) -> str:
+    """A short hash of everything a reference simulation depends on."""
+    spec = {
+        "format": CACHE_FORMAT,
+        "solver": OmegaConf.to_container(solver_cfg, resolve=True),
+        "seed": int(seed),
+        "steps": int(steps),
+        "warmup_steps": int(warmup_steps),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def simulate(pair: SolverPair, seed: int, steps: int, warmup_steps: int) -> np.ndarray:
+    """Fine run of `seed` (every step checked), downsampled to the source grid: (steps + 1, C, ny, nx)."""
+    fine = pair.fine
+    state = fine.check(fine.initial_state(seed), step="initial_state", what="initial state")
+    conditions = fine.conditions(seed)
+    frames = []
+    for i in range(warmup_steps + steps + 1):
+        if i >= warmup_steps:
+            frames.append(fine.downsample(state, pair.coarse))
+        if i < warmup_steps + steps:
+            state = fine.check(fine.step(state, **conditions), step=i + 1)
+    return np.stack(frames)
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """Write next to `path` and rename, so concurrent runs never read a half-written simulation."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def reference_data(
+    pair: SolverPair,
+    solver_cfg: DictConfig,
+    seeds: Sequence[int],
+    steps: int,
+    warmup_steps: int,
+    cache_dir: str,
+) -> np.ndarray:
+    """Downsampled reference trajectories of `seeds`, (S, steps + 1, C, ny, nx): cached or simulated."""
+    root = Path(cache_dir)
+    trajectories, made, start = [], 0, time.perf_counter()
+    for seed in seeds:
+        path = root / f"{pair.name}-{cache_key(solver_cfg, seed, steps, warmup_steps)}.npy"
+        if path.exists():
+            traj = np.load(path)
+        else:
+            traj = simulate(pair, seed, steps, warmup_steps)
+            _save_atomic(path, traj)
+            made += 1
+        trajectories.append(traj)
+    reused = len(seeds) - made
+    if made:
+        print(
+            f"pde data: generated {made} reference simulation(s) in {time.perf_counter() - start:.1f}s "
+            f"(reused {reused} from cache), cached in {root}"
+        )
+    else:
+        print(f"pde data: reused {reused} cached reference simulation(s) from {root}")
+    return np.stack(trajectories)
+
+
+class Stepper:
+    """The coarse solver as the training loop sees it: a black box on a batch of simulations.
+
+    Each simulation keeps its own fixed conditions (forcing, Reynolds number); every output is checked
+    (NaN/inf/shape -> `SolverError` naming the solver and the rollout step).
+    """
+
+    def __init__(self, solver: Solver, seeds: Sequence[int]):
+        self.solver = solver
+        self.conditions: list[dict[str, Any]] = [solver.conditions(int(s)) for s in seeds]
+
+    def batched_conditions(self, sims: Sequence[int]) -> dict[str, list[Any]]:
+        """Per-simulation conditions as lists of length B (split per sample by `Solver.step_batch`)."""
+        keys = self.conditions[0].keys() if self.conditions else ()
+        return {k: [self.conditions[s][k] for s in sims] for k in keys}
+
+    def __call__(self, states: np.ndarray, sims: Sequence[int], step: int) -> np.ndarray:
+        out = self.solver.step_batch(states, **self.batched_conditions(sims))
+        return check_state(
+            self.solver.name, out, (len(sims), *self.solver.state_shape), step=step, what="output"
+        )
