@@ -17,6 +17,7 @@ coordinates on the same batch; the reference loop runs a uniform subsample of th
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import socket
@@ -42,6 +43,18 @@ from deepzero_apps.engine import (
 from deepzero_apps.models import create_model
 
 STEP = 5e-3
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in glibc's heap (no mmap/munmap per activation): fresh pages otherwise cost
+    page faults on every multi-MB tensor, which doubles the time of a ResNet block on this CPU and
+    hits every evaluator alike. Same as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the env."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 1 << 30))
 
 
 def ce(out: torch.Tensor, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -93,7 +106,11 @@ def rate(m: dict) -> float:
     return m["n"] / m["seconds"]
 
 
-def _rank_worker(r: int, world: int, port: int, name: str, sample: int, seed: int, queue) -> None:
+def _rank_worker(
+    r: int, world: int, port: int, name: str, sample: int, seed: int, malloc: bool, queue
+) -> None:
+    if malloc:
+        tune_malloc()
     os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -124,10 +141,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ranks_call(name: str, sample: int, seed: int, world: int) -> dict:
+def ranks_call(name: str, sample: int, seed: int, world: int, malloc: bool) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_rank_worker, args=(world, free_port(), name, sample, seed, queue), nprocs=world, join=True)
+    mp.spawn(
+        _rank_worker, args=(world, free_port(), name, sample, seed, malloc, queue), nprocs=world, join=True
+    )
     return queue.get()
 
 
@@ -140,7 +159,7 @@ def with_threads(n: int, fn: Callable[[], dict]) -> dict:
         torch.set_num_threads(old)
 
 
-def bench(name: str, sample: int, reference_sample: int, seed: int, world: int) -> dict:
+def bench(name: str, sample: int, reference_sample: int, seed: int, world: int, malloc: bool) -> dict:
     obj, b, coords = setup(name, sample, seed)
     ref_coords = coords[
         torch.randperm(len(coords), generator=torch.Generator().manual_seed(seed))[:reference_sample]
@@ -151,7 +170,7 @@ def bench(name: str, sample: int, reference_sample: int, seed: int, world: int) 
     bcl = with_threads(1, lambda: timed_call(FeatureReuse(), obj_cl, b_cl, coords))
     c = with_threads(1, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2))
     c2 = with_threads(2, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2))
-    d = ranks_call(name, sample, seed, world) if world > 1 else None
+    d = ranks_call(name, sample, seed, world, malloc) if world > 1 else None
     out = {
         "model": name,
         "batch": int(b[0].shape[0]),
@@ -174,6 +193,7 @@ def bench(name: str, sample: int, reference_sample: int, seed: int, world: int) 
             "b_reuse": {s: round(t, 3) for s, t in bb["per_stage"].items()},
             "c_engine_1thread": {s: round(t, 3) for s, t in c["per_stage"].items()},
         },
+        "malloc_tuned": malloc,
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
     if d is not None:
@@ -194,10 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--reference-sample", type=int, default=200, help="subsample for the slow reference loop")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's mmap threshold alone")
     args = p.parse_args(argv)
+    malloc = not args.no_malloc_tuning and tune_malloc()
     for name in args.models:
         sample = 0 if name == "small_cnn" else args.sample
-        print(json.dumps(bench(name, sample, args.reference_sample, args.seed, args.ranks)), flush=True)
+        print(
+            json.dumps(bench(name, sample, args.reference_sample, args.seed, args.ranks, malloc)), flush=True
+        )
 
 
 if __name__ == "__main__":
