@@ -6,7 +6,7 @@ One JSON line per model with coordinates/second for
   (b_cl) the same reuse loop with the model in channels_last, to separate layout from algorithm;
   (c) engine: BatchedEvaluator in one process with 1 thread, and (c_2threads) with 2 threads;
   (d) engine on --ranks processes (1 thread each, gloo), ShardedEvaluator(BatchedEvaluator()).
-Engine figures are steady state: two calls (chunk-size tuning, shard timing) precede the timed one,
+Engine figures are steady state: untimed calls (chunk-size tuning, shard timing) precede the timed one,
 as in training where every step after the first reuses them. Every evaluator runs the same
 coordinates on the same batch; the reference loop runs a uniform subsample of them.
 
@@ -121,7 +121,7 @@ def _rank_worker(
         with torch.no_grad():
             _, ctx = ev.base(obj, b)
             with frozen_running_stats(obj.module):
-                for _ in range(2):  # chunk tuning, then shard timing, as in the first training steps
+                for _ in range(4):  # chunk tuning and shard timing settle, as in the first training steps
                     ev.coordinate_losses(obj, b, ctx, coords, STEP)
                 dist.barrier()
                 t0 = time.perf_counter()
