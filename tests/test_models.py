@@ -15,6 +15,7 @@ from deepzero_apps.models import (
     resnet20,
     small_cnn,
 )
+from deepzero_apps.models.cnn import MaybeMaxPool2d
 from deepzero_apps.models.resnet import ShortcutA
 
 
@@ -60,6 +61,15 @@ def test_small_cnn_deep_on_digits_skips_pooling():
     assert out.shape == (3, 10)
     with pytest.raises(ValueError, match="depth"):
         small_cnn(0)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 5, 7, 9), (2, 3, 1, 5), (2, 2, 3, 3), (4, 6, 6)])
+def test_max_pool_fast_path_equals_max_pool2d(shape):
+    """The no-grad CPU pool (max of strided views) gives max_pool2d's values, odd sizes included."""
+    x = torch.randn(shape, dtype=torch.float64)
+    expected = x if min(shape[-2:]) < 2 else nn.functional.max_pool2d(x, 2)
+    with torch.no_grad():
+        assert torch.equal(MaybeMaxPool2d()(x), expected)
 
 
 def test_resnet20_param_count_and_stages():
