@@ -13,13 +13,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import hydra
+import torch.distributed as dist
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, validate
+from .engine.distributed import init_distributed, is_main, launched_by_torchrun
 
 CONFIG_MODULE = "deepzero_apps.configs"
 USAGE_ERROR = 2
@@ -72,14 +74,39 @@ def _first_of_sweeps(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def check_overrides(app: str, overrides: Sequence[str], multirun: bool = False) -> None:
-    """Compose and validate the config the way the run will; raise UsageError naming the problem."""
+def check_overrides(app: str, overrides: Sequence[str], multirun: bool = False) -> DictConfig:
+    """Compose and validate the config the way the run will; raise UsageError naming the problem.
+    Returns the composed config."""
     try:
         with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             cfg = hydra.compose(app, overrides=_first_of_sweeps(overrides) if multirun else list(overrides))
         validate(cfg, app)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # ValueError: ConfigError, and Hydra on e.g. `data=0`
         raise UsageError(one_line(exc)) from exc
+    return cfg
+
+
+def run_dir(app: str, overrides: Sequence[str]) -> str:
+    """The run directory Hydra will create for these overrides, `${now:...}` resolved now."""
+    with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = hydra.compose(app, overrides=list(overrides), return_hydra_config=True)
+    return str(OmegaConf.select(cfg, "hydra.run.dir"))
+
+
+def join_ranks(app: str, cfg: DictConfig, overrides: Sequence[str], multirun: bool) -> list[str]:
+    """Under torchrun: join the process group and return the extra overrides of this rank. All ranks
+    write to rank 0's run directory (its `${now:...}` is broadcast, so ranks starting a second apart
+    agree), and only rank 0 writes Hydra's files and logs there; the Trainer lets rank 0 alone log,
+    evaluate and checkpoint."""
+    if multirun:
+        raise UsageError("-m/--multirun does not run under torchrun; launch one torchrun per run")
+    init_distributed(cfg.device)
+    shared = [run_dir(app, overrides) if is_main() else None]
+    dist.broadcast_object_list(shared, src=0)
+    extra = [f"hydra.run.dir={shared[0]}"]
+    if not is_main():
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return extra
 
 
 def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
@@ -103,8 +130,11 @@ def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig
 def run_app(app: str, argv: Sequence[str]) -> int:
     args = get_args_parser().parse_args(list(argv))
     wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
+    argv = list(argv)
     if wants_run:
-        check_overrides(app, args.overrides, multirun=args.multirun)
+        cfg = check_overrides(app, args.overrides, multirun=args.multirun)
+        if launched_by_torchrun():
+            argv += join_ranks(app, cfg, args.overrides, args.multirun)
     task = importlib.import_module(APPS[app].module)
     hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
     saved_argv = sys.argv
@@ -115,6 +145,8 @@ def run_app(app: str, argv: Sequence[str]) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved_argv
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, remove_stale_temps, rng_state, save_checkpoint, set_rng_state
 from .engine import Objective
+from .engine.distributed import barrier, is_main, shard_over_ranks
 from .plotting import plot_learning_curve, read_metrics
 from .schedules import build_scheduler
 
@@ -58,10 +58,6 @@ class TrainerConfig:
     num_workers: int = 0
     drop_last: bool = True
     progress: bool = True
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
@@ -100,7 +96,8 @@ class Trainer:
         )
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.elapsed = 0.0
-        self.main = is_main_process()
+        self.main = is_main()
+        shard_over_ranks(estimator)
 
     # ---- data --------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> torch.Tensor:
@@ -153,6 +150,7 @@ class Trainer:
 
     def _restore_or_start(self) -> None:
         exists = self.checkpoint_path.exists()
+        barrier()  # every rank has looked before rank 0 can write a first checkpoint
         if exists and not self.cfg.resume:
             raise FileExistsError(
                 f"{self.checkpoint_path} already exists; pass resume=true to continue it or pick another output dir"

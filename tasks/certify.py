@@ -48,6 +48,7 @@ from deepzero_apps.engine import (
     SparseCoordinateSampler,
     StagedObjective,
     compute_ratios,
+    is_main,
     load_ratios,
     save_ratios,
 )
@@ -57,7 +58,7 @@ from deepzero_apps.smoothing import plot_certified_accuracy as plot_curves
 from deepzero_apps.tasks.certify_zoae import AEObjective, LatentZO, autoencoder
 from deepzero_apps.tasks.classify import build_model, cross_entropy
 from deepzero_apps.tasks.classify import evaluate as classifier_accuracy
-from deepzero_apps.trainer import Trainer, TrainerConfig, is_main_process
+from deepzero_apps.trainer import Trainer, TrainerConfig
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 MODES = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
@@ -378,7 +379,7 @@ def build_sampler(cfg: DictConfig, objective: StagedObjective, loss_fn: Callable
                                     seed=cfg.seed, **kwargs)
         except ValueError as exc:
             raise ConfigError(f"sparsity: {exc}") from exc
-        if is_main_process():
+        if is_main():
             save_ratios(own, ratios, {"method": sp.method, "sparsity": sp.sparsity, "ordering": sp.ordering,
                                       "model": cfg.denoiser.get("name", "denoiser"), "seed": cfg.seed})
     return SparseCoordinateSampler(objective.coords, ratios, mask_interval=sp.mask_interval, seed=cfg.seed,
@@ -460,7 +461,7 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
         scheduler_factory=instantiate(cfg.scheduler) if cfg.scheduler is not None else None,
         sampler=sampler, device=cfg.device, extra_state=extra, title=f"certify {cfg.data.name} mode={cfg.mode}",
     )
-    if is_main_process():
+    if is_main():
         per_step = (sampler.num_coords if sampler is not None else objective.coords.dim) + 1
         if cfg.mode == "zo_ae_ds":
             per_step = estimator.queries_per_step(int(torch.tensor(encoder(x[:1].to(cfg.device)).shape[1:]).prod()))
@@ -552,7 +553,7 @@ def run(cfg: DictConfig) -> dict:
     cert = certify_pipeline(cfg, data, classifier, pipeline, out_dir)
     summary = {"mode": cfg.mode, "data": cfg.data.name, "sigma": cfg.sigma, "classifier": clf_info, "train": train,
                "certify": cert}
-    if is_main_process():
+    if is_main():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc = " ".join(f"r={r}:{a:.3f}" for r, a in cert["certified_accuracy"].items())
         print(f"certify done: mode={cfg.mode} train_queries={train['queries']:,} certified {acc} output={out_dir}")

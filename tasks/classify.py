@@ -27,11 +27,12 @@ from deepzero_apps.engine import (
     SparseCoordinateSampler,
     StagedObjective,
     compute_ratios,
+    is_main,
     load_ratios,
     save_ratios,
 )
 from deepzero_apps.models import get_factory
-from deepzero_apps.trainer import Trainer, TrainerConfig, is_main_process
+from deepzero_apps.trainer import Trainer, TrainerConfig
 
 
 def build_model(model_cfg: DictConfig, data: DataBundle) -> nn.Module:
@@ -118,7 +119,7 @@ def build_sampler(cfg: DictConfig, model: nn.Module, objective: StagedObjective,
             {"samples_per_class": sp.samples_per_class} if sp.method == "grasp" else {})
         ratios = compute_ratios(sp.method, model, F.cross_entropy, examples, sparsity=sp.sparsity,
                                 ordering=sp.ordering, seed=cfg.seed, **scorer)
-        if is_main_process():
+        if is_main():
             save_ratios(own, ratios, {"method": sp.method, "sparsity": sp.sparsity, "ordering": sp.ordering,
                                       "model": cfg.model.name, "seed": cfg.seed})
     return SparseCoordinateSampler(objective.coords, ratios, mask_interval=sp.mask_interval, seed=cfg.seed,
@@ -168,7 +169,7 @@ def run(cfg: DictConfig) -> dict:
         scheduler_factory=scheduler, sampler=sampler, device=cfg.device,
         title=f"classify {cfg.data.name} {cfg.model.name} mode={cfg.mode}",
     )
-    if is_main_process():
+    if is_main():
         print(f"classify: {cfg.data.name} ({len(data.train)} train / {len(data.test)} test), model {cfg.model.name} "
               f"({objective.coords.dim:,} parameters), mode={cfg.mode}, output {out_dir}")
         if sampler is not None:
@@ -176,7 +177,7 @@ def run(cfg: DictConfig) -> dict:
                   f"({sampler.queries_per_step():,} queries per step with forward differences)")
     summary = {**trainer.fit(), "parameters": objective.coords.dim, "mode": cfg.mode,
                "estimator": cfg.estimator._target_.rsplit(".", 1)[-1] if cfg.mode == "zo" else "FirstOrder"}
-    if is_main_process():
+    if is_main():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         ev = summary["eval"]
         print(f"classify done: test_acc={ev['test_acc']:.4f} queries={summary['queries']:,} "

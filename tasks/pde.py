@@ -36,10 +36,17 @@ from torch.utils.data import TensorDataset
 
 from deepzero_apps.checkpoint import load_checkpoint
 from deepzero_apps.config import ConfigError, validate
-from deepzero_apps.engine import FirstOrder, Objective, SparseCoordinateSampler, compute_ratios, load_ratios
+from deepzero_apps.engine import (
+    FirstOrder,
+    Objective,
+    SparseCoordinateSampler,
+    compute_ratios,
+    is_main,
+    load_ratios,
+)
 from deepzero_apps.solvers import SolverError, list_solvers
 from deepzero_apps.tasks.pde_data import SolverPair, Stepper, build_solvers, reference_data, split_seeds
-from deepzero_apps.trainer import CHECKPOINT, Trainer, TrainerConfig, is_main_process
+from deepzero_apps.trainer import CHECKPOINT, Trainer, TrainerConfig
 
 EVAL = "eval.json"
 LABELS = {"src": "SRC", "non": "NON", "zo_sol": "ZO-SOL", "fo_sol": "FO-SOL"}
@@ -366,7 +373,7 @@ def run(cfg: DictConfig) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()) if model is not None else 0,
         "train": {k: v for k, v in summary.items() if k != "eval"},
     }
-    if is_main_process():
+    if is_main():
         (out_dir / EVAL).write_text(json.dumps(result, indent=2))
         curves = {"SRC": src_curve} if model is None else {"SRC": src_curve, label: curve}
         plot_errors(curves, out_dir / "error_over_time.png", f"{pair.name}: held-out simulations")

@@ -53,6 +53,13 @@ def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, needle
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_multirun_under_torchrun_is_one_line_exit_2(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["classify", "-m", "seed=1,2", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "launch one torchrun per run" in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("mode", ["zo", "fo"])
 def test_classify_end_to_end(tmp_path, capsys, mode):
     assert run(tmp_path, f"mode={mode}") == 0

@@ -1,7 +1,10 @@
-"""Sharded CGE: 2 gloo ranks and 1 process take bit-identical optimizer steps."""
+"""Sharded CGE and RGE: 2 gloo ranks and 1 process take bit-identical optimizer steps."""
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 
 from deepzero_apps.engine import (
     CGE,
+    RGE,
     BatchedEvaluator,
     ShardedEvaluator,
     StagedObjective,
@@ -42,26 +46,32 @@ def initial_model() -> torch.nn.Module:
     return create_model("small_cnn", depth=2, in_channels=1, num_classes=10, channels=6).double()
 
 
-def train(inner: str, chunk: int | None = None, sharded: bool = True) -> dict[str, torch.Tensor]:
-    """3 SGD steps of CGE on a small CNN, fixed seed and batch."""
+def train(config: str, sharded: bool = True) -> dict[str, torch.Tensor]:
+    """3 SGD steps of one estimator configuration on a small CNN, fixed seed and batch; the state
+    dict plus the query count under "queries"."""
     model = initial_model()
     g = torch.Generator().manual_seed(1)
     b = torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
-    evaluator = BatchedEvaluator(chunk=chunk) if inner == "batched" else make_evaluator(inner)
-    if sharded:
-        evaluator = ShardedEvaluator(evaluator)
-    obj, est = StagedObjective(model, ce), CGE(mu=5e-3, evaluator=evaluator)
+    obj = StagedObjective(model, ce)
+    ran = []  # losses this process computed itself (the counter holds the total over ranks)
+    loss_fn = obj.loss_fn
+    obj.loss_fn = lambda *a: ran.append(1) or loss_fn(*a)
+    if config == "rge":  # shards its directions itself whenever a process group is active
+        est = RGE(q=7, mu=5e-3, evaluator="reuse", seed=3)
+    else:
+        # The batched evaluator with a fixed chunk: a timed one may pick another K per run, which
+        # changes float rounding.
+        evaluator = BatchedEvaluator(chunk=4) if config == "batched" else make_evaluator(config)
+        est = CGE(mu=5e-3, evaluator=ShardedEvaluator(evaluator) if sharded else evaluator)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     for step in range(STEPS):
         opt.zero_grad()
         est.estimate(obj, b, step=step)
         opt.step()
-    return model.state_dict()
+    return {**model.state_dict(), "queries": torch.tensor(obj.counter.queries), "ran": torch.tensor(len(ran))}
 
 
-# The reuse loop and the batched evaluator inside the shards (a fixed chunk: a timed one may pick
-# another K per run, which changes float rounding).
-CONFIGS = (("reuse", None), ("batched", 4))
+CONFIGS = ("reuse", "batched", "rge")
 
 
 def _worker(r: int, world: int, port: int, out: str) -> None:
@@ -69,11 +79,11 @@ def _worker(r: int, world: int, port: int, out: str) -> None:
         RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    init_distributed()
+    init_distributed("cpu")
     try:
         assert (rank(), world_size()) == (r, world)
-        for inner, chunk in CONFIGS:
-            torch.save(train(inner, chunk), os.path.join(out, f"{inner}{r}.pt"))
+        for config in CONFIGS:
+            torch.save(train(config), os.path.join(out, f"{config}{r}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -91,10 +101,13 @@ def assert_identical(a: dict, b: dict) -> None:
 
 
 def test_two_ranks_equal_one_process(tmp_path):
+    """Same parameters and the same (total) query count on every rank as in one process."""
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    for inner, chunk in CONFIGS:
-        ranks = [torch.load(tmp_path / f"{inner}{r}.pt") for r in range(2)]
-        single = train(inner, chunk)
+    for config in CONFIGS:
+        ranks = [torch.load(tmp_path / f"{config}{r}.pt") for r in range(2)]
+        single = train(config)
+        ran = [int(r.pop("ran")) for r in (*ranks, single)]
+        assert 0 < ran[0] < ran[2] and 0 < ran[1] < ran[2], f"{config}: queries not split {ran}"
         assert_identical(ranks[0], ranks[1])
         assert_identical(ranks[0], single)
         assert not torch.equal(single["0.0.weight"], initial_model().state_dict()["0.0.weight"])
@@ -102,7 +115,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 def test_single_process_is_the_inner_evaluator():
     assert world_size() == 1
-    assert_identical(train("batched", 4), train("batched", 4, sharded=False))
+    assert_identical(train("batched"), train("batched", sharded=False))
 
 
 def test_cuts_balance_measured_cost():
@@ -115,3 +128,30 @@ def test_cuts_balance_measured_cost():
     assert cuts.tolist() == [0, 133, 200]  # 100 * 1 + 33 * 3 ~ 67 * 3
     ev.seconds = {"0.weight": 2.0}  # untimed tensors are predicted from stage_cost, scaled to the timed
     assert ev.cost(obj).tolist() == [2.0, 2.0 * obj.stage_cost(1) / obj.stage_cost(0)]
+
+
+def test_torchrun_cli_run_equals_one_process(tmp_path):
+    """`torchrun ... deepzero-task classify` shards CGE over 2 ranks: one run directory (rank 0's,
+    default `${now:...}` name), logged once, and weights bit-identical to a single process."""
+    overrides = [
+        "model.depth=1", "epochs=1", "data.train_limit=256", "data.test_limit=64", "batch_size=64",
+        "progress=false", "estimator.evaluator=reuse",
+    ]  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stdout = []
+    for cmd, cwd in (
+        ([*launch, "-m", "deepzero_apps.cli", "classify", *overrides], tmp_path / "ranks"),
+        ([sys.executable, "-m", "deepzero_apps.cli", "classify", *overrides], tmp_path / "single"),
+    ):
+        cwd.mkdir()
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stdout.append(proc.stdout)
+    (ranks,), (single,) = ((tmp_path / d / "runs" / "classify").iterdir() for d in ("ranks", "single"))
+    assert stdout[0].count("classify done") == 1, "only rank 0 prints"
+    records = [json.loads(line) for line in (ranks / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records].count("epoch") == 1, "only rank 0 logs"
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (ranks, single))
+    assert a["queries"] == b["queries"]
+    assert_identical(a["model"], b["model"])

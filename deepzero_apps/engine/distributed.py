@@ -21,17 +21,25 @@ import torch.distributed as dist
 from .coords import Block
 from .evaluators import EVALUATORS, ReferenceEvaluator, make_evaluator
 from .objective import Batch, Objective
+from .queries import QueryCounter
 
 
-def init_distributed(backend: str | None = None) -> torch.device:
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun (or any launcher setting WORLD_SIZE > 1) started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: str | torch.device | None = None, backend: str | None = None) -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
-    gloo on CPU, NCCL on CUDA. A single process (no WORLD_SIZE or 1) initializes nothing.
-    Returns the device this rank should use."""
+    gloo on CPU, NCCL on CUDA. `device` is the run's device ("cpu", "cuda"; None: CUDA when
+    available); a CUDA rank uses GPU LOCAL_RANK. A single process (no WORLD_SIZE or 1) initializes
+    nothing. Returns the device this rank should use."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", local) if kind == "cuda" else torch.device(kind)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if launched_by_torchrun() and not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
     return device
 
@@ -64,12 +72,31 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over the ranks, on t's device (a copy; `t` itself when single-process)."""
+    if not _active():
+        return t
+    out = t.to(_comm_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def share_query_counts(counter: QueryCounter, before: QueryCounter) -> None:
+    """Make the queries this rank counted since `before` the sum over all ranks, so every rank's
+    counter (and a query budget's stop decision) equals the single-process one."""
+    spent = counter.since(before)
+    mine = torch.tensor([spent.queries, spent.forward_equivalents], dtype=torch.float64)
+    total = all_reduce_sum(mine)
+    counter.add(int(total[0].item()) - spent.queries, float(total[1] - mine[1]))
+
+
 class ShardedEvaluator(ReferenceEvaluator):
     """Runs `inner`'s coordinate queries split over the ranks; single process: just `inner`.
 
     Costs are kept per parameter tensor (seconds per coordinate, averaged over steps); tensors not
     yet timed are predicted from the objective's stage_cost FLOP fractions, scaled to the measured
-    ones. `query` (RGE) is not sharded: every rank runs it.
+    ones. Every rank's query counter ends up with the total over all ranks. `query` is not
+    sharded (RGE splits its directions over the ranks itself).
     """
 
     name = "sharded"
@@ -98,7 +125,7 @@ class ShardedEvaluator(ReferenceEvaluator):
         lo, hi = cuts[rank()].item(), cuts[rank() + 1].item()
         mine = order[lo:hi]
         losses = torch.zeros(len(coords), dtype=torch.float64)
-        view = objective.coords
+        view, before = objective.coords, objective.counter.snapshot()
         timing = torch.zeros(2, len(view.blocks), dtype=torch.float64)  # seconds, coordinates
         index = {b.name: i for i, b in enumerate(view.blocks)}
         for block, positions, local in view.split(coords[mine]):
@@ -109,11 +136,10 @@ class ShardedEvaluator(ReferenceEvaluator):
             timing[0, index[block.name]] += time.perf_counter() - t0
             timing[1, index[block.name]] += len(local)
         self.last_busy_seconds = float(timing[0].sum())
-        losses, timing = losses.to(device), timing.to(device)
-        dist.all_reduce(losses)
-        dist.all_reduce(timing)
-        self._record(view.blocks, timing.cpu())
-        return losses.cpu()
+        losses, timing = all_reduce_sum(losses), all_reduce_sum(timing)
+        self._record(view.blocks, timing)
+        share_query_counts(objective.counter, before)
+        return losses
 
     def _record(self, blocks: list[Block], timing: torch.Tensor) -> None:
         for b, (sec, n) in zip(blocks, timing.t().tolist()):
@@ -145,6 +171,15 @@ class ShardedEvaluator(ReferenceEvaluator):
         targets = total[-1] * torch.arange(1, world, dtype=torch.float64) / world
         inner = torch.searchsorted(total, targets)
         return torch.cat([torch.tensor([0]), inner, torch.tensor([len(sorted_coords)])]).to(torch.long)
+
+
+def shard_over_ranks(estimator: Any) -> None:
+    """Under torchrun, split an estimator's queries over the ranks: its evaluator, unless already
+    sharded, is wrapped in ShardedEvaluator (CGE coordinates; RGE splits its directions itself).
+    A single process keeps the estimator as it is."""
+    ev = getattr(estimator, "evaluator", None)
+    if world_size() > 1 and isinstance(ev, ReferenceEvaluator) and not isinstance(ev, ShardedEvaluator):
+        estimator.evaluator = ShardedEvaluator(ev)
 
 
 EVALUATORS["sharded"] = (

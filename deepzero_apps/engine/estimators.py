@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from .batchnorm import frozen_running_stats
+from .distributed import all_reduce_sum, rank, share_query_counts, world_size
 from .evaluators import ReferenceEvaluator, make_evaluator
 from .objective import Batch, Objective
 
@@ -77,6 +78,8 @@ class RGE:
     seed_replay=True stores no directions: direction i of step t is regenerated from its seed when
     the gradient is assembled (MeZO-style), so memory stays at inference plus one parameter copy,
     which is kept to restore the weights bit for bit after every query.
+    Under torchrun the directions are split over the ranks (each regenerates the others' from their
+    seeds), and the step is bit-identical to a single process.
     """
 
     def __init__(
@@ -125,21 +128,26 @@ class RGE:
         with torch.no_grad():
             f0, context = ev.base(objective, batch)
             f0 = float(f0)
-            coefs, stored = [], []
+            coefs = torch.zeros(q, dtype=torch.float64)
+            stored: dict[int, torch.Tensor] = {}
+            before = objective.counter.snapshot()
             with frozen_running_stats(objective.module):
                 try:
-                    for i in range(q):
+                    for i in range(rank(), q, world_size()):  # under torchrun: every world-th direction
                         u = self.direction(step, i, d, theta0)
                         low = loss_at(u, -1.0) if self.scheme == "central" else f0
                         width = 2 * self.mu if self.scheme == "central" else self.mu
-                        coefs.append((loss_at(u, 1.0) - low) / width)
+                        coefs[i] = (loss_at(u, 1.0) - low) / width
                         if not self.seed_replay:
-                            stored.append(u)
+                            stored[i] = u
                 finally:
                     view.assign(theta0)
+            if world_size() > 1:  # exact: every coefficient is one rank's value plus zeros
+                coefs = all_reduce_sum(coefs)
+                share_query_counts(objective.counter, before)
             grad = torch.zeros(d, dtype=torch.float64, device=theta0.device)
-            for i, c in enumerate(coefs):
-                u = stored[i] if stored else self.direction(step, i, d, theta0)
+            for i, c in enumerate(coefs.tolist()):
+                u = stored[i] if i in stored else self.direction(step, i, d, theta0)
                 grad.add_(u.to(torch.float64), alpha=c)
             grad.mul_(phi / q)
         view.write_grad(grad, coords)
