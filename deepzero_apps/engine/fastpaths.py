@@ -142,21 +142,25 @@ def is_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
-def _standardize(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
-    """(x - mean) / sqrt(var + eps) over `dims`, two-pass (var_mean is several times slower on CPU)."""
+def _standardize(
+    x: Tensor, dims: tuple[int, ...], eps: float, weight: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over `dims`, then * weight + bias (broadcastable; None: skipped).
+    Two-pass (var_mean is several times slower on CPU); the scale and the affine are folded into one
+    final pass, as these tensors are large and the passes memory-bound."""
     centered = x - x.mean(dims, keepdim=True)
     n = math.prod(x.shape[d] for d in dims)
-    var = torch.linalg.vector_norm(centered, dim=dims, keepdim=True).square_().div_(n)
-    return centered.mul_(var.add_(eps).rsqrt_())
+    scale = torch.linalg.vector_norm(centered, dim=dims, keepdim=True).square_().div_(n).add_(eps).rsqrt_()
+    if weight is not None:
+        scale = scale * weight
+    if bias is None:
+        return centered.mul_(scale)
+    return torch.addcmul(bias, centered, scale)
 
 
-def _affine(x: Tensor, bn: _BatchNorm, shape: tuple[int, ...], index: Tensor | None = None) -> Tensor:
-    """x * weight + bias in place, the BN parameters (gathered at `index`) viewed as `shape`."""
-    if bn.weight is not None:
-        x.mul_((bn.weight if index is None else bn.weight[index]).view(shape))
-    if bn.bias is not None:
-        x.add_((bn.bias if index is None else bn.bias[index]).view(shape))
-    return x
+def _bn_params(bn: _BatchNorm, shape: tuple[int, ...], index: Tensor | None = None) -> tuple[Tensor | None, ...]:
+    """The BN weight and bias (gathered at `index`) viewed as `shape`; None where the BN has none."""
+    return tuple(None if p is None else (p if index is None else p[index]).view(shape) for p in (bn.weight, bn.bias))
 
 
 def grouped_batch_norm(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
@@ -173,10 +177,10 @@ def grouped_batch_norm(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
     c = x.shape[1]
     if is_channels_last(x):  # (K*B, H, W, C) in memory: statistics over (B, H, W), vectorized over C
         g = x.permute(0, 2, 3, 1).reshape(groups, -1, c)
-        out = _affine(_standardize(g, (1,), bn.eps), bn, (1, 1, c))
+        out = _standardize(g, (1,), bn.eps, *_bn_params(bn, (1, 1, c)))
         return out.view(x.shape[0], *x.shape[2:], c).permute(0, 3, 1, 2)
     g = x.reshape(groups, batch_size, c, -1)
-    return _affine(_standardize(g, (1, 3), bn.eps), bn, (1, 1, c, 1)).view(x.shape)
+    return _standardize(g, (1, 3), bn.eps, *_bn_params(bn, (1, 1, c, 1))).view(x.shape)
 
 
 @contextmanager
@@ -211,8 +215,13 @@ def _normalized(bn: _BatchNorm, v: Tensor, ch: Tensor) -> Tensor:
 
 
 def _sparse_batch_norm(bn: _BatchNorm, s: Sparse) -> Sparse:
-    out = _normalized(bn, s.values, s.channels)
-    return Sparse(_affine(out, bn, (len(s.channels),) + (1,) * (out.dim() - 1), s.channels), s.channels)
+    v, ch = s.values, s.channels
+    weight, bias = _bn_params(bn, (len(ch),) + (1,) * (v.dim() - 1), ch)
+    if _uses_batch_stats(bn):
+        return Sparse(_standardize(v, tuple(range(1, v.dim())), bn.eps, weight, bias), ch)
+    out = _normalized(bn, v, ch)
+    out = out if weight is None else out.mul_(weight)
+    return Sparse(out if bias is None else out.add_(bias), ch)
 
 
 def _pad(conv: nn.Conv2d, x: Tensor) -> Tensor:
