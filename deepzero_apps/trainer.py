@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, remove_stale_temps, rng_state, save_checkpoint, set_rng_state
 from .engine import Objective
-from .engine.distributed import barrier, is_main, shard_over_ranks
+from .engine.distributed import all_reduce_sum, barrier, is_main, shard_over_ranks
 from .plotting import plot_learning_curve, read_metrics
 from .schedules import build_scheduler
 
@@ -196,8 +196,12 @@ class Trainer:
         return loss
 
     def _budget_spent(self) -> bool:
+        """Rank 0's count decides (all-reduced), so every rank stops at the same step."""
         budget = self.cfg.query_budget
-        return budget is not None and self.objective.counter.queries >= budget
+        if budget is None:
+            return False
+        spent = self.main and self.objective.counter.queries >= budget
+        return bool(all_reduce_sum(torch.tensor([float(spent)])).item() > 0)
 
     def fit(self) -> dict:
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -372,11 +372,10 @@ def build_sampler(cfg: DictConfig, objective: StagedObjective, loss_fn: Callable
         x, y = data.train.tensors
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(cfg.seed + 1))
         scored = ((x + cfg.sigma * noise).to(cfg.device), y.to(cfg.device))
-        kwargs = {"q": sp.q, "mu": sp.mu, "samples_per_class": sp.samples_per_class} if sp.method == "zo_grasp" else (
-            {"samples_per_class": sp.samples_per_class} if sp.method == "grasp" else {})
         try:
             ratios = compute_ratios(sp.method, denoiser, loss_fn, scored, sparsity=sp.sparsity, ordering=sp.ordering,
-                                    seed=cfg.seed, **kwargs)
+                                    seed=cfg.seed, q=sp.q, mu=sp.mu, samples_per_class=sp.samples_per_class,
+                                    counter=objective.counter)
         except ValueError as exc:
             raise ConfigError(f"sparsity: {exc}") from exc
         if is_main():

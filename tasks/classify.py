@@ -115,10 +115,9 @@ def build_sampler(cfg: DictConfig, model: nn.Module, objective: StagedObjective,
     else:
         examples = balanced_examples(data.train, sp.samples_per_class, data.num_classes, cfg.seed)
         examples = (examples[0].to(cfg.device), examples[1].to(cfg.device))
-        scorer = {"q": sp.q, "mu": sp.mu, "samples_per_class": sp.samples_per_class} if sp.method == "zo_grasp" else (
-            {"samples_per_class": sp.samples_per_class} if sp.method == "grasp" else {})
-        ratios = compute_ratios(sp.method, model, F.cross_entropy, examples, sparsity=sp.sparsity,
-                                ordering=sp.ordering, seed=cfg.seed, **scorer)
+        ratios = compute_ratios(sp.method, model, F.cross_entropy, examples, sparsity=sp.sparsity, ordering=sp.ordering,
+                                seed=cfg.seed, q=sp.q, mu=sp.mu, samples_per_class=sp.samples_per_class,
+                                counter=objective.counter)
         if is_main():
             save_ratios(own, ratios, {"method": sp.method, "sparsity": sp.sparsity, "ordering": sp.ordering,
                                       "model": cfg.model.name, "seed": cfg.seed})

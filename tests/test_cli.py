@@ -106,3 +106,10 @@ def test_resume_continues_to_identical_parameters(tmp_path, capsys):
     a = load_checkpoint(straight / "checkpoint.pt")["model"]
     b = load_checkpoint(split / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zo_grasp_scoring_queries_count_in_the_run(tmp_path):
+    """The 2 (q + 1) scoring queries of ZO-GraSP are part of the run's query count, once."""
+    assert run(tmp_path, "sparsity=zo_grasp", "sparsity.q=3", "sparsity.samples_per_class=2") == 0
+    (epoch,) = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    assert epoch["queries"] == 2 * (3 + 1) + epoch["step"] * epoch["queries_per_step"]

@@ -21,6 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 from .batchnorm import frozen_running_stats
 from .estimators import RGE
 from .objective import StagedObjective
+from .queries import QueryCounter
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Ordering = Literal["magnitude", "signed"]
@@ -67,6 +68,7 @@ def zo_grasp_scores(
     mu: float = 5e-3,
     samples_per_class: int = 25,
     seed: int = 0,
+    counter: QueryCounter | None = None,
 ) -> dict[str, torch.Tensor]:
     """ZO-GraSP (DeepZero): score = -theta * Hg with Hg ~ (g(theta + mu g0) - g0) / mu.
 
@@ -74,6 +76,7 @@ def zo_grasp_scores(
     (one seeded `RGE`, same step), so the direction noise largely cancels in the difference. The
     model runs in its current mode; weights are restored bit for bit after every query (from a copy,
     not from `state_dict()` views), BatchNorm running statistics and existing `.grad`s are untouched.
+    The 2 (q + 1) loss queries are added to `counter` (a training run's), when given.
     """
     weights = prunable_weights(model)
     x, y = _balanced_batch(data, samples_per_class)
@@ -99,6 +102,8 @@ def zo_grasp_scores(
         view.assign(theta)
         for b, g in zip(view.blocks, saved_grads):
             b.param.grad = g
+    if counter is not None:
+        counter.add(obj.counter.queries, obj.counter.forward_equivalents)
     return {
         b.name: -(b.param.detach() * hg[b.start : b.stop].view_as(b.param).to(b.param.dtype))
         for b in view.blocks
@@ -178,11 +183,14 @@ def compute_ratios(
     sparsity: float,
     ordering: Ordering = "magnitude",
     seed: int = 0,
-    **scorer_kwargs,
+    q: int = 192,
+    mu: float = 5e-3,
+    samples_per_class: int = 25,
+    counter: QueryCounter | None = None,
 ) -> dict[str, float]:
     """Score `model` with `method` and turn the scores into an LPR (one call for configs and the CLI).
 
-    `scorer_kwargs` go to the scorer (q, mu, samples_per_class); "random" needs no loss or data.
+    q, mu and counter are ZO-GraSP's, samples_per_class both GraSPs'; "random" needs no loss or data.
     """
     _check_sparsity(sparsity)
     if method == "random":
@@ -191,9 +199,11 @@ def compute_ratios(
         if loss_fn is None or data is None:
             raise ValueError(f"method '{method}' needs loss_fn and data")
         if method == "zo_grasp":
-            scores = zo_grasp_scores(model, loss_fn, data, seed=seed, **scorer_kwargs)
+            scores = zo_grasp_scores(
+                model, loss_fn, data, q=q, mu=mu, samples_per_class=samples_per_class, seed=seed, counter=counter
+            )
         else:
-            scores = grasp_scores(model, loss_fn, data, **scorer_kwargs)
+            scores = grasp_scores(model, loss_fn, data, samples_per_class=samples_per_class)
     else:
         raise ValueError(f"unknown pruning method '{method}'; choose zo_grasp, grasp or random")
     return layer_ratios(scores, sparsity, ordering)
