@@ -21,13 +21,7 @@ from deepzero_apps.models import correction_net, create_model, dncnn
 ATOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The ops here are tiny: extra threads only contend (badly, on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: extra threads only contend
 
 
 def ce(out, b):

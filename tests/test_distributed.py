@@ -28,13 +28,7 @@ from deepzero_apps.models import create_model
 STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: extra threads only contend; the spawned ranks use one thread each too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: extra threads only contend
 
 
 def ce(out, b):
