@@ -6,6 +6,8 @@ One JSON line per model with coordinates/second for
   (b_cl) the same reuse loop with the model in channels_last, to separate layout from algorithm;
   (c) engine: BatchedEvaluator in one process with 1 thread, and (c_2threads) with 2 threads;
   (d) engine on --ranks processes (1 thread each, gloo), ShardedEvaluator(BatchedEvaluator()).
+Also reported: conv/matmul FLOPs per coordinate of (a), (b) and (c) (torch's FlopCounterMode on the
+reference subsample), the work each algorithm does independent of how fast this CPU runs it.
 Engine figures are steady state: untimed calls (chunk-size tuning, shard timing) precede the timed one,
 as in training where every step after the first reuses them. Every evaluator runs the same
 coordinates on the same batch; the reference loop runs a uniform subsample of them.
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from deepzero_apps.engine import (
     BatchedEvaluator,
@@ -102,6 +105,15 @@ def timed_call(
     return {"seconds": sum(per_stage.values()), "per_stage": per_stage, "n": len(coords)}
 
 
+def flops_per_coordinate(ev: ReferenceEvaluator, obj: StagedObjective, b, coords: torch.Tensor) -> float:
+    """conv/matmul FLOPs of one coordinate_losses call on `coords`, per coordinate."""
+    with torch.no_grad():
+        _, ctx = ev.base(obj, b)
+        with frozen_running_stats(obj.module), FlopCounterMode(display=False) as counter:
+            ev.coordinate_losses(obj, b, ctx, coords, STEP)
+    return counter.get_total_flops() / len(coords)
+
+
 def rate(m: dict) -> float:
     return m["n"] / m["seconds"]
 
@@ -171,6 +183,10 @@ def bench(name: str, sample: int, reference_sample: int, seed: int, world: int, 
     c = with_threads(1, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2))
     c2 = with_threads(2, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2))
     d = ranks_call(name, sample, seed, world, malloc) if world > 1 else None
+    flops = {
+        label: flops_per_coordinate(ev, obj, b, ref_coords)
+        for label, ev in (("a_reference", ReferenceEvaluator()), ("b_reuse", FeatureReuse()), ("c_engine", BatchedEvaluator()))
+    }
     out = {
         "model": name,
         "batch": int(b[0].shape[0]),
@@ -189,6 +205,8 @@ def bench(name: str, sample: int, reference_sample: int, seed: int, world: int, 
             "engine_vs_reuse_channels_last": round(rate(c) / rate(bcl), 2),
             "2threads_vs_1thread": round(rate(c2) / rate(c), 2),
         },
+        "conv_matmul_flops_per_coordinate": {k: float(f"{v:.4g}") for k, v in flops.items()},
+        "flops_reuse_vs_engine": round(flops["b_reuse"] / flops["c_engine"], 2),
         "seconds_per_stage": {
             "b_reuse": {s: round(t, 3) for s, t in bb["per_stage"].items()},
             "c_engine_1thread": {s: round(t, 3) for s, t in c["per_stage"].items()},

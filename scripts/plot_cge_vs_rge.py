@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,14 +18,22 @@ from matplotlib.figure import Figure
 LABELS = {"FirstOrder": "FO", "CGE": "CGE", "RGE": "RGE"}
 
 
-def collect(dirs: list[Path]) -> dict[str, dict[int, float]]:
-    """method -> {parameter count: test accuracy} (mean over seeds)."""
+def collect(dirs: list[Path]) -> dict[str, dict[int, list[float]]]:
+    """method -> {parameter count: test accuracies, one per run (seed)}."""
     acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for d in dirs:
         for path in sorted(d.rglob("summary.json")):
             s = json.loads(path.read_text())
             acc[LABELS.get(s["estimator"], s["estimator"])][s["parameters"]].append(s["eval"]["test_acc"])
-    return {m: {p: sum(v) / len(v) for p, v in sorted(by_p.items())} for m, by_p in acc.items()}
+    return {m: dict(sorted(by_p.items())) for m, by_p in acc.items()}
+
+
+def cell(runs: list[float]) -> str:
+    """Mean test accuracy in %, with the standard deviation over seeds when there are several."""
+    pct = [100 * a for a in runs]
+    if len(pct) == 1:
+        return f"{pct[0]:.2f}"
+    return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f} (n={len(pct)})"
 
 
 def main() -> None:
@@ -39,7 +48,15 @@ def main() -> None:
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
     for method, points in sorted(curves.items()):
-        ax.plot(list(points), [100 * a for a in points.values()], marker="o", label=method)
+        runs = list(points.values())
+        ax.errorbar(
+            list(points),
+            [100 * statistics.mean(r) for r in runs],
+            yerr=[100 * statistics.stdev(r) if len(r) > 1 else 0.0 for r in runs],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
     ax.set(xlabel="parameters", ylabel="test accuracy (%)", xscale="log", title="FO vs CGE vs RGE (q = d)")
     ax.legend()
     fig.tight_layout()
@@ -48,7 +65,7 @@ def main() -> None:
         params = sorted({p for pts in curves.values() for p in pts})
         rows = ["| method | " + " | ".join(f"{p:,}" for p in params) + " |", "|---" * (len(params) + 1) + "|"]
         for method, points in sorted(curves.items()):
-            rows.append(f"| {method} | " + " | ".join(f"{100 * points[p]:.2f}" if p in points else "" for p in params) + " |")
+            rows.append(f"| {method} | " + " | ".join(cell(points[p]) if p in points else "" for p in params) + " |")
         args.table.write_text("\n".join(rows) + "\n")
     print(f"wrote {args.out}")
 
