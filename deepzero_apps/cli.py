@@ -7,7 +7,9 @@ impossible value is a one-line error with exit code 2 instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -139,8 +141,10 @@ def run_app(app: str, argv: Sequence[str]) -> int:
     hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
     saved_argv = sys.argv
     sys.argv = [f"deepzero-task {app}", *argv]
+    quiet = launched_by_torchrun() and not is_main()  # one rank reports; errors still reach stderr
     try:
-        hydra_main(guarded(app, task.run))()
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            hydra_main(guarded(app, task.run))()
     except SystemExit as exc:  # Hydra exits after --help/--cfg; guarded jobs exit 2 on config errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:

@@ -266,7 +266,8 @@ class Trainer:
         })
         if self.main:
             summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            tqdm.write(f"epoch {self.epoch}/{self.cfg.epochs} loss={sum(losses) / max(1, len(losses)):.4f} {summary} "
+            where = f"epoch {epoch + 1}/{self.cfg.epochs}" + ("" if stopped == "epochs" else f" (stopped: {stopped})")
+            tqdm.write(f"{where} loss={sum(losses) / max(1, len(losses)):.4f} {summary} "
                        f"queries={self.objective.counter.queries:,} wall={self.elapsed:.0f}s")
         self._save()
         return stopped
