@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -88,21 +90,29 @@ def setup(name: str, sample: int, seed: int, channels_last: bool = False):
 
 
 def timed_call(
-    ev: ReferenceEvaluator, obj: StagedObjective, b, coords: torch.Tensor, warmup: int = 0
+    ev: ReferenceEvaluator, obj: StagedObjective, b, coords: torch.Tensor, warmup: int = 0, reps: int = 1
 ) -> dict:
-    """Seconds of one coordinate_losses call (after `warmup` untimed ones), total and per stage."""
+    """Seconds of one coordinate_losses call (after `warmup` untimed ones), total and per stage,
+    each the median of `reps` timed passes."""
     with torch.no_grad():
         _, ctx = ev.base(obj, b)
         with frozen_running_stats(obj.module):
             for _ in range(warmup):
                 ev.coordinate_losses(obj, b, ctx, coords, STEP)
             stages = obj.coords.stage_of(coords)
-            per_stage = {}
-            for s in stages.unique().tolist():
-                t0 = time.perf_counter()
-                ev.coordinate_losses(obj, b, ctx, coords[stages == s], STEP)
-                per_stage[s] = time.perf_counter() - t0
+            times: dict[int, list[float]] = {s: [] for s in stages.unique().tolist()}
+            for _ in range(reps):
+                for s, t in times.items():
+                    t0 = time.perf_counter()
+                    ev.coordinate_losses(obj, b, ctx, coords[stages == s], STEP)
+                    t.append(time.perf_counter() - t0)
+    per_stage = {s: statistics.median(t) for s, t in times.items()}
     return {"seconds": sum(per_stage.values()), "per_stage": per_stage, "n": len(coords)}
+
+
+def reps_for(seconds_per_call: float, min_seconds: float = 3.0) -> int:
+    """Timed repetitions of a call so that short calls are measured over at least `min_seconds`."""
+    return max(1, math.ceil(min_seconds / seconds_per_call))
 
 
 def flops_per_coordinate(ev: ReferenceEvaluator, obj: StagedObjective, b, coords: torch.Tensor) -> float:
@@ -119,7 +129,7 @@ def rate(m: dict) -> float:
 
 
 def _rank_worker(
-    r: int, world: int, port: int, name: str, sample: int, seed: int, malloc: bool, queue
+    r: int, world: int, port: int, name: str, sample: int, seed: int, malloc: bool, reps: int, queue
 ) -> None:
     if malloc:
         tune_malloc()
@@ -135,10 +145,13 @@ def _rank_worker(
             with frozen_running_stats(obj.module):
                 for _ in range(4):  # chunk tuning and shard timing settle, as in the first training steps
                     ev.coordinate_losses(obj, b, ctx, coords, STEP)
-                dist.barrier()
-                t0 = time.perf_counter()
-                ev.coordinate_losses(obj, b, ctx, coords, STEP)
-                seconds = time.perf_counter() - t0
+                times = []
+                for _ in range(reps):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    ev.coordinate_losses(obj, b, ctx, coords, STEP)
+                    times.append(time.perf_counter() - t0)
+                seconds = statistics.median(times)
         busy = [None] * world
         dist.all_gather_object(busy, ev.last_busy_seconds)
         if rank() == 0:
@@ -153,11 +166,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ranks_call(name: str, sample: int, seed: int, world: int, malloc: bool) -> dict:
+def ranks_call(name: str, sample: int, seed: int, world: int, malloc: bool, reps: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.spawn(
-        _rank_worker, args=(world, free_port(), name, sample, seed, malloc, queue), nprocs=world, join=True
+        _rank_worker, args=(world, free_port(), name, sample, seed, malloc, reps, queue), nprocs=world, join=True
     )
     return queue.get()
 
@@ -181,8 +194,11 @@ def bench(name: str, sample: int, reference_sample: int, seed: int, world: int, 
     obj_cl, b_cl, _ = setup(name, sample, seed, channels_last=True)
     bcl = with_threads(1, lambda: timed_call(FeatureReuse(), obj_cl, b_cl, coords))
     c = with_threads(1, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2))
-    c2 = with_threads(2, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2))
-    d = ranks_call(name, sample, seed, world, malloc) if world > 1 else None
+    reps = reps_for(c["seconds"])  # engine calls can be short: time them over several seconds
+    if reps > 1:
+        c = with_threads(1, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2, reps=reps))
+    c2 = with_threads(2, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2, reps=reps))
+    d = ranks_call(name, sample, seed, world, malloc, reps) if world > 1 else None
     flops = {
         label: flops_per_coordinate(ev, obj, b, ref_coords)
         for label, ev in (("a_reference", ReferenceEvaluator()), ("b_reuse", FeatureReuse()), ("c_engine", BatchedEvaluator()))
@@ -211,6 +227,7 @@ def bench(name: str, sample: int, reference_sample: int, seed: int, world: int, 
             "b_reuse": {s: round(t, 3) for s, t in bb["per_stage"].items()},
             "c_engine_1thread": {s: round(t, 3) for s, t in c["per_stage"].items()},
         },
+        "engine_timed_calls": reps,
         "malloc_tuned": malloc,
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
