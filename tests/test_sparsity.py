@@ -24,14 +24,7 @@ from deepzero_apps.engine import (
     zo_grasp_scores,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of tiny forwards: intra-op threads only add synchronisation on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny forwards
 
 
 def tiny_cnn(dtype=torch.float64) -> nn.Sequential:
