@@ -175,6 +175,24 @@ def ranks_call(name: str, sample: int, seed: int, world: int, malloc: bool, reps
     return queue.get()
 
 
+def _copy_worker(r: int, name: str, sample: int, seed: int, malloc: bool, reps: int, queue) -> None:
+    if malloc:
+        tune_malloc()
+    torch.set_num_threads(1)
+    obj, b, coords = setup(name, sample, seed)
+    queue.put(rate(timed_call(BatchedEvaluator(), obj, b, coords, warmup=2, reps=reps)))
+
+
+def parallel_capacity(name: str, sample: int, seed: int, world: int, malloc: bool, reps: int) -> float:
+    """Combined throughput of `world` independent one-process engines running at once, relative to
+    one alone: the speedup this machine allows N ranks before any sharding cost (shared cores,
+    caches and memory bandwidth make it less than N)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.spawn(_copy_worker, args=(name, sample, seed, malloc, reps, queue), nprocs=world, join=True)
+    return sum(queue.get() for _ in range(world))
+
+
 def with_threads(n: int, fn: Callable[[], dict]) -> dict:
     old = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -199,6 +217,7 @@ def bench(name: str, sample: int, reference_sample: int, seed: int, world: int, 
         c = with_threads(1, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2, reps=reps))
     c2 = with_threads(2, lambda: timed_call(BatchedEvaluator(), obj, b, coords, warmup=2, reps=reps))
     d = ranks_call(name, sample, seed, world, malloc, reps) if world > 1 else None
+    copies = parallel_capacity(name, sample, seed, world, malloc, reps) if world > 1 else None
     flops = {
         label: flops_per_coordinate(ev, obj, b, ref_coords)
         for label, ev in (("a_reference", ReferenceEvaluator()), ("b_reuse", FeatureReuse()), ("c_engine", BatchedEvaluator()))
@@ -234,6 +253,7 @@ def bench(name: str, sample: int, reference_sample: int, seed: int, world: int, 
     if d is not None:
         out["coords_per_s"][f"d_engine_{world}ranks"] = round(rate(d), 2)
         out["speedup"][f"{world}ranks_vs_1rank"] = round(rate(d) / rate(c), 2)
+        out["speedup"][f"{world}_independent_copies_vs_1"] = round(copies / rate(c), 2)
         out["d_busy_seconds_per_rank"] = [round(t, 3) for t in d["busy_per_rank"]]
     return out
 
