@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
@@ -363,6 +365,16 @@ def validate(cfg: DictConfig, app: str) -> Any:
     typed = OmegaConf.to_object(merged)
     _check_targets(OmegaConf.to_container(merged, resolve=True))
     return typed
+
+
+def start_run(cfg: DictConfig, app: str) -> tuple[Any, Path]:
+    """What every app does first: validate `cfg`, set torch's thread count and seed; returns the
+    typed config and Hydra's run directory."""
+    typed = validate(cfg, app)
+    if typed.threads is not None:
+        torch.set_num_threads(typed.threads)
+    torch.manual_seed(cfg.seed)
+    return typed, Path(HydraConfig.get().runtime.output_dir)
 
 
 register_configs()

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -38,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deepzero_apps.blackbox import BlackBoxClassifier
 from deepzero_apps.checkpoint import atomic_write, load_checkpoint
-from deepzero_apps.config import ConfigError, validate
+from deepzero_apps.config import ConfigError, start_run
 from deepzero_apps.data import DataBundle, LabeledTensorDataset, balanced_subset, build_datasets
 from deepzero_apps.data.classification import CIFAR10_MEAN, CIFAR10_STD
 from deepzero_apps.engine import (
@@ -519,11 +518,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: Path) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    typed = validate(cfg, "certify")
-    if typed.threads is not None:
-        torch.set_num_threads(typed.threads)
-    torch.manual_seed(cfg.seed)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    typed, out_dir = start_run(cfg, "certify")
     if cfg.compare:
         return compare_runs(cfg.compare, out_dir)
     data, norm = pixel_data(cfg.data, cfg.seed)

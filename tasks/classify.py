@@ -14,13 +14,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepzero_apps.config import ConfigError, validate
+from deepzero_apps.config import ConfigError, start_run
 from deepzero_apps.data import DataBundle, build_datasets
 from deepzero_apps.engine import (
     FirstOrder,
@@ -135,11 +134,7 @@ def build_estimator(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> dict:
-    typed = validate(cfg, "classify")
-    if typed.threads is not None:
-        torch.set_num_threads(typed.threads)
-    torch.manual_seed(cfg.seed)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    typed, out_dir = start_run(cfg, "classify")
     estimator = build_estimator(cfg)
     try:
         data = build_datasets(

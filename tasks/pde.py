@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
@@ -35,7 +34,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from deepzero_apps.checkpoint import load_checkpoint
-from deepzero_apps.config import ConfigError, validate
+from deepzero_apps.config import ConfigError, start_run
 from deepzero_apps.engine import (
     FirstOrder,
     Objective,
@@ -314,11 +313,7 @@ def plot_snapshots(rows: dict[str, np.ndarray], channels: Sequence[str], png: Pa
 
 # ---- the app -----------------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict:
-    typed = validate(cfg, "pde")
-    if typed.threads is not None:
-        torch.set_num_threads(typed.threads)
-    torch.manual_seed(cfg.seed)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    typed, out_dir = start_run(cfg, "pde")
     out_dir.mkdir(parents=True, exist_ok=True)
     d, label = cfg.data, LABELS[cfg.method]
     print(f"pde: registered solvers: {', '.join(list_solvers())}; using '{cfg.solver.name}'")
