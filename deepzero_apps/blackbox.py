@@ -25,13 +25,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .errors import RunError
+
 __all__ = ["BlackBoxClassifier", "BlackBoxError", "OutputKind"]
 
 OutputKind = Literal["logits", "probs", "label"]
 _OUTPUT_KINDS: tuple[str, ...] = ("logits", "probs", "label")
 
 
-class BlackBoxError(RuntimeError):
+class BlackBoxError(RunError):
     """A black-box query was misused or the black box itself failed."""
 
 

@@ -22,8 +22,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, validate
+from .config import validate
 from .engine.distributed import init_distributed, is_main, launched_by_torchrun
+from .errors import ConfigError, RunError, one_line
 
 CONFIG_MODULE = "deepzero_apps.configs"
 USAGE_ERROR = 2
@@ -44,10 +45,6 @@ APPS: dict[str, App] = {
 
 class UsageError(Exception):
     """Bad command line or configuration: reported in one line, exit code 2."""
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main_help() -> str:
@@ -113,8 +110,8 @@ def join_ranks(app: str, cfg: DictConfig, overrides: Sequence[str], multirun: bo
 
 def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
     """Turn configuration errors found while building a run into one-line exit-2 errors, and a
-    non-finite step into a one-line exit-1 error (the last good checkpoint stays)."""
-    from .trainer import NonFiniteError
+    run that fails while working (`RunError`: a non-finite step, a black box, a solver) into a
+    one-line exit-1 error (the last good checkpoint stays)."""
 
     def job(cfg: DictConfig) -> dict:
         try:
@@ -122,7 +119,7 @@ def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig
         except (ConfigError, FileExistsError) as exc:
             print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
             sys.exit(USAGE_ERROR)
-        except NonFiniteError as exc:
+        except RunError as exc:
             print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
             sys.exit(1)
 

@@ -20,9 +20,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names it."""
+from .errors import ConfigError, one_line
 
 
 def _require(ok: bool, message: str) -> None:
@@ -346,7 +344,7 @@ def _check_targets(node: Any, key: str = "") -> None:
     try:
         target = _locate(str(node["_target_"]))
     except Exception as exc:  # ImportError, or whatever the imported module raises
-        raise ConfigError(f"{name}='{node['_target_']}' cannot be imported: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"{name}='{node['_target_']}' cannot be imported: {one_line(exc)}") from exc
     _require(callable(target), f"{name}='{node['_target_']}' is not callable")
     kwargs = {k: v for k, v in node.items() if not (str(k).startswith("_") and str(k).endswith("_"))}
     try:

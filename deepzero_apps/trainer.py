@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, remove_stale_temps, rng_state, save_checkpoint, set_rng_state
 from .engine import Objective
 from .engine.distributed import all_reduce_sum, barrier, is_main, shard_over_ranks
+from .errors import RunError
 from .plotting import plot_learning_curve, read_metrics
 from .schedules import build_scheduler
 
@@ -32,7 +33,7 @@ METRICS = "metrics.jsonl"
 CURVE = "learning_curve.png"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """A step produced a NaN/inf loss or gradient (the run stops; the last checkpoint stays good)."""
 
 

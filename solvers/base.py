@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from deepzero_apps.errors import RunError
+
 __all__ = ["Grid", "Solver", "SolverError", "check_state", "block_mean", "block_repeat"]
 
 BOUNDARIES: tuple[str, ...] = ("periodic", "wake", "custom")
 
 
-class SolverError(RuntimeError):
+class SolverError(RunError):
     """A solver produced an invalid state or failed to run; the message is a single line."""
 
 

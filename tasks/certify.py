@@ -51,6 +51,7 @@ from deepzero_apps.engine import (
     load_ratios,
     save_ratios,
 )
+from deepzero_apps.errors import one_line
 from deepzero_apps.models import get_factory
 from deepzero_apps.smoothing import Smoothed, certified_accuracy, certify_dataset, load_certification
 from deepzero_apps.smoothing import plot_certified_accuracy as plot_curves
@@ -309,7 +310,7 @@ def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tens
         try:
             return instantiate(ccfg.callable), {"source": "callable"}
         except Exception as exc:
-            raise ConfigError(f"classifier.callable: {' '.join(str(exc).split())}") from exc
+            raise ConfigError(f"classifier.callable: {one_line(exc)}") from exc
     model = build_model(cfg.model, data).to(cfg.device)
     standardize = Standardize(*norm).to(cfg.device)
     classifier = nn.Sequential(standardize, model)
@@ -322,7 +323,7 @@ def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tens
         try:
             model.load_state_dict(state.get("model", state))
         except RuntimeError as exc:
-            raise ConfigError(f"classifier.checkpoint={ccfg.checkpoint} does not fit model: {' '.join(str(exc).split())[:300]}") from exc
+            raise ConfigError(f"classifier.checkpoint={ccfg.checkpoint} does not fit model: {one_line(exc)[:300]}") from exc
         return classifier.eval(), {"source": ccfg.checkpoint, **accuracy()}
     stage_dir = _cache_dir(ccfg.cache_dir, out_dir, "classifier")
     fingerprint = {"data": _plain(cfg.data), "model": _plain(cfg.model), "seed": cfg.seed,
@@ -344,7 +345,7 @@ def build_denoiser(cfg: DictConfig, channels: int) -> nn.Module:
         fill = {"channels": channels} if takes_channels and "channels" not in spec else {}
         return instantiate(cfg.denoiser, **fill).to(cfg.device)
     except Exception as exc:
-        raise ConfigError(f"denoiser: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"denoiser: {one_line(exc)}") from exc
 
 
 # ---- the modes -------------------------------------------------------------------------------------
@@ -434,7 +435,7 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
         try:
             estimator = instantiate(cfg.estimator)
         except Exception as exc:
-            raise ConfigError(f"estimator: {' '.join(str(exc).split())}") from exc
+            raise ConfigError(f"estimator: {one_line(exc)}") from exc
         sampler = build_sampler(cfg, objective, lambda out, y: stability(blackbox(out), y, kind), data, out_dir)
     else:
         encoder, decoder = pretrain_autoencoder(cfg, data, denoiser, metrics, out_dir)
@@ -499,7 +500,7 @@ def compare_runs(run_dirs: Sequence[str], out_dir: Path) -> dict:
             summary = json.loads((d / "summary.json").read_text())
             rows = load_certification(d / "certify.tsv")
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"compare: {d} is not a finished certify run ({' '.join(str(exc).split())})") from exc
+            raise ConfigError(f"compare: {d} is not a finished certify run ({one_line(exc)})") from exc
         label = summary["mode"] if summary["mode"] not in curves else f"{summary['mode']} ({d.name})"
         curves[label] = rows
         table.append({"mode": label, "train_queries": summary["train"].get("queries", 0),

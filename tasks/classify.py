@@ -30,6 +30,7 @@ from deepzero_apps.engine import (
     load_ratios,
     save_ratios,
 )
+from deepzero_apps.errors import one_line
 from deepzero_apps.models import get_factory
 from deepzero_apps.trainer import Trainer, TrainerConfig
 
@@ -42,7 +43,7 @@ def build_model(model_cfg: DictConfig, data: DataBundle) -> nn.Module:
         factory = get_factory(spec["name"]) if target.endswith("create_model") else _resolve(target)
         params = inspect.signature(factory).parameters
     except (ValueError, ImportError) as exc:
-        raise ConfigError(f"model: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"model: {one_line(exc)}") from exc
     sizes = {
         "in_channels": data.in_channels,
         "num_classes": data.num_classes,
@@ -52,7 +53,7 @@ def build_model(model_cfg: DictConfig, data: DataBundle) -> nn.Module:
     try:
         return instantiate(model_cfg, **fill)
     except Exception as exc:  # hydra wraps the factory's own error
-        raise ConfigError(f"model: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"model: {one_line(exc)}") from exc
 
 
 def _resolve(target: str) -> Any:
@@ -130,7 +131,7 @@ def build_estimator(cfg: DictConfig):
     try:
         return instantiate(cfg.estimator)
     except Exception as exc:
-        raise ConfigError(f"estimator: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"estimator: {one_line(exc)}") from exc
 
 
 def run(cfg: DictConfig) -> dict:
@@ -149,7 +150,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         optimizer = instantiate(cfg.optimizer)(model.parameters())
     except Exception as exc:  # torch.optim rejects bad values with ValueError/TypeError
-        raise ConfigError(f"optimizer: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"optimizer: {one_line(exc)}") from exc
     scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
     trainer = Trainer(
         objective, estimator, optimizer, data.train,

@@ -43,6 +43,7 @@ from deepzero_apps.engine import (
     is_main,
     load_ratios,
 )
+from deepzero_apps.errors import one_line
 from deepzero_apps.solvers import SolverError, list_solvers
 from deepzero_apps.tasks.pde_data import SolverPair, Stepper, build_solvers, reference_data, split_seeds
 from deepzero_apps.trainer import CHECKPOINT, Trainer, TrainerConfig
@@ -151,7 +152,7 @@ def build_model(model_cfg: DictConfig, pair: SolverPair) -> nn.Module:
     try:
         model = instantiate(model_cfg, **{k: v for k, v in fill.items() if k not in spec})
     except Exception as exc:  # hydra wraps the factory's own error
-        raise ConfigError(f"model: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"model: {one_line(exc)}") from exc
     layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     if not layers:
         raise ConfigError("model: the correction network has no conv or linear layer")
@@ -169,7 +170,7 @@ def load_initial_weights(model: nn.Module, init_from: str) -> None:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:
         raise ConfigError(
-            f"init_from='{init_from}' does not hold weights of this model: {' '.join(str(exc).split())}"
+            f"init_from='{init_from}' does not hold weights of this model: {one_line(exc)}"
         ) from exc
     print(f"pde: initial weights from {path}")
 
@@ -228,7 +229,7 @@ def build_training(
     try:
         estimator = instantiate(cfg.estimator)
     except Exception as exc:
-        raise ConfigError(f"estimator: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"estimator: {one_line(exc)}") from exc
     return objective, estimator, windows, build_sampler(cfg, model, objective)
 
 
