@@ -1,62 +1,70 @@
-"""`deepzero-task APP [hydra overrides]`: one command, one sub-command per application.
+"""`deepzero-task APP [hydra overrides]`: one command, one sub-command per discovered application.
 
-Each application is a Hydra app (config groups, `--cfg job`, `--help`, `-m` multiruns). Before
+Apps register themselves (`deepzero_apps.apps`); each is a Hydra app with its own primary config
+directory, so `--help` shows only its groups (config groups, `--cfg job`, `-m` multiruns). Before
 Hydra runs, the overrides are composed and validated once, so a typo'd key, a wrong type or an
-impossible value is a one-line error with exit code 2 instead of a traceback.
+impossible value is a one-line error with exit code 2 instead of a traceback (`--debug` or
+`HYDRA_FULL_ERROR=1` shows the traceback).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import importlib
 import io
+import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
 import hydra
 import torch.distributed as dist
-from hydra._internal.utils import get_args_parser
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .adapter import USAGE_ERROR, debug_requested, error_boundary
+from .apps import App, get_app, list_apps
 from .config import validate
 from .engine.distributed import init_distributed, is_main, launched_by_torchrun
-from .errors import ConfigError, RunError, one_line
-
-CONFIG_MODULE = "deepzero_apps.configs"
-USAGE_ERROR = 2
+from .errors import ConfigError, one_line
 
 
-@dataclass(frozen=True)
-class App:
-    module: str  # exposes run(cfg) -> dict
-    summary: str
-
-
-APPS: dict[str, App] = {
-    "classify": App("deepzero_apps.tasks.classify", "image classification trained with ZO (CGE/RGE, sparse) or FO"),
-    "certify": App("deepzero_apps.tasks.certify", "certified defense of a black-box classifier: denoiser trained by DeepZero, ZO-AE-DS or FO"),
-    "pde": App("deepzero_apps.tasks.pde", "PDE error correction (Solver-in-the-Loop) trained through a black-box solver"),
-}
-
-
-class UsageError(Exception):
+class UsageError(ConfigError):
     """Bad command line or configuration: reported in one line, exit code 2."""
 
 
 def main_help() -> str:
-    width = max(map(len, APPS))
-    apps = "\n".join(f"  {name:<{width}}  {app.summary}" for name, app in APPS.items())
-    return (
-        "usage: deepzero-task APP [OVERRIDES ...]\n\n"
-        "Train deep models with zeroth-order optimization (DeepZero) through black boxes.\n\n"
-        f"applications:\n{apps}\n\n"
-        "Each application is a Hydra app: `deepzero-task APP --help` shows its config groups,\n"
-        "`deepzero-task APP --cfg job` prints the composed config, `-m a=1,2` runs a sweep."
+    apps = list_apps()
+    width = max(map(len, apps))
+    lines = "\n".join(
+        f"  {name:<{width}}  {app.summary if isinstance(app, App) else app}" for name, app in apps.items()
     )
+    return (
+        "usage: deepzero-task APP [--debug] [OVERRIDES ...]\n\n"
+        "Train deep models with zeroth-order optimization (DeepZero) through black boxes.\n\n"
+        f"applications:\n{lines}\n\n"
+        "Each application is a Hydra app: `deepzero-task APP --help` shows its config groups,\n"
+        "`deepzero-task APP --cfg job` prints the composed config, `-m a=1,2` runs a sweep;\n"
+        "`--debug` (or HYDRA_FULL_ERROR=1) shows tracebacks instead of one-line errors."
+    )
+
+
+def hydra_args() -> argparse.ArgumentParser:
+    """The flags of a Hydra app that decide whether it runs (Hydra itself parses them again)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flags in (("--help", "-h"), ("--hydra-help",), ("--info", "-i"), ("--multirun", "-m"), ("--resolve",),
+                  ("--version",)):
+        parser.add_argument(*flags, action="store_true")
+    for flags in (("--cfg", "-c"), ("--package", "-p"), ("--shell-completion", "-sc"), ("--config-path", "-cp"),
+                  ("--config-name", "-cn"), ("--config-dir", "-cd"), ("--experimental-rerun",)):
+        parser.add_argument(*flags)
+    parser.add_argument("overrides", nargs="*")
+    return parser
 
 
 def _first_of_sweeps(overrides: Sequence[str]) -> list[str]:
@@ -73,26 +81,81 @@ def _first_of_sweeps(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def check_overrides(app: str, overrides: Sequence[str], multirun: bool = False) -> DictConfig:
+def _app(app: App | str) -> App:
+    return app if isinstance(app, App) else get_app(app)
+
+
+def _config_root(path: str) -> Any:
+    if path.startswith("pkg://"):
+        return resources.files(path.removeprefix("pkg://").replace("/", "."))
+    return Path(path.removeprefix("file://"))
+
+
+def config_groups(app: App, searchpath: Sequence[str]) -> dict[str, list[str]]:
+    """The groups this app composes from: its config dir, its `hydra.searchpath` and the ConfigStore
+    groups registered for it (Hydra's own `$APP_CONFIG_GROUPS` ignores a primary config's search path)."""
+    groups: dict[str, set[str]] = {}
+    for root in [_config_root(app.config_dir), *map(_config_root, searchpath)]:
+        for group in (d for d in root.iterdir() if d.is_dir() and d.name not in ("hydra", "__pycache__")):
+            groups.setdefault(group.name, set()).update(
+                f.name.removesuffix(".yaml") for f in group.iterdir() if f.name.endswith(".yaml")
+            )
+    for name, node in ConfigStore.instance().repo.items():
+        if isinstance(node, dict) and name != "hydra":
+            groups.setdefault(name, set()).update(k.removesuffix(".yaml") for k in node if k.endswith(".yaml"))
+    return {g: sorted(options) for g, options in sorted(groups.items()) if options}
+
+
+def prepare(app: App) -> None:
+    """What composing this app needs first: its schema in the ConfigStore, its own config hook, and
+    the resolvers its `--help` shows (a header naming the app, its groups)."""
+    ConfigStore.instance().store(name=f"{app.name}_schema", node=app.schema)
+    OmegaConf.register_new_resolver("deepzero_app", lambda: f"deepzero-task {app.name}: {app.summary}", replace=True)
+    OmegaConf.register_new_resolver(
+        "deepzero_groups",
+        lambda searchpath: "\n".join(f"{g}: {', '.join(o)}" for g, o in config_groups(app, searchpath).items()),
+        replace=True,
+    )
+    if app.register_configs is not None:
+        app.register_configs()
+
+
+@contextlib.contextmanager
+def initialized(app: App) -> Iterator[None]:
+    """Hydra's compose API rooted at the app's primary config dir (a package or a directory)."""
+    path = app.config_dir
+    if path.startswith("pkg://"):
+        with hydra.initialize_config_module(path.removeprefix("pkg://").replace("/", "."), version_base="1.3"):
+            yield
+    else:
+        with hydra.initialize_config_dir(os.path.abspath(path.removeprefix("file://")), version_base="1.3"):
+            yield
+
+
+def check_overrides(app: App | str, overrides: Sequence[str], multirun: bool = False) -> DictConfig:
     """Compose and validate the config the way the run will; raise UsageError naming the problem.
     Returns the composed config."""
+    app = _app(app)
+    prepare(app)
     try:
-        with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = hydra.compose(app, overrides=_first_of_sweeps(overrides) if multirun else list(overrides))
-        validate(cfg, app)
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # ValueError: ConfigError, and Hydra on e.g. `data=0`
+        with initialized(app):
+            cfg = hydra.compose(app.name, overrides=_first_of_sweeps(overrides) if multirun else list(overrides))
+        validate(cfg, app.schema)
+    except (HydraException, OmegaConfBaseException, ValueError, OverflowError) as exc:  # ValueError: ConfigError too
+        if debug_requested():
+            raise
         raise UsageError(one_line(exc)) from exc
     return cfg
 
 
-def run_dir(app: str, overrides: Sequence[str]) -> str:
+def run_dir(app: App, overrides: Sequence[str]) -> str:
     """The run directory Hydra will create for these overrides, `${now:...}` resolved now."""
-    with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = hydra.compose(app, overrides=list(overrides), return_hydra_config=True)
+    with initialized(app):
+        cfg = hydra.compose(app.name, overrides=list(overrides), return_hydra_config=True)
     return str(OmegaConf.select(cfg, "hydra.run.dir"))
 
 
-def join_ranks(app: str, cfg: DictConfig, overrides: Sequence[str], multirun: bool) -> list[str]:
+def join_ranks(app: App, cfg: DictConfig, overrides: Sequence[str], multirun: bool) -> list[str]:
     """Under torchrun: join the process group and return the extra overrides of this rank. All ranks
     write to rank 0's run directory (its `${now:...}` is broadcast, so ranks starting a second apart
     agree), and only rank 0 writes Hydra's files and logs there; the Trainer lets rank 0 alone log,
@@ -108,41 +171,24 @@ def join_ranks(app: str, cfg: DictConfig, overrides: Sequence[str], multirun: bo
     return extra
 
 
-def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
-    """Turn configuration errors found while building a run into one-line exit-2 errors, and a
-    run that fails while working (`RunError`: a non-finite step, a black box, a solver) into a
-    one-line exit-1 error (the last good checkpoint stays)."""
-
-    def job(cfg: DictConfig) -> dict:
-        try:
-            return run(cfg)
-        except (ConfigError, FileExistsError) as exc:
-            print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
-            sys.exit(USAGE_ERROR)
-        except RunError as exc:
-            print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
-            sys.exit(1)
-
-    return job
-
-
-def run_app(app: str, argv: Sequence[str]) -> int:
-    args = get_args_parser().parse_args(list(argv))
-    wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
+def run_app(app: App, argv: Sequence[str]) -> int:
+    args, _ = hydra_args().parse_known_args(list(argv))
+    wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.version)
     argv = list(argv)
     if wants_run:
         cfg = check_overrides(app, args.overrides, multirun=args.multirun)
         if launched_by_torchrun():
             argv += join_ranks(app, cfg, args.overrides, args.multirun)
-    task = importlib.import_module(APPS[app].module)
-    hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
+    else:
+        prepare(app)
+    hydra_main = hydra.main(version_base="1.3", config_path=app.config_dir, config_name=app.name)
     saved_argv = sys.argv
-    sys.argv = [f"deepzero-task {app}", *argv]
+    sys.argv = [f"deepzero-task {app.name}", *argv]
     quiet = launched_by_torchrun() and not is_main()  # one rank reports; errors still reach stderr
     try:
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            hydra_main(guarded(app, task.run))()
-    except SystemExit as exc:  # Hydra exits after --help/--cfg; guarded jobs exit 2 on config errors
+            hydra_main(error_boundary(app.name, app.run))()
+    except SystemExit as exc:  # Hydra exits after --help/--cfg; the boundary exits 2 or 1 on errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved_argv
@@ -153,17 +199,22 @@ def run_app(app: str, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     if not argv or argv[0] in ("-h", "--help"):
         print(main_help())
         return 0 if argv else USAGE_ERROR
-    app, rest = argv[0], argv[1:]
-    if app not in APPS:
-        print(f"deepzero-task: error: unknown application '{app}'; choose from: {', '.join(APPS)}", file=sys.stderr)
+    name, rest = argv[0], argv[1:]
+    try:
+        app = get_app(name)
+    except ConfigError as exc:
+        print(f"deepzero-task: error: {one_line(exc)}", file=sys.stderr)
         return USAGE_ERROR
     try:
         return run_app(app, rest)
     except UsageError as exc:
-        print(f"deepzero-task {app}: error: {exc}", file=sys.stderr)
+        print(f"deepzero-task {name}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
 
 

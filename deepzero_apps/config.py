@@ -1,7 +1,7 @@
 """Structured configs: the typed schema every application's YAML is merged onto.
 
-Registered in Hydra's ConfigStore, so composition itself rejects unknown keys and wrong types;
-`validate` then instantiates the dataclasses, whose `__post_init__` rejects impossible values. Both
+The CLI stores each app's schema in Hydra's ConfigStore (from the app's `App`), so composition
+itself rejects unknown keys and wrong types; `validate` then instantiates the dataclasses, whose `__post_init__` rejects impossible values. Both
 happen before any work starts and surface as one-line `ConfigError`s (exit code 2 in the CLI).
 Groups whose options are `_target_` objects (model, estimator, optimizer, scheduler) stay open
 dicts so users can point them at their own classes; `validate` checks that each `_target_` imports
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError, one_line
@@ -52,10 +52,10 @@ class DataConfig:
 class SparsityConfig:
     method: str = "dense"  # dense | zo_grasp | grasp | random
     sparsity: float = 0.0
-    ratios: str | None = None  # a saved layer-wise pruning ratio file; overrides method
-    mask_interval: int = 5
-    ordering: str = "magnitude"  # magnitude | signed
-    dense_unscored: bool = True
+    ratios: str | None = None  # a saved layer-wise pruning ratio file (.json/.yaml); overrides method
+    mask_interval: int = 5  # epochs between redraws: 5 as the official code; 1 = Algorithm 1 of the paper
+    ordering: str = "magnitude"  # magnitude: keep largest |score| (official code) | signed: GraSP's ranking
+    dense_unscored: bool = True  # biases and BatchNorm estimated densely
     q: int = 192
     mu: float = 5e-3
     samples_per_class: int = 25
@@ -74,20 +74,21 @@ class SparsityConfig:
 class TrainConfig:
     """Fields shared by every application's training loop."""
 
-    mode: str = "zo"  # zo | fo
-    device: str = "cpu"
-    threads: int | None = 1  # torch intra-op threads; ZO queries are small, one thread avoids sync overhead
+    mode: str = "zo"  # zo: gradients from loss queries (estimator group) | fo: backprop baseline
+    device: str = "cpu"  # cpu | cuda[:N]
+    threads: int | None = 1  # torch intra-op threads (null: torch's default); small ZO queries run fastest on one
     epochs: int = 20
     batch_size: int = 64
     eval_batch_size: int = 1024
     warmup_epochs: float = 0.0
     seed: int = 0
-    resume: bool = False
-    query_budget: int | None = None
-    checkpoint_every: int = 0
+    resume: bool = False  # continue the checkpoint in hydra.run.dir
+    query_budget: int | None = None  # stop cleanly after this many loss queries
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends)
     log_every: int = 10
-    on_nonfinite: str = "stop"
-    progress: bool = True
+    on_nonfinite: str = "stop"  # stop | skip
+    progress: bool = True  # tqdm progress bars
+    logger: Any = None  # the logger group: metric sinks beside metrics.jsonl (deepzero_apps.loggers)
 
     def __post_init__(self) -> None:
         _require(self.mode in ("zo", "fo"), f"mode='{self.mode}' is unknown; choose zo or fo")
@@ -107,6 +108,7 @@ class TrainConfig:
 
 @dataclass
 class ClassifyConfig(TrainConfig):
+    epochs: int = 4  # ZO on digits reaches >90% test accuracy in 4 epochs (88 steps)
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING
     estimator: Any = MISSING
@@ -165,7 +167,9 @@ class PdeConfig(TrainConfig):
     """Solver-in-the-Loop; `method` picks the training, and the trainer's `mode` follows from it (not set)."""
 
     mode: str | None = None
-    method: str = "zo_sol"  # src | non | zo_sol | fo_sol
+    method: str = "zo_sol"  # src: uncorrected solver | non: supervised one-step pairs (FO) | zo_sol | fo_sol
+    epochs: int = 1
+    batch_size: int = 2  # rollout windows (or one-step pairs for non) per step
     unroll: int = 4  # solver steps per training rollout (zo_sol, fo_sol)
     eval_steps: int | None = None  # rollout length on the test simulations (null: data.steps)
     init_from: str | None = None  # start from another run's weights (its checkpoint.pt or run directory)
@@ -217,7 +221,7 @@ class CertifyClassifierConfig:
     checkpoint: str | None = None  # trained weights of `model` instead of training
     callable: Any = None  # a `_target_` returning any callable [0, 1] images -> logits
     cache_dir: str | None = None  # where stage 1 trains and is reused (null: <run dir>/classifier)
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 64
     lr: float = 0.05
 
@@ -232,7 +236,7 @@ class CertifyClassifierConfig:
 class DenoiserPretrainConfig:
     """First-order MSE pretraining of the denoiser (no classifier queries), shared by every mode."""
 
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
     cache_dir: str | None = None  # null: <run dir>/pretrain
@@ -246,11 +250,11 @@ class ZOAEDSConfig:
     """The ZO-AE-DS baseline: autoencoder size and the ZO estimator over its latent."""
 
     estimator: str = "cge"  # cge | rge
-    q: int = 192  # rge directions
+    q: int = 48  # rge directions (cge: latent_dim + 1 queries of the batch per step; rge: q + 1)
     mu: float = 5e-3
-    latent_channels: int = 3  # latent = latent_channels x H/4 x W/4
+    latent_channels: int = 3  # latent = latent_channels x H/4 x W/4 (12 on digits, 192 on CIFAR-10)
     width: int = 16
-    ae_epochs: int = 5
+    ae_epochs: int = 10
     cache_dir: str | None = None  # null: <run dir>/autoencoder
 
     def __post_init__(self) -> None:
@@ -278,11 +282,15 @@ class SmoothingConfig:
 class CertifyConfig(TrainConfig):
     """Denoised smoothing through a black box; `mode` picks how the denoiser is fine-tuned."""
 
-    mode: str = "deepzero"  # deepzero | zo_ae_ds | fo_ds | mse
-    sigma: float = 0.25
-    mse_weight: float = 0.0
-    stab_weight: float = 1.0
-    eval_limit: int = 256
+    mode: str = "deepzero"  # deepzero (sparse CGE) | zo_ae_ds (ZO on an AE latent) | fo_ds (white-box bound) | mse
+    sigma: float = 0.25  # Gaussian noise std in [0, 1] pixel units, for training and certification
+    mse_weight: float = 0.0  # fine-tuning loss: mse_weight * MSE(D(x'), x) + stab_weight * Stab (Salman et al.:
+    stab_weight: float = 1.0  # MSE pretraining, then Stab fine-tuning)
+    epochs: int = 50  # fine-tuning epochs (the query budget usually stops ZO modes first)
+    batch_size: int = 16
+    eval_batch_size: int = 1000
+    query_budget: int | None = 500_000  # images sent to the black box while fine-tuning (scoring included)
+    eval_limit: int = 200  # test images for the per-epoch denoising metrics (own black box, not budgeted)
     finetune_limit: int | None = None  # class-balanced training images for fine-tuning (null: all)
     compare: list[str] | None = None  # finished run dirs: plot and tabulate them instead of running
     data: DataConfig = field(default_factory=DataConfig)
@@ -319,17 +327,8 @@ class CertifyConfig(TrainConfig):
 SCHEMAS: dict[str, type] = {"classify": ClassifyConfig, "pde": PdeConfig, "certify": CertifyConfig}
 
 
-def register_configs() -> None:
-    """Store each application's schema as `<app>_schema` (the first entry of its defaults list)."""
-    cs = ConfigStore.instance()
-    for app, schema in SCHEMAS.items():
-        cs.store(name=f"{app}_schema", node=schema)
-
-
 def _check_targets(node: Any, key: str = "") -> None:
     """Every `_target_` in `node` must import and accept the arguments listed next to it."""
-    from hydra._internal.utils import _locate
-
     if isinstance(node, list):
         for i, item in enumerate(node):
             _check_targets(item, f"{key}[{i}]")
@@ -342,7 +341,7 @@ def _check_targets(node: Any, key: str = "") -> None:
         return
     name = f"{key}._target_" if key else "_target_"
     try:
-        target = _locate(str(node["_target_"]))
+        target = get_object(str(node["_target_"]))
     except Exception as exc:  # ImportError, or whatever the imported module raises
         raise ConfigError(f"{name}='{node['_target_']}' cannot be imported: {one_line(exc)}") from exc
     _require(callable(target), f"{name}='{node['_target_']}' is not callable")
@@ -357,15 +356,16 @@ def _check_targets(node: Any, key: str = "") -> None:
         raise ConfigError(f"{key or 'config'}: {node['_target_']} does not accept these arguments: {exc}") from exc
 
 
-def validate(cfg: DictConfig, app: str) -> Any:
-    """Run the schema's value checks and the `_target_` checks; returns the typed config object."""
-    merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[app]), cfg)
+def validate(cfg: DictConfig, schema: str | type) -> Any:
+    """Run the schema's value checks and the `_target_` checks; returns the typed config object.
+    `schema`: the dataclass, or the name of a built-in app."""
+    merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[schema] if isinstance(schema, str) else schema), cfg)
     typed = OmegaConf.to_object(merged)
     _check_targets(OmegaConf.to_container(merged, resolve=True))
     return typed
 
 
-def start_run(cfg: DictConfig, app: str) -> tuple[Any, Path]:
+def start_run(cfg: DictConfig, app: str | type) -> tuple[Any, Path]:
     """What every app does first: validate `cfg`, set torch's thread count and seed; returns the
     typed config and Hydra's run directory."""
     typed = validate(cfg, app)
@@ -374,5 +374,3 @@ def start_run(cfg: DictConfig, app: str) -> tuple[Any, Path]:
     torch.manual_seed(cfg.seed)
     return typed, Path(HydraConfig.get().runtime.output_dir)
 
-
-register_configs()

@@ -84,11 +84,13 @@ class Trainer:
         device: str | torch.device = "cpu",
         extra_state: dict[str, Any] | None = None,
         title: str = "",
+        sinks: Sequence[Callable[[dict], None]] = (),
     ):
         self.objective, self.estimator, self.optimizer = objective, estimator, optimizer
         self.train_set, self.evaluate, self.cfg = train_set, evaluate, config
         self.out_dir, self.sampler, self.device, self.title = Path(out_dir), sampler, device, title
         self.extra_state = extra_state or {}
+        self.sinks = tuple(sinks)  # metric loggers beside metrics.jsonl (deepzero_apps.loggers)
         n, b = len(train_set), config.batch_size
         self.steps_per_epoch = n // b if (config.drop_last and n >= b) else math.ceil(n / b)
         total = self.steps_per_epoch * config.epochs
@@ -172,6 +174,8 @@ class Trainer:
         if self.main:
             with open(self.out_dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for sink in self.sinks:
+                sink(record)
 
     def _finite(self, loss: float) -> bool:
         return math.isfinite(loss) and all(

@@ -35,23 +35,28 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from deepzero_apps.adapter import (
+    build_estimator,
+    build_optimizer,
+    build_sampler,
+    build_scheduler,
+    trainer_config,
+)
+from deepzero_apps.apps import App
 from deepzero_apps.blackbox import BlackBoxClassifier
 from deepzero_apps.checkpoint import atomic_write, load_checkpoint
-from deepzero_apps.config import ConfigError, start_run
+from deepzero_apps.config import CertifyConfig, ConfigError, start_run
 from deepzero_apps.data import DataBundle, LabeledTensorDataset, balanced_subset, build_datasets
 from deepzero_apps.data.classification import CIFAR10_MEAN, CIFAR10_STD
 from deepzero_apps.engine import (
     FirstOrder,
     Objective,
     QueryCounter,
-    SparseCoordinateSampler,
     StagedObjective,
-    compute_ratios,
     is_main,
-    load_ratios,
-    save_ratios,
 )
 from deepzero_apps.errors import one_line
+from deepzero_apps.loggers import build_logger
 from deepzero_apps.models import get_factory
 from deepzero_apps.smoothing import Smoothed, certified_accuracy, certify_dataset, load_certification
 from deepzero_apps.smoothing import plot_certified_accuracy as plot_curves
@@ -351,38 +356,11 @@ def build_denoiser(cfg: DictConfig, channels: int) -> nn.Module:
 # ---- the modes -------------------------------------------------------------------------------------
 
 
-def build_sampler(cfg: DictConfig, objective: StagedObjective, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                  data: DataBundle, out_dir: Path) -> SparseCoordinateSampler | None:
-    """DeepZero's sparse coordinate sets: layer-wise ratios from ZO-GraSP on the pretrained denoiser.
-
-    Scoring queries the black box (counted in the run's budget). Ratios are saved as `ratios.json`
-    so a resumed run reuses them; `sparsity.ratios` supplies a saved file instead.
-    """
-    sp = cfg.sparsity
-    own = out_dir / "ratios.json"
-    if sp.ratios is None and sp.method == "dense":
-        return None
-    denoiser = objective.module
-    if sp.ratios is not None or own.exists():
-        try:
-            ratios, _ = load_ratios(sp.ratios or own, denoiser)
-        except ValueError as exc:
-            raise ConfigError(f"sparsity.ratios: {exc}") from exc
-    else:
-        x, y = data.train.tensors
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(cfg.seed + 1))
-        scored = ((x + cfg.sigma * noise).to(cfg.device), y.to(cfg.device))
-        try:
-            ratios = compute_ratios(sp.method, denoiser, loss_fn, scored, sparsity=sp.sparsity, ordering=sp.ordering,
-                                    seed=cfg.seed, q=sp.q, mu=sp.mu, samples_per_class=sp.samples_per_class,
-                                    counter=objective.counter)
-        except ValueError as exc:
-            raise ConfigError(f"sparsity: {exc}") from exc
-        if is_main():
-            save_ratios(own, ratios, {"method": sp.method, "sparsity": sp.sparsity, "ordering": sp.ordering,
-                                      "model": cfg.denoiser.get("name", "denoiser"), "seed": cfg.seed})
-    return SparseCoordinateSampler(objective.coords, ratios, mask_interval=sp.mask_interval, seed=cfg.seed,
-                                   dense_unscored=sp.dense_unscored)
+def scoring_batch(cfg: DictConfig, data: DataBundle) -> tuple[Tensor, Tensor]:
+    """ZO-GraSP scores the denoiser on noisy training images (a fixed draw); scoring queries the black box."""
+    x, y = data.train.tensors
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    return (x + cfg.sigma * noise).to(cfg.device), y.to(cfg.device)
 
 
 def pretrain_autoencoder(cfg: DictConfig, data: DataBundle, denoiser: nn.Module, metrics: Callable[[nn.Module], dict],
@@ -432,11 +410,9 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
         estimator: Any = FirstOrder()
     elif cfg.mode == "deepzero":
         objective = StagedObjective(denoiser, loss, inputs=noisy)
-        try:
-            estimator = instantiate(cfg.estimator)
-        except Exception as exc:
-            raise ConfigError(f"estimator: {one_line(exc)}") from exc
-        sampler = build_sampler(cfg, objective, lambda out, y: stability(blackbox(out), y, kind), data, out_dir)
+        estimator = build_estimator(cfg)
+        sampler = build_sampler(cfg, objective, out_dir, cfg.denoiser.get("name", "denoiser"),
+                                lambda out, y: stability(blackbox(out), y, kind), partial(scoring_batch, cfg, data))
     else:
         encoder, decoder = pretrain_autoencoder(cfg, data, denoiser, metrics, out_dir)
 
@@ -449,16 +425,10 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
         pipeline = nn.Sequential(denoiser, encoder, decoder)
     objective.counter = ImageQueries([s for s in (blackbox, extra.get("whitebox")) if s is not None])
     params = [b.param for b in objective.coords.blocks]
-    optimizer = instantiate(cfg.optimizer)(params)
     trainer = Trainer(
-        objective, estimator, optimizer, train_set, evaluate=lambda: metrics(pipeline), out_dir=out_dir,
-        config=TrainerConfig(
-            epochs=typed.epochs, batch_size=typed.batch_size, warmup_epochs=typed.warmup_epochs, seed=typed.seed,
-            query_budget=typed.query_budget, checkpoint_every=typed.checkpoint_every, log_every=typed.log_every,
-            on_nonfinite=typed.on_nonfinite, resume=typed.resume, progress=typed.progress,
-        ),
-        scheduler_factory=instantiate(cfg.scheduler) if cfg.scheduler is not None else None,
-        sampler=sampler, device=cfg.device, extra_state=extra, title=f"certify {cfg.data.name} mode={cfg.mode}",
+        objective, estimator, build_optimizer(cfg, params), train_set, evaluate=lambda: metrics(pipeline),
+        out_dir=out_dir, config=trainer_config(typed), scheduler_factory=build_scheduler(cfg), sampler=sampler,
+        sinks=build_logger(cfg.logger, out_dir), device=cfg.device, extra_state=extra, title=f"certify {cfg.data.name} mode={cfg.mode}",
     )
     if is_main():
         per_step = (sampler.num_coords if sampler is not None else objective.coords.dim) + 1
@@ -553,3 +523,9 @@ def run(cfg: DictConfig) -> dict:
         acc = " ".join(f"r={r}:{a:.3f}" for r, a in cert["certified_accuracy"].items())
         print(f"certify done: mode={cfg.mode} train_queries={train['queries']:,} certified {acc} output={out_dir}")
     return summary
+
+
+APP = App(
+    "certify", "certified defense of a black-box classifier: denoiser trained by DeepZero, ZO-AE-DS or FO",
+    CertifyConfig, run,
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from pathlib import Path
+import logging
 from typing import Any
 
 import torch
@@ -19,20 +19,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from deepzero_apps.config import ConfigError, start_run
-from deepzero_apps.data import DataBundle, build_datasets
-from deepzero_apps.engine import (
-    FirstOrder,
-    SparseCoordinateSampler,
-    StagedObjective,
-    compute_ratios,
-    is_main,
-    load_ratios,
-    save_ratios,
+from deepzero_apps.adapter import (
+    build_estimator,
+    build_optimizer,
+    build_sampler,
+    build_scheduler,
+    trainer_config,
 )
+from deepzero_apps.apps import App
+from deepzero_apps.config import ClassifyConfig, ConfigError, start_run
+from deepzero_apps.data import DataBundle, build_datasets
+from deepzero_apps.engine import StagedObjective, is_main
 from deepzero_apps.errors import one_line
+from deepzero_apps.loggers import build_logger
 from deepzero_apps.models import get_factory
-from deepzero_apps.trainer import Trainer, TrainerConfig
+from deepzero_apps.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 def build_model(model_cfg: DictConfig, data: DataBundle) -> nn.Module:
@@ -97,46 +100,9 @@ def balanced_examples(dataset, per_class: int, num_classes: int, seed: int) -> t
     return torch.stack(xs), torch.tensor(ys)
 
 
-def build_sampler(cfg: DictConfig, model: nn.Module, objective: StagedObjective, data: DataBundle, out_dir: Path):
-    """Sparse coordinate sets from layer-wise pruning ratios: a saved file, this run's own, or computed now.
-
-    Ratios are computed once at initialisation and saved as `ratios.json`, so a resumed run reuses
-    them instead of rescoring the trained weights.
-    """
-    sp = cfg.sparsity
-    own = out_dir / "ratios.json"
-    if sp.ratios is None and sp.method == "dense":
-        return None
-    if sp.ratios is not None or (cfg.resume and own.exists()):
-        try:
-            ratios, _ = load_ratios(sp.ratios or own, model)
-        except ValueError as exc:
-            raise ConfigError(f"sparsity.ratios: {exc}") from exc
-    else:
-        examples = balanced_examples(data.train, sp.samples_per_class, data.num_classes, cfg.seed)
-        examples = (examples[0].to(cfg.device), examples[1].to(cfg.device))
-        ratios = compute_ratios(sp.method, model, F.cross_entropy, examples, sparsity=sp.sparsity, ordering=sp.ordering,
-                                seed=cfg.seed, q=sp.q, mu=sp.mu, samples_per_class=sp.samples_per_class,
-                                counter=objective.counter)
-        if is_main():
-            save_ratios(own, ratios, {"method": sp.method, "sparsity": sp.sparsity, "ordering": sp.ordering,
-                                      "model": cfg.model.name, "seed": cfg.seed})
-    return SparseCoordinateSampler(objective.coords, ratios, mask_interval=sp.mask_interval, seed=cfg.seed,
-                                   dense_unscored=sp.dense_unscored)
-
-
-def build_estimator(cfg: DictConfig):
-    if cfg.mode == "fo":
-        return FirstOrder()
-    try:
-        return instantiate(cfg.estimator)
-    except Exception as exc:
-        raise ConfigError(f"estimator: {one_line(exc)}") from exc
-
-
 def run(cfg: DictConfig) -> dict:
     typed, out_dir = start_run(cfg, "classify")
-    estimator = build_estimator(cfg)
+    estimator = build_estimator(cfg, first_order=cfg.mode == "fo")
     try:
         data = build_datasets(
             cfg.data.name, cfg.data.root, train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit,
@@ -146,36 +112,34 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(str(exc)) from exc
     model = build_model(cfg.model, data).to(cfg.device)
     objective = StagedObjective(model, cross_entropy)
-    sampler = build_sampler(cfg, model, objective, data, out_dir)
-    try:
-        optimizer = instantiate(cfg.optimizer)(model.parameters())
-    except Exception as exc:  # torch.optim rejects bad values with ValueError/TypeError
-        raise ConfigError(f"optimizer: {one_line(exc)}") from exc
-    scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
+
+    def scoring_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = balanced_examples(data.train, cfg.sparsity.samples_per_class, data.num_classes, cfg.seed)
+        return x.to(cfg.device), y.to(cfg.device)
+
+    sampler = build_sampler(cfg, objective, out_dir, cfg.model.name, F.cross_entropy, scoring_batch)
     trainer = Trainer(
-        objective, estimator, optimizer, data.train,
+        objective, estimator, build_optimizer(cfg, model.parameters()), data.train,
         evaluate=lambda: evaluate(model, data.test, cfg.eval_batch_size, cfg.device),
-        out_dir=out_dir,
-        config=TrainerConfig(
-            epochs=typed.epochs, batch_size=typed.batch_size, warmup_epochs=typed.warmup_epochs, seed=typed.seed,
-            query_budget=typed.query_budget, checkpoint_every=typed.checkpoint_every, log_every=typed.log_every,
-            on_nonfinite=typed.on_nonfinite, resume=typed.resume, progress=typed.progress,
-        ),
-        scheduler_factory=scheduler, sampler=sampler, device=cfg.device,
-        title=f"classify {cfg.data.name} {cfg.model.name} mode={cfg.mode}",
+        out_dir=out_dir, config=trainer_config(typed), scheduler_factory=build_scheduler(cfg), sampler=sampler,
+        device=cfg.device, title=f"classify {cfg.data.name} {cfg.model.name} mode={cfg.mode}",
+        sinks=build_logger(cfg.logger, out_dir),
     )
     if is_main():
-        print(f"classify: {cfg.data.name} ({len(data.train)} train / {len(data.test)} test), model {cfg.model.name} "
+        log.info(f"classify: {cfg.data.name} ({len(data.train)} train / {len(data.test)} test), model {cfg.model.name} "
               f"({objective.coords.dim:,} parameters), mode={cfg.mode}, output {out_dir}")
         if sampler is not None:
-            print(f"sparsity: {sampler.num_coords:,} of {objective.coords.dim:,} coordinates estimated per step "
+            log.info(f"sparsity: {sampler.num_coords:,} of {objective.coords.dim:,} coordinates estimated per step "
                   f"({sampler.queries_per_step():,} queries per step with forward differences)")
     summary = {**trainer.fit(), "parameters": objective.coords.dim, "mode": cfg.mode,
                "estimator": cfg.estimator._target_.rsplit(".", 1)[-1] if cfg.mode == "zo" else "FirstOrder"}
     if is_main():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         ev = summary["eval"]
-        print(f"classify done: test_acc={ev['test_acc']:.4f} queries={summary['queries']:,} "
+        log.info(f"classify done: test_acc={ev['test_acc']:.4f} queries={summary['queries']:,} "
               f"forward_equivalents={summary['forward_equivalents']:,.0f} steps={summary['steps']} "
               f"wall={summary['wall_s']:.1f}s stopped_by={summary['stopped']} output={out_dir}")
     return summary
+
+
+APP = App("classify", "image classification trained with ZO (CGE/RGE, sparse) or FO", ClassifyConfig, run)

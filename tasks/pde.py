@@ -19,6 +19,7 @@ mean absolute error against the reference averaged over time (``eval.json``, PNG
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,27 +34,28 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from deepzero_apps.checkpoint import load_checkpoint
-from deepzero_apps.config import ConfigError, start_run
-from deepzero_apps.engine import (
-    FirstOrder,
-    Objective,
-    SparseCoordinateSampler,
-    compute_ratios,
-    is_main,
-    load_ratios,
+from deepzero_apps.adapter import (
+    build_estimator,
+    build_optimizer,
+    build_sampler,
+    build_scheduler,
+    trainer_config,
 )
+from deepzero_apps.apps import App
+from deepzero_apps.checkpoint import load_checkpoint
+from deepzero_apps.config import ConfigError, PdeConfig, start_run
+from deepzero_apps.engine import FirstOrder, Objective, SparseCoordinateSampler, is_main
 from deepzero_apps.errors import one_line
+from deepzero_apps.loggers import build_logger
 from deepzero_apps.solvers import SolverError, list_solvers
 from deepzero_apps.tasks.pde_data import SolverPair, Stepper, build_solvers, reference_data, split_seeds
-from deepzero_apps.trainer import CHECKPOINT, Trainer, TrainerConfig
+from deepzero_apps.trainer import CHECKPOINT, Trainer
 
 EVAL = "eval.json"
 LABELS = {"src": "SRC", "non": "NON", "zo_sol": "ZO-SOL", "fo_sol": "FO-SOL"}
+log = logging.getLogger(__name__)
 StepFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
-# `deepzero-task pde --help` lists the solvers registered at that moment (built-ins and plug-ins).
-OmegaConf.register_new_resolver("pde_solvers", lambda: ", ".join(list_solvers()), replace=True)
 
 
 def correct(model: nn.Module, state: torch.Tensor) -> torch.Tensor:
@@ -172,7 +174,7 @@ def load_initial_weights(model: nn.Module, init_from: str) -> None:
         raise ConfigError(
             f"init_from='{init_from}' does not hold weights of this model: {one_line(exc)}"
         ) from exc
-    print(f"pde: initial weights from {path}")
+    log.info(f"pde: initial weights from {path}")
 
 
 def one_step_pairs(stepper: Stepper, refs: torch.Tensor) -> TensorDataset:
@@ -189,29 +191,8 @@ def rollout_windows(num_sims: int, steps: int, unroll: int) -> TensorDataset:
     return TensorDataset(sims.flatten(), starts.flatten())
 
 
-def build_sampler(cfg: DictConfig, model: nn.Module, objective: Objective) -> SparseCoordinateSampler | None:
-    """Sparse CGE coordinate sets: random per-layer subsets sized by random-score (or saved) LPR ratios."""
-    sp = cfg.sparsity
-    if sp.ratios is None and sp.method == "dense":
-        return None
-    if sp.ratios is not None:
-        try:
-            ratios, _ = load_ratios(sp.ratios, model)
-        except ValueError as exc:
-            raise ConfigError(f"sparsity.ratios: {exc}") from exc
-    else:
-        ratios = compute_ratios("random", model, sparsity=sp.sparsity, ordering=sp.ordering, seed=cfg.seed)
-    return SparseCoordinateSampler(
-        objective.coords,
-        ratios,
-        mask_interval=sp.mask_interval,
-        seed=cfg.seed,
-        dense_unscored=sp.dense_unscored,
-    )
-
-
 def build_training(
-    cfg: DictConfig, pair: SolverPair, model: nn.Module, train_refs: torch.Tensor
+    cfg: DictConfig, pair: SolverPair, model: nn.Module, train_refs: torch.Tensor, out_dir: Path
 ) -> tuple[Objective, Any, TensorDataset, SparseCoordinateSampler | None]:
     """Objective, estimator, training set and coordinate sampler of `cfg.method`."""
     stepper = Stepper(pair.coarse, split_seeds(cfg.data)[0])
@@ -226,11 +207,8 @@ def build_training(
             None,
         )
     objective = RolloutObjective(model, black_box_step(stepper), train_refs, cfg.unroll)
-    try:
-        estimator = instantiate(cfg.estimator)
-    except Exception as exc:
-        raise ConfigError(f"estimator: {one_line(exc)}") from exc
-    return objective, estimator, windows, build_sampler(cfg, model, objective)
+    sampler = build_sampler(cfg, objective, out_dir, cfg.model.get("name", "correction_net"))
+    return objective, build_estimator(cfg), windows, sampler
 
 
 def train(
@@ -247,38 +225,26 @@ def train(
     train_refs = torch.from_numpy(
         reference_data(pair, cfg.solver, seeds, d.steps, d.warmup_steps, d.cache_dir)
     )
-    objective, estimator, train_set, sampler = build_training(cfg, pair, model, train_refs)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
-    scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
+    objective, estimator, train_set, sampler = build_training(cfg, pair, model, train_refs, out_dir)
     per_step = f", {sampler.num_coords:,} of {objective.coords.dim:,} coordinates per step" if sampler else ""
     unit = "pairs" if cfg.method == "non" else "windows"
-    print(
+    log.info(
         f"pde: {LABELS[cfg.method]} on {len(train_set)} training {unit} of {len(seeds)} simulations, "
         f"{objective.coords.dim:,} parameters{per_step}"
     )
     trainer = Trainer(
         objective,
         estimator,
-        optimizer,
+        build_optimizer(cfg, model.parameters()),
         train_set,
         evaluate=evaluate,
         out_dir=out_dir,
-        config=TrainerConfig(
-            epochs=typed.epochs,
-            batch_size=typed.batch_size,
-            warmup_epochs=typed.warmup_epochs,
-            seed=typed.seed,
-            query_budget=typed.query_budget,
-            checkpoint_every=typed.checkpoint_every,
-            log_every=typed.log_every,
-            on_nonfinite=typed.on_nonfinite,
-            resume=typed.resume,
-            progress=typed.progress,
-        ),
-        scheduler_factory=scheduler,
+        config=trainer_config(typed),
+        scheduler_factory=build_scheduler(cfg),
         sampler=sampler,
         device=cfg.device,
         title=f"pde {pair.name} {LABELS[cfg.method]}",
+        sinks=build_logger(cfg.logger, out_dir),
     )
     return trainer.fit()
 
@@ -317,9 +283,9 @@ def run(cfg: DictConfig) -> dict:
     typed, out_dir = start_run(cfg, "pde")
     out_dir.mkdir(parents=True, exist_ok=True)
     d, label = cfg.data, LABELS[cfg.method]
-    print(f"pde: registered solvers: {', '.join(list_solvers())}; using '{cfg.solver.name}'")
+    log.info(f"pde: registered solvers: {', '.join(list_solvers())}; using '{cfg.solver.name}'")
     pair = build_solvers(cfg.solver)
-    print(
+    log.info(
         f"pde: {label}, reference grid {pair.fine.grid.shape} -> source grid {pair.coarse.grid.shape}, "
         f"output {out_dir}"
     )
@@ -345,13 +311,8 @@ def run(cfg: DictConfig) -> dict:
         traj = src if model is None else corrected_rollout(model, test_stepper, test_refs, eval_steps)
     except SolverError as exc:
         ckpt = out_dir / CHECKPOINT
-        kept = (
-            f"last good checkpoint: {ckpt} (resume=true continues it)"
-            if ckpt.exists()
-            else "no checkpoint written"
-        )
-        print(f"deepzero-task pde: error: {exc}; {kept}", file=sys.stderr)
-        sys.exit(1)
+        kept = f"last good checkpoint: {ckpt} (resume=true continues it)" if ckpt.exists() else "no checkpoint written"
+        raise SolverError(f"{one_line(exc)}; {kept}") from exc
     curve, src_curve = mae_over_time(traj, test_refs), mae_over_time(src, test_refs)
     result = {
         "method": cfg.method,
@@ -382,7 +343,7 @@ def run(cfg: DictConfig) -> dict:
             out_dir / "snapshots.png",
             f"{pair.name}, test seed {test_seeds[0]}, step {eval_steps}",
         )
-        print(
+        log.info(
             f"pde done: {label} MAE={result['mae']:.4f} (SRC {result['mae_src']:.4f}) over {eval_steps} "
             f"steps of {len(test_seeds)} held-out simulations; output={out_dir}"
         )
@@ -409,6 +370,17 @@ def compare(png: Path, run_dirs: Sequence[Path]) -> str:
             lines.append(f"| {label} | {r['mae']:.4f} | {r['mae_over_time'][-1]:.4f} |")
     plot_errors(curves, png, f"{first['solver']}: held-out simulations")
     return "\n".join(lines)
+
+
+def register_configs() -> None:
+    """pde's config hook: `--help` lists the solvers registered at that moment (built-ins and plug-ins)."""
+    OmegaConf.register_new_resolver("pde_solvers", lambda: ", ".join(list_solvers()), replace=True)
+
+
+APP = App(
+    "pde", "PDE error correction (Solver-in-the-Loop) trained through a black-box solver", PdeConfig, run,
+    register_configs=register_configs,
+)
 
 
 if __name__ == "__main__":
