@@ -43,9 +43,15 @@ def build(node: Any, what: str, *args: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"{what}: {one_line(exc)}") from exc
 
 
-def build_estimator(cfg: DictConfig, first_order: bool = False) -> Any:
-    """The ZO estimator of `cfg.estimator`, or backprop for the first-order baselines."""
-    return FirstOrder() if first_order else build(cfg.estimator, "estimator")
+def build_estimator(cfg: DictConfig, dim: int, first_order: bool = False) -> Any:
+    """The ZO estimator of `cfg.estimator` for `dim` coordinates, or backprop for the first-order baselines.
+    More random directions than coordinates is refused: CGE gets the exact ZO gradient with `dim`."""
+    if first_order:
+        return FirstOrder()
+    q = cfg.estimator.get("q")
+    if isinstance(q, int) and q > dim:
+        raise ConfigError(f"estimator.q={q} exceeds the model's {dim:,} coordinates (q <= d; estimator=cge takes d + 1)")
+    return build(cfg.estimator, "estimator")
 
 
 def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

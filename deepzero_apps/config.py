@@ -10,8 +10,11 @@ and accepts the keys given to it.
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from dataclasses import dataclass, field
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,18 @@ class SparsityConfig:
         _require(self.ordering in ("magnitude", "signed"), f"sparsity.ordering='{self.ordering}' must be magnitude or signed")
         _require(self.ratios is None or Path(self.ratios).is_file(), f"sparsity.ratios='{self.ratios}' does not exist")
         _require(self.mu > 0, f"sparsity.mu={self.mu} must be > 0")
+        _require(self.q >= 1, f"sparsity.q={self.q} must be >= 1 (ZO-GraSP's random directions)")
+        _require(self.samples_per_class >= 1, f"sparsity.samples_per_class={self.samples_per_class} must be >= 1")
+
+
+def _check_device(device: str) -> None:
+    """cpu, or a CUDA device this machine has (the run would otherwise fail after loading its data)."""
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    _require(match is not None, f"device='{device}' must be cpu or cuda[:N]")
+    if device != "cpu":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(match.group(1) or 0)
+        _require(index < count, f"device='{device}' is not available: this machine has {count} CUDA device(s)")
 
 
 @dataclass
@@ -97,13 +112,16 @@ class TrainConfig:
         _require(0 <= self.warmup_epochs < self.epochs, f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
         _require(self.query_budget is None or self.query_budget > 0, f"query_budget={self.query_budget} must be positive")
         _require(self.on_nonfinite in ("stop", "skip"), f"on_nonfinite='{self.on_nonfinite}' must be stop or skip")
-        _require(self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1 or null")
+        cores = os.cpu_count() or 1
+        _require(
+            self.threads is None or 1 <= self.threads <= cores,
+            f"threads={self.threads} must be in [1, {cores}] (this machine's cores) or null",
+        )
+        _require(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32 - 1]")
         _require(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         _require(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         _require(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size} must be >= 1")
-        _require(
-            self.device == "cpu" or self.device.startswith("cuda"), f"device='{self.device}' must be cpu or cuda[:N]"
-        )
+        _check_device(self.device)
 
 
 @dataclass
@@ -157,6 +175,16 @@ class PdeDataConfig:
         )
         _require(self.steps >= 1, f"data.steps={self.steps} must be >= 1")
         _require(self.warmup_steps >= 0, f"data.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(_writable(Path(self.cache_dir)), f"data.cache_dir='{self.cache_dir}' cannot be created or written")
+
+
+def _writable(path: Path) -> bool:
+    """`path` is (or is now made) a writable directory; the run would otherwise fail after simulating."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
 
 
 PDE_METHODS = ("src", "non", "zo_sol", "fo_sol")
@@ -356,12 +384,41 @@ def _check_targets(node: Any, key: str = "") -> None:
         raise ConfigError(f"{key or 'config'}: {node['_target_']} does not accept these arguments: {exc}") from exc
 
 
+# Sizes of a model or denoiser (`_target_` groups stay open dicts) that only make sense positive.
+POSITIVE_SIZES = ("channels", "depth", "width", "blocks", "kernel_size", "hidden", "layers", "latent_channels")
+
+
+def _check_keys(cfg: Any, schema: type, prefix: str = "") -> None:
+    """Refuse keys the schema does not have, also those added with `+` (a typo like `+chekpoint_every`)."""
+    known = {f.name: f.type for f in fields(schema)}
+    for key in cfg:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"'{prefix}{key}' is not a setting of this app{hint}")
+    for f in fields(schema):
+        if is_dataclass(f.default_factory) and isinstance(cfg.get(f.name), DictConfig):  # type: ignore[arg-type]
+            _check_keys(cfg[f.name], f.default_factory, f"{prefix}{f.name}.")
+
+
+def _check_sizes(node: Any, group: str) -> None:
+    for key in POSITIVE_SIZES:
+        value = node.get(key) if isinstance(node, dict) else None
+        _require(not isinstance(value, int) or isinstance(value, bool) or value >= 1,
+                 f"{group}.{key}={value} must be >= 1")
+
+
 def validate(cfg: DictConfig, schema: str | type) -> Any:
     """Run the schema's value checks and the `_target_` checks; returns the typed config object.
     `schema`: the dataclass, or the name of a built-in app."""
-    merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[schema] if isinstance(schema, str) else schema), cfg)
+    schema = SCHEMAS[schema] if isinstance(schema, str) else schema
+    _check_keys(cfg, schema)
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     typed = OmegaConf.to_object(merged)
-    _check_targets(OmegaConf.to_container(merged, resolve=True))
+    plain = OmegaConf.to_container(merged, resolve=True)
+    for group in ("model", "denoiser"):
+        _check_sizes(plain.get(group), group)
+    _check_targets(plain)
     return typed
 
 

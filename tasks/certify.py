@@ -313,9 +313,13 @@ def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tens
     ccfg = cfg.classifier
     if ccfg.callable is not None:
         try:
-            return instantiate(ccfg.callable), {"source": "callable"}
+            built = instantiate(ccfg.callable)
         except Exception as exc:
             raise ConfigError(f"classifier.callable: {one_line(exc)}") from exc
+        if not callable(built):
+            raise ConfigError(f"classifier.callable: {ccfg.callable._target_} returned a {type(built).__name__}, "
+                              "not a callable mapping [0, 1] images to logits")
+        return built, {"source": "callable"}
     model = build_model(cfg.model, data).to(cfg.device)
     standardize = Standardize(*norm).to(cfg.device)
     classifier = nn.Sequential(standardize, model)
@@ -410,7 +414,7 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
         estimator: Any = FirstOrder()
     elif cfg.mode == "deepzero":
         objective = StagedObjective(denoiser, loss, inputs=noisy)
-        estimator = build_estimator(cfg)
+        estimator = build_estimator(cfg, objective.coords.dim)
         sampler = build_sampler(cfg, objective, out_dir, cfg.denoiser.get("name", "denoiser"),
                                 lambda out, y: stability(blackbox(out), y, kind), partial(scoring_batch, cfg, data))
     else:

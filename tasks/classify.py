@@ -102,7 +102,6 @@ def balanced_examples(dataset, per_class: int, num_classes: int, seed: int) -> t
 
 def run(cfg: DictConfig) -> dict:
     typed, out_dir = start_run(cfg, "classify")
-    estimator = build_estimator(cfg, first_order=cfg.mode == "fo")
     try:
         data = build_datasets(
             cfg.data.name, cfg.data.root, train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit,
@@ -112,6 +111,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(str(exc)) from exc
     model = build_model(cfg.model, data).to(cfg.device)
     objective = StagedObjective(model, cross_entropy)
+    estimator = build_estimator(cfg, objective.coords.dim, first_order=cfg.mode == "fo")
 
     def scoring_batch() -> tuple[torch.Tensor, torch.Tensor]:
         x, y = balanced_examples(data.train, cfg.sparsity.samples_per_class, data.num_classes, cfg.seed)

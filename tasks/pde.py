@@ -208,7 +208,7 @@ def build_training(
         )
     objective = RolloutObjective(model, black_box_step(stepper), train_refs, cfg.unroll)
     sampler = build_sampler(cfg, objective, out_dir, cfg.model.get("name", "correction_net"))
-    return objective, build_estimator(cfg), windows, sampler
+    return objective, build_estimator(cfg, objective.coords.dim), windows, sampler
 
 
 def train(

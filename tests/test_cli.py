@@ -3,12 +3,15 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from deepzero_apps.apps import ENTRY_POINT_GROUP, builtin_apps, list_apps
 from deepzero_apps.checkpoint import load_checkpoint
 from deepzero_apps.cli import main
+from deepzero_apps.errors import ConfigError
 
 TINY = ["data.train_limit=96", "data.test_limit=60", "batch_size=32", "epochs=1", "progress=false"]
 
@@ -26,7 +29,7 @@ def test_console_script_unknown_application_is_one_line_exit_2():
     proc = subprocess.run([sys.executable, "-m", "deepzero_apps.cli", "clasify"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "deepzero-task: error: unknown application 'clasify'; choose from: " + ", ".join(
-        __import__("deepzero_apps.cli", fromlist=["APPS"]).APPS
+        list_apps()
     )
 
 
@@ -44,6 +47,18 @@ def test_console_script_unknown_application_is_one_line_exit_2():
         ("mode=so", "mode='so'"),
         ("optimizer.lr=abc", "optimizer:"),
         ("data=0", "Got int"),
+        # issue #13 item 9: each of these was a traceback
+        ("model.channels=0", "model.channels=0 must be >= 1"),
+        ("seed=-1", "seed=-1"),
+        ("seed=99999999999999999999999", "seed=99999999999999999999999"),
+        ("device=cuda:abc", "device='cuda:abc'"),
+        ("sparsity=zo_grasp sparsity.samples_per_class=0", "sparsity.samples_per_class=0"),
+        ("sparsity=zo_grasp sparsity.q=0", "sparsity.q=0"),
+        ("sparsity=zo_grasp data.train_limit=64", "fewer than samples_per_class=25"),
+        ("estimator=rge estimator.q=100000000000", "estimator.q=100000000000 exceeds"),
+        ("threads=1000", "threads=1000"),
+        ("+chekpoint_every=1", "did you mean checkpoint_every"),
+        ("+data.rooot=x", "did you mean data.root"),
     ],
 )
 def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, needle):
@@ -113,3 +128,109 @@ def test_zo_grasp_scoring_queries_count_in_the_run(tmp_path):
     assert run(tmp_path, "sparsity=zo_grasp", "sparsity.q=3", "sparsity.samples_per_class=2") == 0
     (epoch,) = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
     assert epoch["queries"] == 2 * (3 + 1) + epoch["step"] * epoch["queries_per_step"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line_exit_2(tmp_path, capsys):
+    assert run(tmp_path, "device=cuda") == 2
+    err = capsys.readouterr().err.strip()
+    assert "device='cuda' is not available" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    ("app", "override", "needle"),
+    [
+        ("pde", "data.cache_dir=/proc/nope", "data.cache_dir='/proc/nope'"),
+        ("certify", "classifier.callable={_target_:os.getcwd}", "os.getcwd returned a str"),
+        ("certify", "sparsity=grasp", "gradients through the black box"),
+    ],
+)
+def test_bad_configuration_of_other_apps_is_one_line_exit_2(tmp_path, capsys, app, override, needle):
+    assert main([app, f"hydra.run.dir={tmp_path}", "progress=false", "data.train_limit=40", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(ConfigError, match="seed=-1"):
+        main(["classify", "--debug", f"hydra.run.dir={tmp_path}", "seed=-1"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR")  # --debug set it for Hydra too
+
+
+def test_builtin_apps_are_discovered():
+    assert set(builtin_apps()) == {"classify", "certify", "pde"}
+
+
+@pytest.mark.parametrize(
+    ("app", "groups", "foreign"),
+    [
+        ("classify", ["data:", "model:", "sparsity:", "logger:", "experiment: cge_vs_rge"], ["denoiser:", "solver:"]),
+        ("certify", ["denoiser: dncnn", "experiment: certify_cifar10"], ["solver:", "cge_vs_rge"]),
+        ("pde", ["solver: burgers, wake", "experiment: pde_burgers, pde_wake"], ["data:", "denoiser:", "model:"]),
+    ],
+)
+def test_help_shows_only_the_apps_groups(capsys, app, groups, foreign):
+    assert main([app, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"deepzero-task {app}: "), out[:200]
+    listing = out.split("== Config groups ==")[1].split("== Config ==")[0]
+    assert all(g in listing for g in groups), listing
+    assert not any(f in listing for f in foreign), listing
+
+
+def test_certify_honours_the_sparsity_group(capsys):
+    for choice, method in (("dense", "method: dense"), ("random", "method: random")):
+        assert main(["certify", f"sparsity={choice}", "--cfg", "job", "--package", "sparsity"]) == 0
+        assert method in capsys.readouterr().out
+
+
+def _write_dist(root: Path, dist: str, entry_points: dict[str, str]) -> None:
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = [f"[{ENTRY_POINT_GROUP}]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_third_party_app_registers_by_entry_point_and_runs(tmp_path, capsys, monkeypatch):
+    """A toy app under tests/ (one module plus its configs) is listed, helped and run by deepzero-task."""
+    site = tmp_path / "site"
+    _write_dist(site, "dz_toy_app", {"toy": "dz_toy_app:APP", "broken": "dz_no_such_module_xyz:APP"})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "toy_app"))
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "toy       a toy app from the tests" in out and "broken" in out and "cannot be loaded" in out
+    assert main(["toy", f"hydra.run.dir={tmp_path / 'run'}", "target=2.0", "optimizer.lr=0.1"]) == 0
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["w"] == pytest.approx(2.0, abs=1e-3)
+    assert "toy done" in (tmp_path / "run" / "toy.log").read_text()
+    assert main(["toy", f"hydra.run.dir={tmp_path / 'bad'}", "steps=0.5"]) == 2
+    assert main(["broken"]) == 2
+    assert "cannot be loaded" in capsys.readouterr().err
+
+
+def test_tensorboard_logger_and_app_log(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run(tmp_path, "mode=fo", "logger=tensorboard", "log_every=1") == 0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "epoch/eval/test_acc", "epoch/queries"} <= set(tags), tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows])
+    log = (tmp_path / "classify.log").read_text()
+    assert "classify done: test_acc=" in log
+
+
+def test_missing_logger_package_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda n, *a: (_ for _ in ()).throw(ImportError(n))
+                        if n == "mlflow" else real(n, *a))
+    assert run(tmp_path, "mode=fo", "logger=mlflow") == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'deepzero-apps[mlflow]'" in err and len(err.splitlines()) == 1, err
