@@ -141,12 +141,12 @@ def test_cuda_without_a_gpu_is_one_line_exit_2(tmp_path, capsys):
     ("app", "override", "needle"),
     [
         ("pde", "data.cache_dir=/proc/nope", "data.cache_dir='/proc/nope'"),
-        ("certify", "classifier.callable={_target_:os.getcwd}", "os.getcwd returned a str"),
+        ("certify", "data.train_limit=40 classifier.callable={_target_:os.getcwd}", "os.getcwd returned a str"),
         ("certify", "sparsity=grasp", "gradients through the black box"),
     ],
 )
 def test_bad_configuration_of_other_apps_is_one_line_exit_2(tmp_path, capsys, app, override, needle):
-    assert main([app, f"hydra.run.dir={tmp_path}", "progress=false", "data.train_limit=40", override]) == 2
+    assert main([app, f"hydra.run.dir={tmp_path}", "progress=false", *override.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
