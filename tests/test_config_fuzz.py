@@ -1,6 +1,9 @@
 """Property tests of the CLI's config layer: any override list either composes or is a one-line
 UsageError (exit 2), never another exception (a traceback)."""
 
+import os
+
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +29,7 @@ optional_int = st.one_of(st.just("null"), positive_int)
 # Keys of the classify config with values its schema accepts (warmup_epochs stays at 0 < epochs).
 VALID = {
     "mode": st.sampled_from(["zo", "fo"]),
-    "threads": optional_int,
+    "threads": st.one_of(st.just("null"), st.integers(1, os.cpu_count() or 1).map(str)),
     "epochs": positive_int,
     "batch_size": positive_int,
     "eval_batch_size": positive_int,
@@ -35,6 +38,7 @@ VALID = {
     "progress": flag,
     "query_budget": optional_int,
     "checkpoint_every": st.integers(0, 100).map(str),
+    "model.channels": positive_int,
     "log_every": positive_int,
     "on_nonfinite": st.sampled_from(["stop", "skip"]),
     "data.train_limit": optional_int,
@@ -91,6 +95,9 @@ KEYS = st.one_of(
             "model.name",
             "model.depth",
             "estimator.q",
+            "sparsity.samples_per_class",
+            "model.channels",
+            "seed",
             "estimator._target_",
             "optimizer._target_",
             "scheduler._target_",
@@ -149,3 +156,44 @@ def test_any_overrides_compose_or_fail_in_one_line(overrides, multirun):
     except UsageError as exc:
         message = str(exc)
         assert message and "\n" not in message, message
+
+
+# Issue #13 item 9, verbatim: inputs that were tracebacks; each is refused by composition + schema
+# (the run-time ones, which need the data or the model, are end-to-end in tests/test_cli.py).
+REFUSED = [
+    ("classify", "model.channels=0"),
+    ("classify", "seed=-1"),
+    ("classify", "seed=99999999999999999999999"),
+    ("classify", "device=cuda:abc"),
+    ("classify", "sparsity=zo_grasp sparsity.samples_per_class=0"),
+    ("classify", "sparsity=zo_grasp sparsity.q=0"),
+    ("classify", "threads=1000"),
+    ("classify", "+chekpoint_every=1"),
+    ("pde", "data.cache_dir=/proc/nope"),
+    ("certify", "sparsity=grasp"),
+]
+
+
+@pytest.mark.parametrize(("app", "overrides"), REFUSED)
+def test_meaningless_values_are_refused_in_one_line(app, overrides):
+    with pytest.raises(UsageError) as info:
+        check_overrides(app, overrides.split())
+    message = str(info.value)
+    assert message and "\n" not in message and overrides.split()[-1].lstrip("+").split("=")[0] in message
+
+
+@settings(max_examples=40, **FUZZ)
+@given(st.sampled_from(REFUSED), valid_overrides())
+def test_refused_values_stay_refused_among_valid_overrides(case, overrides):
+    """Each refused input stays a one-line error whatever valid overrides come before it."""
+    app, bad = case
+    if app != "classify":
+        return
+    keys = {o.split("=")[0].lstrip("+") for o in bad.split()}
+    overrides = [o for o in overrides if o.split("=")[0] not in keys and not o.startswith("sparsity=")]
+    try:
+        check_overrides(app, [*overrides, *bad.split()])
+    except UsageError as exc:
+        assert "\n" not in str(exc)
+    else:
+        raise AssertionError(f"accepted: {overrides + bad.split()}")
