@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
 from omegaconf import DictConfig
@@ -28,7 +28,7 @@ class App:
     `config_path`: the app's primary Hydra config dir (`pkg://...` or an absolute path) holding
     `<name>.yaml` and the app's own groups; shared groups come in through its `hydra.searchpath`.
     `register_configs`: called before composing, to store configs made at run time (ConfigStore,
-    resolvers) only for this app.
+    resolvers) only for this app. `aliases`: deprecated override keys and the keys they now are.
     """
 
     name: str
@@ -37,6 +37,7 @@ class App:
     run: Callable[[DictConfig], dict]
     config_path: str = ""
     register_configs: Callable[[], None] | None = None
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def config_dir(self) -> str:

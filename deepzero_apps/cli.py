@@ -171,7 +171,23 @@ def join_ranks(app: App, cfg: DictConfig, overrides: Sequence[str], multirun: bo
     return extra
 
 
+def renamed(app: App, argv: Sequence[str]) -> list[str]:
+    """`argv` with the app's deprecated override keys renamed, one line on stderr for each."""
+    out = []
+    for arg in argv:
+        prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
+        key, sep, value = arg[len(prefix):].partition("=")
+        if sep and key in app.aliases and not arg.startswith("-"):
+            new = app.aliases[key]
+            print(f"deepzero-task {app.name}: {key}= is deprecated, use {new}= ({key}={value} runs {new}={value})",
+                  file=sys.stderr)
+            arg = f"{prefix}{new}={value}"
+        out.append(arg)
+    return out
+
+
 def run_app(app: App, argv: Sequence[str]) -> int:
+    argv = renamed(app, argv)
     args, _ = hydra_args().parse_known_args(list(argv))
     wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.version)
     argv = list(argv)

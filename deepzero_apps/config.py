@@ -238,7 +238,7 @@ class PdeConfig(TrainConfig):
         )
 
 
-CERTIFY_MODES = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
+CERTIFY_METHODS = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
 
 
 @dataclass
@@ -308,9 +308,10 @@ class SmoothingConfig:
 
 @dataclass
 class CertifyConfig(TrainConfig):
-    """Denoised smoothing through a black box; `mode` picks how the denoiser is fine-tuned."""
+    """Denoised smoothing through a black box; `method` picks how the denoiser is fine-tuned."""
 
-    mode: str = "deepzero"  # deepzero (sparse CGE) | zo_ae_ds (ZO on an AE latent) | fo_ds (white-box bound) | mse
+    method: str = "deepzero"  # deepzero (sparse CGE) | zo_ae_ds (ZO on an AE latent) | fo_ds (white-box bound) | mse
+    mode: str | None = None  # set from method (the trainer's zo | fo); `mode=METHOD` is the CLI's deprecated alias
     sigma: float = 0.25  # Gaussian noise std in [0, 1] pixel units, for training and certification
     mse_weight: float = 0.0  # fine-tuning loss: mse_weight * MSE(D(x'), x) + stab_weight * Stab (Salman et al.:
     stab_weight: float = 1.0  # MSE pretraining, then Stab fine-tuning)
@@ -334,17 +335,18 @@ class CertifyConfig(TrainConfig):
     certify: SmoothingConfig = field(default_factory=SmoothingConfig)
 
     def __post_init__(self) -> None:
-        _require(self.mode in CERTIFY_MODES, f"mode='{self.mode}' is unknown; choose from: {', '.join(CERTIFY_MODES)}")
-        mode, self.mode = self.mode, "fo" if self.mode == "fo_ds" else "zo"  # the shared checks know zo | fo
+        methods = ", ".join(CERTIFY_METHODS)
+        _require(self.method in CERTIFY_METHODS, f"method='{self.method}' is unknown; choose from: {methods}")
+        _require(self.mode is None, f"mode='{self.mode}' is not a certify setting; use method (one of: {methods})")
+        self.mode = "fo" if self.method == "fo_ds" else "zo"
         super().__post_init__()
-        self.mode = mode
         _require(self.sigma > 0, f"sigma={self.sigma} must be > 0")
         _require(self.mse_weight >= 0 and self.stab_weight > 0, "need mse_weight >= 0 and stab_weight > 0 (Stab drives the queries)")
         _require(self.eval_limit >= 1, f"eval_limit={self.eval_limit} must be >= 1")
         _require(self.finetune_limit is None or self.finetune_limit >= 1, f"finetune_limit={self.finetune_limit} must be >= 1")
         _require(
-            self.mode != "fo_ds" or self.classifier.output != "label",
-            "mode=fo_ds backpropagates through the classifier's output; classifier.output=label has no gradient",
+            self.method != "fo_ds" or self.classifier.output != "label",
+            "method=fo_ds backpropagates through the classifier's output; classifier.output=label has no gradient",
         )
         _require(
             self.sparsity.method != "grasp",

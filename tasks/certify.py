@@ -394,7 +394,7 @@ def pretrain_autoencoder(cfg: DictConfig, data: DataBundle, denoiser: nn.Module,
 
 def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, denoiser: nn.Module,
                metrics: Callable[[nn.Module], dict], out_dir: Path) -> tuple[nn.Module, dict]:
-    """Fine-tune the denoiser by `cfg.mode`; returns the certified pipeline and the trainer summary."""
+    """Fine-tune the denoiser by `cfg.method`; returns the certified pipeline and the trainer summary."""
     # Fine-tuning, scoring and the autoencoder all see the denoiser as certification will: BatchNorm keeps
     # the pretrained statistics (and no forward pass here may move them).
     denoiser.eval()
@@ -407,12 +407,12 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
     extra: dict[str, Any] = {"blackbox": blackbox, "noise": noisy}
     loss = DenoiserLoss(blackbox, kind, cfg.mse_weight, cfg.stab_weight)
     sampler, pipeline = None, denoiser
-    if cfg.mode == "fo_ds":
+    if cfg.method == "fo_ds":
         extra["whitebox"] = WhiteBox(classifier, kind)
         objective: Objective = StagedObjective(denoiser, DenoiserLoss(extra["whitebox"], kind, cfg.mse_weight,
                                                                       cfg.stab_weight), inputs=noisy)
         estimator: Any = FirstOrder()
-    elif cfg.mode == "deepzero":
+    elif cfg.method == "deepzero":
         objective = StagedObjective(denoiser, loss, inputs=noisy)
         estimator = build_estimator(cfg, objective.coords.dim)
         sampler = build_sampler(cfg, objective, out_dir, cfg.denoiser.get("name", "denoiser"),
@@ -432,14 +432,14 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
     trainer = Trainer(
         objective, estimator, build_optimizer(cfg, params), train_set, evaluate=lambda: metrics(pipeline),
         out_dir=out_dir, config=trainer_config(typed), scheduler_factory=build_scheduler(cfg), sampler=sampler,
-        sinks=build_logger(cfg.logger, out_dir), device=cfg.device, extra_state=extra, title=f"certify {cfg.data.name} mode={cfg.mode}",
+        sinks=build_logger(cfg.logger, out_dir), device=cfg.device, extra_state=extra, title=f"certify {cfg.data.name} method={cfg.method}",
     )
     if is_main():
         per_step = (sampler.num_coords if sampler is not None else objective.coords.dim) + 1
-        if cfg.mode == "zo_ae_ds":
+        if cfg.method == "zo_ae_ds":
             per_step = estimator.queries_per_step(int(torch.tensor(encoder(x[:1].to(cfg.device)).shape[1:]).prod()))
-        print(f"certify: mode={cfg.mode}, {objective.coords.dim:,} trainable parameters, "
-              + ("backprop through the classifier" if cfg.mode == "fo_ds" else f"{per_step:,} queries of the batch per step")
+        print(f"certify: method={cfg.method}, {objective.coords.dim:,} trainable parameters, "
+              + ("backprop through the classifier" if cfg.method == "fo_ds" else f"{per_step:,} queries of the batch per step")
               + f", query budget {typed.query_budget or 'none'}, output {out_dir}")
     return pipeline.eval(), trainer.fit()
 
@@ -462,7 +462,7 @@ def certify_pipeline(cfg: DictConfig, data: DataBundle, classifier: Any, pipelin
               "n0": ccfg.n0, "n": ccfg.n, "alpha": ccfg.alpha, "sigma": cfg.sigma, "queries": blackbox.queries,
               "wall_s": sum(r.time for r in rows)}
     (out_dir / "certified_accuracy.json").write_text(json.dumps(result, indent=2))
-    plot_curves({cfg.mode: rows}, out_dir / "certified_accuracy.png", title=f"{cfg.data.name}, sigma={cfg.sigma}")
+    plot_curves({cfg.method: rows}, out_dir / "certified_accuracy.png", title=f"{cfg.data.name}, sigma={cfg.sigma}")
     return result
 
 
@@ -515,21 +515,21 @@ def run(cfg: DictConfig) -> dict:
               StagedObjective(denoiser, lambda out, b: F.mse_loss(out, b[0]), inputs=noisy),
               torch.optim.Adam(denoiser.parameters(), lr=pre.lr), data.train, lambda: metrics(denoiser), cfg,
               pre.epochs, pre.batch_size, "denoiser pretraining", extra_state={"noise": noisy})
-    if cfg.mode == "mse":
+    if cfg.method == "mse":
         pipeline, train = denoiser.eval(), {"queries": 0, "eval": metrics(denoiser)}
     else:
         pipeline, train = train_mode(cfg, typed, data, classifier, denoiser, metrics, out_dir)
     cert = certify_pipeline(cfg, data, classifier, pipeline, out_dir)
-    summary = {"mode": cfg.mode, "data": cfg.data.name, "sigma": cfg.sigma, "classifier": clf_info, "train": train,
+    summary = {"mode": cfg.method, "method": cfg.method, "data": cfg.data.name, "sigma": cfg.sigma, "classifier": clf_info, "train": train,
                "certify": cert}
     if is_main():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc = " ".join(f"r={r}:{a:.3f}" for r, a in cert["certified_accuracy"].items())
-        print(f"certify done: mode={cfg.mode} train_queries={train['queries']:,} certified {acc} output={out_dir}")
+        print(f"certify done: method={cfg.method} train_queries={train['queries']:,} certified {acc} output={out_dir}")
     return summary
 
 
 APP = App(
     "certify", "certified defense of a black-box classifier: denoiser trained by DeepZero, ZO-AE-DS or FO",
-    CertifyConfig, run,
+    CertifyConfig, run, aliases={"mode": "method"},
 )

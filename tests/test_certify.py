@@ -136,7 +136,7 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
             assert (run_dir / "learning_curve.png").exists()
         runs.append(str(run_dir))
     assert (tmp_path / "deepzero" / "ratios.json").exists()
-    assert "certify done: mode=mse" in capsys.readouterr().out
+    assert "certify done: method=mse" in capsys.readouterr().out
     out = tmp_path / "compare"
     assert main(["certify", f"hydra.run.dir={out}", f"compare=[{','.join(runs)}]"]) == 0
     for name in ("compare.png", "compare.csv", "compare.md"):
@@ -155,7 +155,7 @@ def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("mode=zo", "mode='zo'"),
+        ("method=zo", "method='zo'"),
         ("mode=fo_ds classifier.output=label", "no gradient"),
         ("sparsity.method=grasp", "gradients through the black box"),
         ("sigma=0", "sigma=0.0 must be > 0"),

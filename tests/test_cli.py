@@ -234,3 +234,9 @@ def test_missing_logger_package_is_one_line_exit_2(tmp_path, capsys, monkeypatch
     assert run(tmp_path, "mode=fo", "logger=mlflow") == 2
     err = capsys.readouterr().err.strip()
     assert "pip install 'deepzero-apps[mlflow]'" in err and len(err.splitlines()) == 1, err
+
+
+def test_certify_mode_is_a_deprecated_alias_of_method(capsys):
+    assert main(["certify", "mode=mse", "--cfg", "job"]) == 0
+    out, err = capsys.readouterr()
+    assert "method: mse" in out and "mode=mse runs method=mse" in err and len(err.splitlines()) == 1
