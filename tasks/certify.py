@@ -60,7 +60,7 @@ from deepzero_apps.loggers import build_logger
 from deepzero_apps.models import get_factory
 from deepzero_apps.smoothing import Smoothed, certified_accuracy, certify_dataset, load_certification
 from deepzero_apps.smoothing import plot_certified_accuracy as plot_curves
-from deepzero_apps.tasks.certify_zoae import AEObjective, LatentZO, autoencoder
+from deepzero_apps.tasks.certify_zoae import AEObjective, autoencoder, latent_estimator
 from deepzero_apps.tasks.classify import build_model, cross_entropy
 from deepzero_apps.tasks.classify import evaluate as classifier_accuracy
 from deepzero_apps.trainer import Trainer, TrainerConfig
@@ -423,9 +423,11 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
         def per_image(z: Tensor, target: Tensor) -> Tensor:
             return cfg.stab_weight * stability(blackbox(decoder(z)), target, kind, reduction="none")
 
-        objective = AEObjective(denoiser, encoder, decoder, per_image, noisy, cfg.mse_weight)
         zcfg = cfg.zo_ae_ds
-        estimator = LatentZO(zcfg.estimator, q=zcfg.q, mu=zcfg.mu, seed=cfg.seed)
+        objective = AEObjective(denoiser, encoder, decoder, per_image, noisy, cfg.mse_weight,
+                                latent_estimator(zcfg.estimator, zcfg.q, zcfg.mu, cfg.seed))
+        estimator = FirstOrder()  # exact through the white box, ZO through the black box (a zo_function)
+        extra["latent"] = objective.latent  # its call count seeds RGE's directions: replayed on resume
         pipeline = nn.Sequential(denoiser, encoder, decoder)
     objective.counter = ImageQueries([s for s in (blackbox, extra.get("whitebox")) if s is not None])
     params = [b.param for b in objective.coords.blocks]
@@ -437,7 +439,7 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
     if is_main():
         per_step = (sampler.num_coords if sampler is not None else objective.coords.dim) + 1
         if cfg.method == "zo_ae_ds":
-            per_step = estimator.queries_per_step(int(torch.tensor(encoder(x[:1].to(cfg.device)).shape[1:]).prod()))
+            per_step = objective.latent.queries_per_call(encoder(x[:1].to(cfg.device))[0].numel())
         print(f"certify: method={cfg.method}, {objective.coords.dim:,} trainable parameters, "
               + ("backprop through the classifier" if cfg.method == "fo_ds" else f"{per_step:,} queries of the batch per step")
               + f", query budget {typed.query_budget or 'none'}, output {out_dir}")

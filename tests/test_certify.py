@@ -11,7 +11,7 @@ from deepzero_apps.cli import main
 from deepzero_apps.engine import CGE, FirstOrder, StagedObjective
 from deepzero_apps.models import create_model
 from deepzero_apps.tasks.certify import DenoiserLoss, ImageQueries, NoisyInputs, WhiteBox, stability
-from deepzero_apps.tasks.certify_zoae import AEObjective, LatentZO, autoencoder
+from deepzero_apps.tasks.certify_zoae import AEObjective, autoencoder, latent_estimator
 
 TINY = [
     "data.train_limit=64", "data.test_limit=40", "eval_limit=40", "classifier.epochs=1", "pretrain.epochs=1",
@@ -89,8 +89,8 @@ def test_each_mode_decreases_its_loss(mode):
         def per_image(z, target):
             return stability(blackbox(decoder(z)), target, "logits", reduction="none")
 
-        objective = AEObjective(denoiser, encoder, decoder, per_image, noisy, 1.0)
-        estimator = LatentZO(mode[-3:], q=8)
+        objective = AEObjective(denoiser, encoder, decoder, per_image, noisy, 1.0, latent_estimator(mode[-3:], 8, 5e-3, 0))
+        estimator = FirstOrder()  # ZO through the black box (a zo_function), exact elsewhere
     start, end = _train(objective, estimator, batch, steps=15 if mode == "deepzero" else 40)
     assert end < 0.9 * start, (start, end)
 
@@ -102,12 +102,13 @@ def test_latent_cge_matches_autograd_of_the_latent_loss():
     model = nn.Sequential(decoder, classifier).double()
     objective = AEObjective(
         denoiser.double(), encoder.double(), decoder,
-        lambda z, t: stability(model(z), t, "logits", reduction="none"), NoisyInputs(0.25, 0), 0.0,
+        lambda z, t: stability(model(z), t, "logits", reduction="none"), NoisyInputs(0.25, 0), 0.0, CGE(mu=1e-6),
     )  # fmt: skip
     z = torch.randn(8, 2, 2, 2, dtype=torch.float64, requires_grad=True)
     exact = torch.autograd.grad(stability(model(z), batch[1], "logits"), z)[0]
-    _, estimate = LatentZO("cge", mu=1e-6).latent_grad(objective, z.detach(), batch[1], step=0)
+    estimate = torch.autograd.grad(objective.latent(z, batch[1]).mean(), z)[0]
     assert torch.allclose(estimate, exact, atol=1e-5)
+    assert objective.counter.queries == z[0].numel() + 1
 
 
 @pytest.mark.parametrize("output", ["probs", "label"])

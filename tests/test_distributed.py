@@ -50,8 +50,8 @@ def train(config: str, sharded: bool = True) -> dict[str, torch.Tensor]:
     ran = []  # losses this process computed itself (the counter holds the total over ranks)
     loss_fn = obj.loss_fn
     obj.loss_fn = lambda *a: ran.append(1) or loss_fn(*a)
-    if config == "rge":  # shards its directions itself whenever a process group is active
-        est = RGE(q=7, mu=5e-3, evaluator="reuse", seed=3)
+    if config == "rge":  # directions dealt over the ranks
+        est = RGE(q=7, mu=5e-3, evaluator=ShardedEvaluator("reuse"), seed=3)
     else:
         # The batched evaluator with a fixed chunk: a timed one may pick another K per run, which
         # changes float rounding.

@@ -17,6 +17,8 @@ from .pruning import (
 )
 from .queries import QueryBudgetExceeded, QueryCounter
 from .sparsity import DenseSampler, SparseCoordinateSampler, load_ratios, save_ratios
+from .zo_core import Directions, difference
+from .zo_function import ZOFunction, zo_function
 
 __all__ = [
     "CGE",
@@ -50,4 +52,8 @@ __all__ = [
     "is_main",
     "rank",
     "world_size",
+    "Directions",
+    "difference",
+    "ZOFunction",
+    "zo_function",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -95,8 +96,9 @@ class ShardedEvaluator(ReferenceEvaluator):
 
     Costs are kept per parameter tensor (seconds per coordinate, averaged over steps); tensors not
     yet timed are predicted from the objective's stage_cost FLOP fractions, scaled to the measured
-    ones. Every rank's query counter ends up with the total over all ranks. `query` is not
-    sharded (RGE splits its directions over the ranks itself).
+    ones. RGE's directions are dealt round-robin (rank r evaluates directions r, r + world, ...).
+    Every rank's query counter ends up with the total over all ranks. A single `query` is not
+    sharded.
     """
 
     name = "sharded"
@@ -141,6 +143,30 @@ class ShardedEvaluator(ReferenceEvaluator):
         share_query_counts(objective.counter, before)
         return losses
 
+    def direction_losses(
+        self,
+        objective: Objective,
+        batch: Batch,
+        context: Any,
+        directions: Sequence[torch.Tensor],
+        coords: torch.Tensor | None,
+        step: float,
+        indices: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        todo = list(range(len(directions)) if indices is None else indices)
+        world = world_size()
+        if world == 1:
+            return self.inner.direction_losses(objective, batch, context, directions, coords, step, todo)
+        before = objective.counter.snapshot()
+        mine = list(range(rank(), len(todo), world))
+        losses = torch.zeros(len(todo), dtype=torch.float64)  # exact: each loss is one rank's value plus zeros
+        losses[mine] = self.inner.direction_losses(
+            objective, batch, context, directions, coords, step, [todo[n] for n in mine]
+        )
+        losses = all_reduce_sum(losses)
+        share_query_counts(objective.counter, before)
+        return losses
+
     def _record(self, blocks: list[Block], timing: torch.Tensor) -> None:
         for b, (sec, n) in zip(blocks, timing.t().tolist()):
             if n > 0:
@@ -175,7 +201,7 @@ class ShardedEvaluator(ReferenceEvaluator):
 
 def shard_over_ranks(estimator: Any) -> None:
     """Under torchrun, split an estimator's queries over the ranks: its evaluator, unless already
-    sharded, is wrapped in ShardedEvaluator (CGE coordinates; RGE splits its directions itself).
+    sharded, is wrapped in ShardedEvaluator (CGE's coordinates, RGE's directions).
     A single process keeps the estimator as it is."""
     ev = getattr(estimator, "evaluator", None)
     if world_size() > 1 and isinstance(ev, ReferenceEvaluator) and not isinstance(ev, ShardedEvaluator):

@@ -14,23 +14,9 @@ from typing import Literal
 import torch
 
 from .batchnorm import frozen_running_stats
-from .distributed import all_reduce_sum, rank, share_query_counts, world_size
 from .evaluators import ReferenceEvaluator, make_evaluator
 from .objective import Batch, Objective
-
-Scheme = Literal["forward", "central"]
-
-
-def _check_mu(mu: float) -> float:
-    if not mu > 0:
-        raise ValueError(f"mu must be > 0, got {mu}")
-    return float(mu)
-
-
-def _check_scheme(scheme: str) -> str:
-    if scheme not in ("forward", "central"):
-        raise ValueError(f"unknown difference scheme '{scheme}'; choose forward or central")
-    return scheme
+from .zo_core import Directions, Scheme, check_distribution, check_mu, check_scheme, difference
 
 
 class CGE:
@@ -42,8 +28,8 @@ class CGE:
     """
 
     def __init__(self, mu: float = 5e-3, scheme: Scheme = "forward", evaluator: str | ReferenceEvaluator = "reuse"):
-        self.mu = _check_mu(mu)
-        self.scheme = _check_scheme(scheme)
+        self.mu = check_mu(mu)
+        self.scheme = check_scheme(scheme)
         self.evaluator = make_evaluator(evaluator)
 
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
@@ -55,11 +41,8 @@ class CGE:
             f0 = float(f0)
             with frozen_running_stats(objective.module):
                 plus = ev.coordinate_losses(objective, batch, context, todo, self.mu)
-                if self.scheme == "central":
-                    minus = ev.coordinate_losses(objective, batch, context, todo, -self.mu)
-                    grad = (plus - minus) / (2 * self.mu)
-                else:
-                    grad = (plus - f0) / self.mu
+                low = ev.coordinate_losses(objective, batch, context, todo, -self.mu) if self.scheme == "central" else f0
+                grad = difference(plus, low, self.mu, self.scheme)
         view.write_grad(grad, coords)
         return f0
 
@@ -72,14 +55,13 @@ class RGE:
 
     gaussian: u ~ N(0, I_d), phi = 1;  sphere: u uniform on the unit sphere, phi = d,
     with d the number of estimated coordinates; both make E[u u^T] phi = I, so g is unbiased for the
-    gradient of the Gaussian / sphere-smoothed loss.
+    gradient of the Gaussian / sphere-smoothed loss (directions and scaling: `zo_core.Directions`).
 
     q=None uses q = d directions (the paper's CGE-vs-RGE comparison at equal query counts).
     seed_replay=True stores no directions: direction i of step t is regenerated from its seed when
     the gradient is assembled (MeZO-style), so memory stays at inference plus one parameter copy,
     which is kept to restore the weights bit for bit after every query.
-    Under torchrun the directions are split over the ranks (each regenerates the others' from their
-    seeds), and the step is bit-identical to a single process.
+    The evaluator runs the direction queries; a `ShardedEvaluator` splits them over torchrun ranks.
     """
 
     def __init__(
@@ -94,62 +76,28 @@ class RGE:
     ):
         if q is not None and q < 1:
             raise ValueError(f"q must be >= 1 or None (q = d), got {q}")
-        if distribution not in ("gaussian", "sphere"):
-            raise ValueError(f"unknown RGE distribution '{distribution}'; choose gaussian or sphere")
-        self.q, self.mu, self.distribution = (None if q is None else int(q)), _check_mu(mu), distribution
-        self.scheme = _check_scheme(scheme)
+        self.q, self.mu = (None if q is None else int(q)), check_mu(mu)
+        self.distribution, self.scheme = check_distribution(distribution), check_scheme(scheme)
         self.seed_replay, self.seed = seed_replay, int(seed)
         self.evaluator = make_evaluator(evaluator)
 
-    def direction(self, step: int, i: int, d: int, like: torch.Tensor) -> torch.Tensor:
-        """Direction i of step `step`: a pure function of (seed, step, i)."""
-        g = torch.Generator(device=like.device).manual_seed((self.seed * 1_000_003 + step) * 65_537 + i)
-        u = torch.randn(d, generator=g, dtype=like.dtype, device=like.device)
-        return u / u.norm() if self.distribution == "sphere" else u
+    def directions(self, step: int, d: int, like: torch.Tensor) -> Directions:
+        """The directions of step `step` in a d-dimensional space, in `like`'s dtype and device."""
+        return Directions(
+            self.q or d, (d,), distribution=self.distribution, seed=self.seed, step=step,
+            dtype=like.dtype, device=like.device, keep=not self.seed_replay,
+        )  # fmt: skip
 
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
         view, ev = objective.coords, self.evaluator
-        theta0 = view.flatten()
-        idx = None if coords is None else coords.to(theta0.device)
-        d = view.dim if coords is None else len(coords)
-        first_stage = int(view.stage_of(coords).min()) if coords is not None else min(b.stage for b in view.blocks)
-        phi = d if self.distribution == "sphere" else 1.0
-        q = self.q or d
-
-        def loss_at(u: torch.Tensor, sign: float) -> float:
-            theta = theta0.clone()
-            if idx is None:
-                theta.add_(u, alpha=sign * self.mu)
-            else:
-                theta[idx] += sign * self.mu * u
-            view.assign(theta)
-            return float(ev.query(objective, batch, context, first_stage))
-
+        dirs = self.directions(step, view.dim if coords is None else len(coords), view.blocks[0].param)
         with torch.no_grad():
             f0, context = ev.base(objective, batch)
             f0 = float(f0)
-            coefs = torch.zeros(q, dtype=torch.float64)
-            stored: dict[int, torch.Tensor] = {}
-            before = objective.counter.snapshot()
             with frozen_running_stats(objective.module):
-                try:
-                    for i in range(rank(), q, world_size()):  # under torchrun: every world-th direction
-                        u = self.direction(step, i, d, theta0)
-                        low = loss_at(u, -1.0) if self.scheme == "central" else f0
-                        width = 2 * self.mu if self.scheme == "central" else self.mu
-                        coefs[i] = (loss_at(u, 1.0) - low) / width
-                        if not self.seed_replay:
-                            stored[i] = u
-                finally:
-                    view.assign(theta0)
-            if world_size() > 1:  # exact: every coefficient is one rank's value plus zeros
-                coefs = all_reduce_sum(coefs)
-                share_query_counts(objective.counter, before)
-            grad = torch.zeros(d, dtype=torch.float64, device=theta0.device)
-            for i, c in enumerate(coefs.tolist()):
-                u = stored[i] if i in stored else self.direction(step, i, d, theta0)
-                grad.add_(u.to(torch.float64), alpha=c)
-            grad.mul_(phi / q)
+                plus = ev.direction_losses(objective, batch, context, dirs, coords, self.mu)
+                low = ev.direction_losses(objective, batch, context, dirs, coords, -self.mu) if self.scheme == "central" else f0
+            grad = dirs.combine(difference(plus, low, self.mu, self.scheme))
         view.write_grad(grad, coords)
         return f0
 

@@ -7,6 +7,7 @@ float64); faster ones only skip work whose result is known.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,6 +40,37 @@ class ReferenceEvaluator:
                 flat[j] += step
                 out[pos] = float(self.query(objective, batch, context, block.stage))
                 flat[j] = old
+        return out
+
+    def direction_losses(
+        self,
+        objective: Objective,
+        batch: Batch,
+        context: Any,
+        directions: Sequence[torch.Tensor],
+        coords: torch.Tensor | None,
+        step: float,
+        indices: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Loss at theta + step * u_i for every direction i in `indices` (default all; float64, in
+        order); each u_i spans `coords` (all coordinates if None). Parameters are restored on exit."""
+        view = objective.coords
+        theta0 = view.flatten()
+        idx = None if coords is None else coords.to(theta0.device)
+        stage = int(view.stage_of(coords).min()) if coords is not None else min(b.stage for b in view.blocks)
+        todo = range(len(directions)) if indices is None else indices
+        out = torch.empty(len(todo), dtype=torch.float64)
+        try:
+            for n, i in enumerate(todo):
+                theta = theta0.clone()
+                if idx is None:
+                    theta.add_(directions[i], alpha=step)
+                else:
+                    theta[idx] += step * directions[i]
+                view.assign(theta)
+                out[n] = float(self.query(objective, batch, context, stage))
+        finally:
+            view.assign(theta0)
         return out
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .batchnorm import frozen_running_stats
+from .distributed import ShardedEvaluator
 from .estimators import RGE
 from .objective import StagedObjective
 from .queries import QueryCounter
@@ -85,7 +86,8 @@ def zo_grasp_scores(
     names = set(weights)
     obj = StagedObjective(model, lambda out, b: loss_fn(out, b[1]), trainable=lambda n, p: n in names)
     view = obj.coords
-    rge = RGE(q=q, mu=mu, distribution="gaussian", seed=seed, evaluator="reference")
+    # Under torchrun the q directions are split over the ranks (one process: the reference loop).
+    rge = RGE(q=q, mu=mu, distribution="gaussian", seed=seed, evaluator=ShardedEvaluator("reference"))
     saved_grads = [b.param.grad for b in view.blocks]
     theta = view.flatten()
 
