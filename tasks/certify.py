@@ -88,7 +88,8 @@ def pixel_data(data_cfg: DictConfig, seed: int) -> tuple[DataBundle, tuple[Tenso
     try:
         bundle = build_datasets(
             data_cfg.name, data_cfg.root, train_limit=data_cfg.train_limit, test_limit=data_cfg.test_limit,
-            seed=seed, **({"mean": zeros, "std": ones} if data_cfg.name == "imagefolder" else {}),
+            seed=seed, image_size=data_cfg.image_size, channels=data_cfg.channels,
+            **({"mean": zeros, "std": ones} if data_cfg.name == "imagefolder" else {}),
         )
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from exc
