@@ -38,9 +38,15 @@ class DataConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     augment: bool = False
+    image_size: Any = None  # H or [H, W]: resize every image (null: keep; mixed sizes are an error)
+    channels: int | None = None  # 1 | 3 (null: what the images are)
 
     def __post_init__(self) -> None:
         from .data import DATASETS
+        from .data.images import as_size
+
+        as_size(self.image_size)
+        _require(self.channels in (None, 1, 3), f"data.channels={self.channels} must be 1 or 3")
 
         _require(self.name in DATASETS, f"data.name='{self.name}' is unknown; choose from: {', '.join(DATASETS)}")
         if self.name == "imagefolder":

@@ -50,7 +50,7 @@ def build_model(model_cfg: DictConfig, data: DataBundle) -> nn.Module:
     sizes = {
         "in_channels": data.in_channels,
         "num_classes": data.num_classes,
-        "in_features": data.in_channels * data.image_size**2,
+        "in_features": data.in_features,
     }
     fill = {k: v for k, v in sizes.items() if k in params and k not in spec}
     try:
@@ -105,7 +105,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         data = build_datasets(
             cfg.data.name, cfg.data.root, train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit,
-            augment=cfg.data.augment, seed=cfg.seed,
+            augment=cfg.data.augment, seed=cfg.seed, image_size=cfg.data.image_size, channels=cfg.data.channels,
         )
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from exc

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepzero_apps.engine import CGE, RGE, FirstOrder, StagedObjective
+from deepzero_apps.engine import CGE, RGE, FirstOrder, ShardedEvaluator, StagedObjective
+from deepzero_apps.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: extra threads only contend
+
+EVALUATORS = ["reference", "reuse", "batched", "sharded"]  # sharded: one process, around batched
 
 
 def tiny_cnn() -> nn.Sequential:
@@ -151,3 +156,148 @@ def test_bad_hyperparameters_are_named():
         CGE(evaluator="fast")
     with pytest.raises(ValueError, match="q must be >= 1"):
         RGE(q=0)
+
+
+# Tied weights: a parameter used by several stages belongs to the first, queries restart there.
+
+
+def tied_across_stages() -> nn.Sequential:
+    """Layers 3 and 5 share one weight (stages 3 and 5)."""
+    m = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+        nn.Linear(6, 5),
+    ).double()
+    m[5].weight = m[3].weight
+    return m
+
+
+def tied_conv_across_stages() -> nn.Sequential:
+    """One conv module used as stage 1 and stage 3, BatchNorm between (the conv fast paths)."""
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU()), conv, nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()),
+        conv, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5)),
+    ).double()
+
+
+def tied_in_one_stage() -> nn.Sequential:
+    lin = nn.Linear(6, 6)
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.Tanh()), nn.Sequential(lin, nn.Tanh(), lin), nn.Linear(6, 5)
+    ).double()
+
+
+def make_evaluator_named(name):
+    return ShardedEvaluator("batched") if name == "sharded" else name
+
+
+@pytest.mark.parametrize("make", [tied_across_stages, tied_conv_across_stages, tied_in_one_stage])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+def test_tied_weights_equal_the_reference_loop_and_autograd(make, evaluator):
+    model, b = make(), batch()
+    truth = autograd_grad(copy.deepcopy(model), b)
+    ref, near = copy.deepcopy(model), copy.deepcopy(model)
+    CGE(mu=5e-3, evaluator="reference").estimate(objective(ref), b)
+    CGE(mu=5e-3, evaluator=make_evaluator_named(evaluator)).estimate(objective(model), b)
+    assert torch.allclose(grads(model), grads(ref), rtol=0, atol=1e-10)
+    CGE(mu=1e-6, evaluator=make_evaluator_named(evaluator)).estimate(objective(near), b)
+    assert F.cosine_similarity(grads(near), truth, dim=0) >= 0.999
+
+
+def test_tied_parameter_belongs_to_its_first_stage():
+    obj = objective(tied_across_stages())
+    assert obj.coords.block("3.weight").stage == 3
+    assert objective(tied_conv_across_stages()).coords.block("1.weight").stage == 1
+
+
+# The stage list must compose to forward; the engine checks on the first query.
+
+
+class SkipAcrossStages(nn.Module):
+    """forward adds a skip connection that the stage list leaves out."""
+
+    def __init__(self, with_skip_in_stages: bool = False):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 6), nn.Linear(6, 6), nn.Linear(6, 5)
+        self.with_skip_in_stages = with_skip_in_stages
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        return self.c(torch.tanh(self.b(h)) + h)
+
+    def stages(self):
+        if self.with_skip_in_stages:
+            return [nn.Sequential(nn.Flatten(), self.a), Residual(nn.Sequential(self.b, nn.Tanh())), self.c]
+        return [nn.Sequential(nn.Flatten(), self.a), nn.Sequential(self.b, nn.Tanh()), self.c]
+
+
+class Residual(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x) + x
+
+
+ESTIMATORS = {
+    "cge": lambda ev: CGE(evaluator=make_evaluator_named(ev)),
+    "rge": lambda ev: RGE(q=3, evaluator=make_evaluator_named(ev)),
+}
+
+
+@pytest.mark.parametrize("estimator", ["cge", "rge"])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+def test_stages_that_skip_a_residual_add_are_refused(estimator, evaluator):
+    model, b = SkipAcrossStages().double(), batch()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match="3 stages of SkipAcrossStages do not compose to its forward") as e:
+        ESTIMATORS[estimator](evaluator).estimate(objective(model), b)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_first_order_is_checked_too():
+    with pytest.raises(ConfigError, match="do not compose"):
+        FirstOrder().estimate(objective(SkipAcrossStages().double()), batch())
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+def test_stages_that_compose_to_forward_train_forward(evaluator):
+    model, b = SkipAcrossStages(with_skip_in_stages=True).double(), batch()
+    truth = autograd_grad(copy.deepcopy(model), b)
+    CGE(mu=1e-6, evaluator=make_evaluator_named(evaluator)).estimate(objective(model), b)
+    assert F.cosine_similarity(grads(model), truth, dim=0) >= 0.999
+
+
+def test_check_can_be_skipped():
+    model = SkipAcrossStages().double()
+    obj = StagedObjective(model, lambda out, b: F.cross_entropy(out, b[1]), check_stages=False)
+    CGE().estimate(obj, batch())
+    assert model.a.weight.grad.abs().sum() > 0
+
+
+class DropoutNet(nn.Module):
+    """A stochastic forward whose stages draw the same random numbers in the same order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.Dropout(0.5)), nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.c(self.a(x))
+
+    def stages(self):
+        return [self.a, self.c]
+
+
+def test_a_stochastic_forward_passes_and_the_random_stream_is_untouched():
+    b = batch()
+    states = []
+    for check in (True, False):
+        torch.manual_seed(1)
+        model = DropoutNet().double()
+        obj = StagedObjective(model, lambda out, b: F.cross_entropy(out, b[1]), check_stages=check)
+        FirstOrder().estimate(obj, b)
+        states.append((torch.get_rng_state(), grads(model)))
+    assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])

@@ -2,19 +2,23 @@
 
 ``digits`` (sklearn, offline, 8x8) is the default: it trains in seconds on a CPU. ``cifar10``
 and ``imagefolder`` serve the paper-scale runs, ``fake`` serves tests. ``train_limit`` /
-``test_limit`` take class-balanced, seed-deterministic subsets so runs fit a time budget.
-All datasets yield ``(float32 CHW tensor, int label)``.
+``test_limit`` take class-balanced, seed-deterministic subsets so runs fit a time budget;
+``image_size`` resizes and ``channels`` picks 1 or 3 channels for every dataset alike.
+All datasets yield ``(float32 CHW tensor, int label)``; bad data is a one-line ConfigError.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
+
+from ..errors import ConfigError
+from . import images
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -29,7 +33,20 @@ class DataBundle:
     test: Dataset
     num_classes: int
     in_channels: int
-    image_size: int
+    height: int
+    width: int
+
+    @property
+    def image_size(self) -> int:
+        """The side of square images (a model that needs square ones asks this)."""
+        if self.height != self.width:
+            raise ConfigError(f"this model needs square images, got {self.height}x{self.width}; set data.image_size=N")
+        return self.height
+
+    @property
+    def in_features(self) -> int:
+        """Values per image: channels x height x width."""
+        return self.in_channels * self.height * self.width
 
 
 class LabeledTensorDataset(TensorDataset):
@@ -54,6 +71,8 @@ def build_datasets(
     test_limit: int | None = None,
     augment: bool = False,
     seed: int = 0,
+    image_size: int | Sequence[int] | None = None,
+    channels: int | None = None,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
     fake_shape: tuple[int, int, int] = (3, 32, 32),
@@ -64,22 +83,41 @@ def build_datasets(
 
     ``root``: download folder for cifar10 (default ``./data``), the ``train/`` + ``test/`` tree
     for imagefolder; unused otherwise. ``augment`` (random crop with padding 4 + horizontal flip)
-    applies to the training split of cifar10 and imagefolder only. ``mean``/``std`` normalize
-    imagefolder images; ``fake_*`` set the shape, class count and split sizes of ``fake``.
+    applies to the training split of cifar10 and imagefolder only. ``image_size`` (H or [H, W])
+    resizes every image; ``channels`` (1 or 3; default: what the images are) converts them.
+    ``mean``/``std`` normalize cifar10 and imagefolder images (3 values are averaged for one
+    channel); ``fake_*`` set the shape, class count and split sizes of ``fake``.
     """
-    if name == "digits":
-        bundle = _digits(seed)
-    elif name == "cifar10":
-        bundle = _cifar10(root or "data", augment)
+    if channels not in (None, 1, 3):
+        raise ConfigError(f"data.channels={channels} must be 1 or 3 (or null: what the images are)")
+    if name == "cifar10":
+        train, test, c, (h, w) = images.cifar10(root or "data", augment, mean, std, image_size, channels)
+        bundle = DataBundle(train, test, 10, c, h, w)
     elif name == "imagefolder":
-        bundle = _imagefolder(root, augment, mean, std)
-    elif name == "fake":
-        bundle = _fake(fake_shape, fake_classes, fake_sizes, seed)
+        train, test, classes, c, (h, w) = images.image_folder(root, augment, mean, std, image_size, channels)
+        bundle = DataBundle(train, test, classes, c, h, w)
+    elif name in ("digits", "fake"):
+        bundle = _digits(seed) if name == "digits" else _fake(fake_shape, fake_classes, fake_sizes, seed)
+        _reshape_tensors(bundle, images.as_size(image_size), channels)
     else:
-        raise ValueError(f"unknown dataset '{name}'; choose from: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset '{name}'; choose from: {', '.join(DATASETS)}")
+    if bundle.num_classes < 2:
+        raise ConfigError(f"data={name} has {bundle.num_classes} class; classification needs at least two")
     bundle.train = balanced_subset(bundle.train, train_limit, seed)
     bundle.test = balanced_subset(bundle.test, test_limit, seed)
     return bundle
+
+
+def _reshape_tensors(bundle: DataBundle, size: tuple[int, int] | None, channels: int | None) -> None:
+    """Resize (bilinear, antialiased) and convert the channels of in-memory images, in place."""
+    for split in ("train", "test"):
+        x, y = getattr(bundle, split).tensors
+        if size is not None and tuple(x.shape[2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        if channels is not None and x.shape[1] != channels:
+            x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1).contiguous()
+        setattr(bundle, split, LabeledTensorDataset(x, y))
+    bundle.in_channels, bundle.height, bundle.width = x.shape[1], x.shape[2], x.shape[3]
 
 
 def balanced_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
@@ -92,7 +130,7 @@ def balanced_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     if limit is None or limit >= len(labels):
         return dataset
     if limit < 1:
-        raise ValueError(f"dataset limit must be >= 1, got {limit}")
+        raise ConfigError(f"dataset limit must be >= 1, got {limit}")
     order = np.random.default_rng(seed).permutation(len(labels))
     shuffled = labels[order]
     rank = np.empty(len(order), dtype=np.int64)  # position of each item within its class
@@ -128,47 +166,7 @@ def _digits(seed: int) -> DataBundle:
         x = torch.from_numpy((x - mean) / std).unsqueeze(1).float()
         return LabeledTensorDataset(x, torch.from_numpy(y).long())
 
-    return DataBundle(to_dataset(x_train, y_train), to_dataset(x_test, y_test), 10, 1, 8)
-
-
-def _transforms(image_size: int, augment: bool, mean: Sequence[float], std: Sequence[float]):
-    from torchvision import transforms as T
-
-    to_tensor = [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
-    train = T.Compose(
-        [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(), *to_tensor] if augment else to_tensor
-    )
-    return train, T.Compose(to_tensor)
-
-
-def _cifar10(root: str, augment: bool) -> DataBundle:
-    from torchvision.datasets import CIFAR10
-
-    train_tf, test_tf = _transforms(32, augment, CIFAR10_MEAN, CIFAR10_STD)
-    train = CIFAR10(root, train=True, download=True, transform=train_tf)
-    test = CIFAR10(root, train=False, download=True, transform=test_tf)
-    return DataBundle(train, test, 10, 3, 32)
-
-
-def _imagefolder(root: str | None, augment: bool, mean: Sequence[float], std: Sequence[float]) -> DataBundle:
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
-
-    if root is None:
-        raise ValueError("dataset 'imagefolder' needs root= (a folder holding train/ and test/)")
-    for path in (Path(root), Path(root) / "train", Path(root) / "test"):
-        if not path.is_dir():
-            raise FileNotFoundError(f"imagefolder: no such directory: {path}")
-    train = ImageFolder(str(Path(root) / "train"))
-    with Image.open(train.samples[0][0]) as first:
-        image_size = first.size[1]
-    train.transform, test_transform = _transforms(image_size, augment, mean, std)
-    test = ImageFolder(str(Path(root) / "test"), transform=test_transform)
-    if test.classes != train.classes:
-        raise ValueError(
-            f"imagefolder: train classes {train.classes} differ from test classes {test.classes}"
-        )
-    return DataBundle(train, test, len(train.classes), 3, image_size)
+    return DataBundle(to_dataset(x_train, y_train), to_dataset(x_test, y_test), 10, 1, 8, 8)
 
 
 def _fake(shape: tuple[int, int, int], num_classes: int, sizes: tuple[int, int], seed: int) -> DataBundle:
@@ -182,4 +180,4 @@ def _fake(shape: tuple[int, int, int], num_classes: int, sizes: tuple[int, int],
         images = (prototypes[labels] + torch.randn(size, *shape, generator=gen)) / 2**0.5
         return LabeledTensorDataset(images, labels)
 
-    return DataBundle(split(sizes[0]), split(sizes[1]), num_classes, shape[0], shape[1])
+    return DataBundle(split(sizes[0]), split(sizes[1]), num_classes, shape[0], shape[1], shape[2])

@@ -37,7 +37,7 @@ from .fastpaths import (
     linear_source,
     trace,
 )
-from .objective import Batch, Objective, StagedObjective
+from .objective import Batch, Objective, StagedObjective, close
 
 
 class StepCache(list):
@@ -178,7 +178,7 @@ class BatchedEvaluator(FeatureReuse):
             y = trace(plan.trees[s], x, ctx.traces)
             last = s + 1 == len(plan.trees)
             got, want = (objective.loss_fn(y, batch), ctx.loss) if last else (y, ctx[s + 1])
-            if not _close(got, want):
+            if not close(got, want):
                 plan.make_opaque(s)
                 trace(plan.trees[s], x, ctx.traces)
             ctx.traced.add(s)
@@ -281,10 +281,3 @@ def _rerun(module: nn.Module, pname: str, local: Tensor, step: float, x: Tensor)
             flat[j] = old
     return torch.cat(outs)
 
-
-def _close(got: Tensor, want: Tensor) -> bool:
-    """Equal up to float rounding (the trees use grouped BatchNorm, the stages the real one)."""
-    if got.shape != want.shape:
-        return False
-    tol = math.sqrt(torch.finfo(want.dtype).eps) if want.is_floating_point() else 0.0
-    return bool(((got - want).abs().max() <= tol * (want.abs().max() + tol)).item()) if want.numel() else True

@@ -9,6 +9,7 @@ use the base class: every query then runs the whole loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import ConfigError
 from .batchnorm import frozen_running_stats
 from .coords import CoordinateView
 from .queries import QueryCounter
@@ -80,8 +82,12 @@ class StagedObjective(Objective):
     """`loss_fn(model(inputs(batch)), batch)` for a model made of ordered stages.
 
     Custom models get feature reuse by being an `nn.Sequential` or by defining `stages()` that
-    returns modules whose composition is the forward; each stage maps one tensor to one tensor and
-    every trainable parameter lives in exactly one stage.
+    returns modules whose composition is the forward; each stage maps one tensor to one tensor. A
+    parameter used by several stages (tied weights) belongs to the first of them, so a query
+    perturbing it reruns every stage from there on. The engine runs the composition, never
+    `forward`: the first query checks that they agree (ConfigError otherwise), with the random
+    number generators forked so a dropout-style forward passes too; `check_stages=False` skips the
+    check for a forward whose randomness the stages cannot replay.
     """
 
     def __init__(
@@ -90,13 +96,18 @@ class StagedObjective(Objective):
         loss_fn: Callable[[torch.Tensor, Batch], torch.Tensor],
         inputs: Callable[[Batch], torch.Tensor] = first_item,
         trainable: Callable[[str, nn.Parameter], bool] | None = None,
+        check_stages: bool = True,
     ):
         self.stages: Sequence[nn.Module] = model_stages(model)
         self.num_stages = len(self.stages)
-        self._stage_by_param = {id(p): i for i, s in enumerate(self.stages) for p in s.parameters()}
+        self._stage_by_param: dict[int, int] = {}
+        for i, s in enumerate(self.stages):
+            for p in s.parameters():
+                self._stage_by_param.setdefault(id(p), i)  # the first stage that uses it
         self.loss_fn = loss_fn
         self.inputs = inputs
         self._suffix_cost: list[float] | None = None
+        self._unchecked = check_stages and not _composes_by_construction(model, self.stages)
         super().__init__(model, trainable)
 
     def _stage_of_param(self, p: nn.Parameter) -> int:
@@ -107,15 +118,41 @@ class StagedObjective(Objective):
     def stage_cost(self, stage: int) -> float:
         return 1.0 if self._suffix_cost is None else self._suffix_cost[stage]
 
-    def _run(self, stage: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        for s in self.stages[stage:]:
+    def _compose(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
+        for s in self.stages[start:]:
             h = s(h)
-        return self.loss_fn(h, batch)
+        return h
+
+    def _run(self, stage: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(self._compose(h, stage), batch)
 
     def _loss(self, batch: Batch) -> torch.Tensor:
+        self._check_stages(batch)
         return self._run(0, self.inputs(batch), batch)
 
+    def _check_stages(self, batch: Batch) -> None:
+        """Once: the stage composition must reproduce `forward` (the model the user means to train)."""
+        if not self._unchecked:
+            return
+        self._unchecked = False
+        with torch.no_grad(), frozen_running_stats(self.module):
+            want = _forked(batch, lambda: self.module(self.inputs(batch)))
+            got = _forked(batch, lambda: self._compose(self.inputs(batch)))
+        if not close(got, want):
+            how = (
+                f"outputs differ by up to {(got - want).abs().max().item():.3g}"
+                if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and got.shape == want.shape
+                else f"outputs differ in kind or shape ({_shape(got)} vs forward's {_shape(want)})"
+            )
+            raise ConfigError(
+                f"the {self.num_stages} stages of {type(self.module).__name__} do not compose to its forward: "
+                f"{how}; make stages() (or the nn.Sequential children) compute exactly forward, e.g. keep a "
+                "skip connection inside one stage, or pass check_stages=False if forward is random in a way "
+                "the stages cannot replay"
+            )
+
     def forward_cached(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._check_stages(batch)
         if self._suffix_cost is None:
             self._suffix_cost = self._measure_suffix_cost(self.inputs(batch))
         self.counter.add(1, 1.0)
@@ -141,3 +178,43 @@ class StagedObjective(Objective):
         if total <= 0:
             flops, total = [1.0] * len(flops), float(len(flops))
         return [sum(flops[i:]) / total for i in range(len(flops))]
+
+
+def _composes_by_construction(model: nn.Module, stages: Sequence[nn.Module]) -> bool:
+    """A single stage that is the model, or an nn.Sequential's own forward over its children."""
+    if len(stages) == 1 and stages[0] is model:
+        return True
+    plain = isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+    return plain and not callable(getattr(model, "stages", None))
+
+
+def _forked(batch: Batch, fn: Callable[[], Any]) -> Any:
+    """fn() with every random generator (CPU and the batch's GPUs) restored afterwards, so two calls
+    draw the same numbers and training's random stream is untouched."""
+    devices = sorted({t.device.index or 0 for t in _tensors(batch) if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        return fn()
+
+
+def _tensors(batch: Batch) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, (list, tuple)):
+        return [t for item in batch for t in _tensors(item)]
+    if isinstance(batch, dict):
+        return [t for item in batch.values() for t in _tensors(item)]
+    return []
+
+
+def _shape(x: Any) -> str:
+    return f"tensor {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def close(got: Any, want: Any) -> bool:
+    """Tensors equal up to float rounding: max |got - want| <= sqrt(eps) * (max |want| + sqrt(eps))."""
+    if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or got.shape != want.shape:
+        return False
+    if not want.numel():
+        return True
+    tol = math.sqrt(torch.finfo(want.dtype).eps) if want.is_floating_point() else 0.0
+    return bool(((got - want).abs().max() <= tol * (want.abs().max() + tol)).item())
