@@ -25,9 +25,11 @@ from omegaconf.errors import OmegaConfBaseException
 from .config import validate
 from .engine.distributed import init_distributed, is_main, launched_by_torchrun
 from .errors import ConfigError, RunError, one_line
+from .rundir import hydra_overrides, lock_run_dir, release_run_dirs
 
 CONFIG_MODULE = "deepzero_apps.configs"
 USAGE_ERROR = 2
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,9 @@ def join_ranks(app: str, cfg: DictConfig, overrides: Sequence[str], multirun: bo
 
 def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
     """Turn configuration errors found while building a run into one-line exit-2 errors, and a
-    run that fails while working (`RunError`: a non-finite step, a black box, a solver) into a
-    one-line exit-1 error (the last good checkpoint stays)."""
+    run that fails while working (`RunError`: a non-finite step, a black box, a solver; an OSError:
+    disk full, file too large, read-only) into a one-line exit-1 error (the last good checkpoint
+    stays), and Ctrl-C into one line and exit 130. The run directory's lock ends with the job."""
 
     def job(cfg: DictConfig) -> dict:
         try:
@@ -119,9 +122,14 @@ def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig
         except (ConfigError, FileExistsError) as exc:
             print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
             sys.exit(USAGE_ERROR)
-        except RunError as exc:
+        except (RunError, OSError) as exc:
             print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
             sys.exit(1)
+        except KeyboardInterrupt as exc:
+            print(f"deepzero-task {app}: interrupted{': ' + one_line(exc) if str(exc) else ''}", file=sys.stderr)
+            sys.exit(INTERRUPTED)
+        finally:
+            release_run_dirs()
 
     return job
 
@@ -133,7 +141,14 @@ def run_app(app: str, argv: Sequence[str]) -> int:
     if wants_run:
         cfg = check_overrides(app, args.overrides, multirun=args.multirun)
         if launched_by_torchrun():
-            argv += join_ranks(app, cfg, args.overrides, args.multirun)
+            extra = join_ranks(app, cfg, args.overrides, args.multirun)
+        else:  # `${now:...}` resolved once: the directory locked is the one Hydra uses
+            extra = [] if args.multirun else [f"hydra.run.dir={run_dir(app, args.overrides)}"]
+        argv += extra
+        if extra and is_main():  # lock before Hydra writes its files (multirun jobs lock in start_run)
+            directory = extra[0].split("=", 1)[1]
+            lock_run_dir(directory)
+            argv += hydra_overrides(directory, bool(cfg.resume))
     task = importlib.import_module(APPS[app].module)
     hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
     saved_argv = sys.argv
@@ -146,6 +161,7 @@ def run_app(app: str, argv: Sequence[str]) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved_argv
+        release_run_dirs()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
@@ -162,9 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     try:
         return run_app(app, rest)
-    except UsageError as exc:
-        print(f"deepzero-task {app}: error: {exc}", file=sys.stderr)
+    except (UsageError, ConfigError) as exc:
+        print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
         return USAGE_ERROR
+    except RunError as exc:  # e.g. the run directory is locked by another process
+        print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

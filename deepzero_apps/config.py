@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError, one_line
+from .rundir import check_resume, lock_run_dir
 
 
 def _require(ok: bool, message: str) -> None:
@@ -83,10 +84,12 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     seed: int = 0
     resume: bool = False
+    resume_allow_changes: bool = False  # resume even if run-changing keys differ from run_config.yaml
     query_budget: int | None = None
     checkpoint_every: int = 0
     log_every: int = 10
     on_nonfinite: str = "stop"
+    max_skipped_fraction: float = 0.1  # on_nonfinite=skip fails the run beyond this fraction of its steps
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -96,6 +99,9 @@ class TrainConfig:
         _require(0 <= self.warmup_epochs < self.epochs, f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
         _require(self.query_budget is None or self.query_budget > 0, f"query_budget={self.query_budget} must be positive")
         _require(self.on_nonfinite in ("stop", "skip"), f"on_nonfinite='{self.on_nonfinite}' must be stop or skip")
+        _require(
+            0 <= self.max_skipped_fraction <= 1, f"max_skipped_fraction={self.max_skipped_fraction} must be in [0, 1]"
+        )
         _require(self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1 or null")
         _require(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         _require(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
@@ -366,13 +372,17 @@ def validate(cfg: DictConfig, app: str) -> Any:
 
 
 def start_run(cfg: DictConfig, app: str) -> tuple[Any, Path]:
-    """What every app does first: validate `cfg`, set torch's thread count and seed; returns the
-    typed config and Hydra's run directory."""
+    """What every app does first: validate `cfg`, lock the run directory and check a resume against
+    the run's saved config (`rundir`), set torch's thread count and seed; returns the typed config
+    and Hydra's run directory."""
     typed = validate(cfg, app)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    lock_run_dir(out_dir)
+    check_resume(out_dir, cfg, allow_changes=typed.resume_allow_changes)
     if typed.threads is not None:
         torch.set_num_threads(typed.threads)
     torch.manual_seed(cfg.seed)
-    return typed, Path(HydraConfig.get().runtime.output_dir)
+    return typed, out_dir
 
 
 register_configs()

@@ -192,7 +192,8 @@ def test_nan_stops_with_one_line_naming_the_step(tmp_path, capsys, importable_te
 
 
 def test_nan_steps_are_skipped_with_on_nonfinite_skip(tmp_path, capsys, importable_tests):
-    assert run(tmp_path, *FAULTY, "+model.after=22", "epochs=2", "on_nonfinite=skip") == 0
+    assert run(tmp_path, *FAULTY, "+model.after=22", "epochs=2", "on_nonfinite=skip",
+               "max_skipped_fraction=0.5") == 0
     assert "skipping step" in capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"] == "epochs" and summary["steps"] == 6

@@ -46,6 +46,10 @@ class CGE:
         self.scheme = _check_scheme(scheme)
         self.evaluator = make_evaluator(evaluator)
 
+    def queries_per_step(self, n: int) -> int:
+        """Queries of one step over `n` coordinates, known before it runs (budgets check it first)."""
+        return (2 if self.scheme == "central" else 1) * n + 1
+
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
         view = objective.coords
         todo = torch.arange(view.dim) if coords is None else coords
@@ -107,6 +111,10 @@ class RGE:
         u = torch.randn(d, generator=g, dtype=like.dtype, device=like.device)
         return u / u.norm() if self.distribution == "sphere" else u
 
+    def queries_per_step(self, n: int) -> int:
+        """Queries of one step over `n` coordinates: one per direction (two if central) plus the base."""
+        return (2 if self.scheme == "central" else 1) * (self.q or n) + 1
+
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
         view, ev = objective.coords, self.evaluator
         theta0 = view.flatten()
@@ -156,6 +164,10 @@ class RGE:
 
 class FirstOrder:
     """Backprop through the same objective: the white-box baseline, everything else identical."""
+
+    def queries_per_step(self, n: int) -> int:
+        """One forward (counted as one query) per step, whatever the coordinates."""
+        return 1
 
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
         params = [b.param for b in objective.coords.blocks]
