@@ -455,7 +455,8 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
         config=TrainerConfig(
             epochs=typed.epochs, batch_size=typed.batch_size, warmup_epochs=typed.warmup_epochs, seed=typed.seed,
             query_budget=typed.query_budget, checkpoint_every=typed.checkpoint_every, log_every=typed.log_every,
-            on_nonfinite=typed.on_nonfinite, resume=typed.resume, progress=typed.progress,
+            on_nonfinite=typed.on_nonfinite, max_skipped_fraction=typed.max_skipped_fraction,
+            resume=typed.resume, progress=typed.progress,
         ),
         scheduler_factory=instantiate(cfg.scheduler) if cfg.scheduler is not None else None,
         sampler=sampler, device=cfg.device, extra_state=extra, title=f"certify {cfg.data.name} mode={cfg.mode}",

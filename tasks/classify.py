@@ -159,7 +159,8 @@ def run(cfg: DictConfig) -> dict:
         config=TrainerConfig(
             epochs=typed.epochs, batch_size=typed.batch_size, warmup_epochs=typed.warmup_epochs, seed=typed.seed,
             query_budget=typed.query_budget, checkpoint_every=typed.checkpoint_every, log_every=typed.log_every,
-            on_nonfinite=typed.on_nonfinite, resume=typed.resume, progress=typed.progress,
+            on_nonfinite=typed.on_nonfinite, max_skipped_fraction=typed.max_skipped_fraction,
+            resume=typed.resume, progress=typed.progress,
         ),
         scheduler_factory=scheduler, sampler=sampler, device=cfg.device,
         title=f"classify {cfg.data.name} {cfg.model.name} mode={cfg.mode}",

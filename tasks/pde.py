@@ -272,6 +272,7 @@ def train(
             checkpoint_every=typed.checkpoint_every,
             log_every=typed.log_every,
             on_nonfinite=typed.on_nonfinite,
+            max_skipped_fraction=typed.max_skipped_fraction,
             resume=typed.resume,
             progress=typed.progress,
         ),
