@@ -55,7 +55,7 @@ def lock_run_dir(directory: str | os.PathLike) -> None:
         return
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as exc:
+    except OSError as exc:  # a parent is a file, a read-only or missing mount ...
         raise ConfigError(f"run directory {directory} cannot be created: {exc.strerror} ({exc.filename})") from exc
     try:
         fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)

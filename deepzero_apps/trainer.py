@@ -168,7 +168,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.objective.module.load_state_dict(state["model"])
+        expected = [sorted(g) for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        if [sorted(g) for g in self.optimizer.param_groups] != expected:  # torch takes another optimizer's groups
+            raise ValueError(f"optimizer state is not a {type(self.optimizer).__name__}'s")
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         ev = self._evaluator
