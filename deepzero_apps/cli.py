@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,12 @@ def join_ranks(app: str, cfg: DictConfig, overrides: Sequence[str], multirun: bo
     return extra
 
 
+def quoted(value: str) -> str:
+    """`value` as one Hydra override value, whatever it contains (commas, spaces, quotes)."""
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # backslashes before a quote double
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body) + "'"
+
+
 def guarded(app: str, run: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
     """Turn configuration errors found while building a run into one-line exit-2 errors, and a
     run that fails while working (`RunError`: a non-finite step, a black box, a solver; an OSError:
@@ -140,13 +147,15 @@ def run_app(app: str, argv: Sequence[str]) -> int:
     argv = list(argv)
     if wants_run:
         cfg = check_overrides(app, args.overrides, multirun=args.multirun)
+        directory = None
         if launched_by_torchrun():
             extra = join_ranks(app, cfg, args.overrides, args.multirun)
-        else:  # `${now:...}` resolved once: the directory locked is the one Hydra uses
-            extra = [] if args.multirun else [f"hydra.run.dir={run_dir(app, args.overrides)}"]
-        argv += extra
-        if extra and is_main():  # lock before Hydra writes its files (multirun jobs lock in start_run)
+            argv += extra
             directory = extra[0].split("=", 1)[1]
+        elif not args.multirun:  # `${now:...}` resolved once: the directory locked is the one Hydra uses
+            directory = run_dir(app, args.overrides)
+            argv.append(f"hydra.run.dir={quoted(directory)}")
+        if directory is not None and is_main():  # lock before Hydra writes (multirun jobs lock in start_run)
             lock_run_dir(directory)
             argv += hydra_overrides(directory, bool(cfg.resume))
     task = importlib.import_module(APPS[app].module)
@@ -184,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunError as exc:  # e.g. the run directory is locked by another process
         print(f"deepzero-task {app}: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the run started: nothing written yet
+        print(f"deepzero-task {app}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":
