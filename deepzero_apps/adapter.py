@@ -28,10 +28,12 @@ from .engine import (
     save_ratios,
 )
 from .errors import ConfigError, RunError, one_line
+from .rundir import release_run_dirs
 from .trainer import CHECKPOINT, TrainerConfig
 
 RATIOS = "ratios.json"
 USAGE_ERROR = 2
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 def build(node: Any, what: str, *args: Any, **kwargs: Any) -> Any:
@@ -141,6 +143,9 @@ def error_boundary(app: str, run: Callable[[DictConfig], dict]) -> Callable[[Dic
     def job(cfg: DictConfig) -> dict:
         try:
             return run(cfg)
+        except KeyboardInterrupt as exc:  # Ctrl-C: the last checkpoint on disk stays intact
+            print(f"deepzero-task {app}: interrupted{': ' + one_line(exc) if str(exc) else ''}", file=sys.stderr)
+            sys.exit(INTERRUPTED)
         except (ConfigError, FileExistsError, FileNotFoundError) as exc:
             code = USAGE_ERROR
             if debug_requested():
@@ -151,6 +156,8 @@ def error_boundary(app: str, run: Callable[[DictConfig], dict]) -> Callable[[Dic
             if debug_requested():
                 raise
             message = one_line(exc)
+        finally:
+            release_run_dirs()  # the run directory's lock ends with the job
         print(f"deepzero-task {app}: error: {message}", file=sys.stderr)
         sys.exit(code)
 

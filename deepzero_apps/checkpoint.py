@@ -16,6 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be read: truncated, empty, random bytes, a directory, unreadable."""
+
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
     """Call `write(file_object)` on a temp file next to `path`, fsync, then rename onto `path`."""
@@ -50,7 +56,19 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """The checkpoint at `path` (FileNotFoundError if there is none; CheckpointError naming it if it
+    is anything but a readable checkpoint dict)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, OSError ... on bad files
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).split("\n", 1)[0][:200]
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {reason}); "
+                              "move it away to start over") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
 
 
 def rng_state() -> dict:

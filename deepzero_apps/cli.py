@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -27,11 +28,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .adapter import USAGE_ERROR, debug_requested, error_boundary
+from .adapter import INTERRUPTED, USAGE_ERROR, debug_requested, error_boundary
 from .apps import App, get_app, list_apps
 from .config import validate
 from .engine.distributed import init_distributed, is_main, launched_by_torchrun
-from .errors import ConfigError, one_line
+from .errors import ConfigError, RunError, one_line
+from .rundir import hydra_overrides, lock_run_dir, release_run_dirs
 
 
 class UsageError(ConfigError):
@@ -171,6 +173,12 @@ def join_ranks(app: App, cfg: DictConfig, overrides: Sequence[str], multirun: bo
     return extra
 
 
+def quoted(value: str) -> str:
+    """`value` as one Hydra override value, whatever it contains (commas, spaces, quotes)."""
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # backslashes before a quote double
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body) + "'"
+
+
 def renamed(app: App, argv: Sequence[str]) -> list[str]:
     """`argv` with the app's deprecated override keys renamed, one line on stderr for each."""
     out = []
@@ -193,8 +201,17 @@ def run_app(app: App, argv: Sequence[str]) -> int:
     argv = list(argv)
     if wants_run:
         cfg = check_overrides(app, args.overrides, multirun=args.multirun)
+        directory = None
         if launched_by_torchrun():
-            argv += join_ranks(app, cfg, args.overrides, args.multirun)
+            extra = join_ranks(app, cfg, args.overrides, args.multirun)
+            argv += extra
+            directory = extra[0].split("=", 1)[1]
+        elif not args.multirun:  # `${now:...}` resolved once: the directory locked is the one Hydra uses
+            directory = run_dir(app, args.overrides)
+            argv.append(f"hydra.run.dir={quoted(directory)}")
+        if directory is not None and is_main():  # lock before Hydra writes (multirun jobs lock in start_run)
+            lock_run_dir(directory)
+            argv += hydra_overrides(directory, bool(cfg.get("resume", False)))
     else:
         prepare(app)
     hydra_main = hydra.main(version_base="1.3", config_path=app.config_dir, config_name=app.name)
@@ -208,6 +225,7 @@ def run_app(app: App, argv: Sequence[str]) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved_argv
+        release_run_dirs()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
@@ -229,9 +247,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     try:
         return run_app(app, rest)
-    except UsageError as exc:
-        print(f"deepzero-task {name}: error: {exc}", file=sys.stderr)
+    except (UsageError, ConfigError) as exc:
+        print(f"deepzero-task {name}: error: {one_line(exc)}", file=sys.stderr)
         return USAGE_ERROR
+    except RunError as exc:  # e.g. the run directory is locked by another process
+        print(f"deepzero-task {name}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the run started: nothing written yet
+        print(f"deepzero-task {name}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

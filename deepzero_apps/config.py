@@ -24,6 +24,7 @@ from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError, one_line
+from .rundir import check_resume, lock_run_dir
 
 
 def _require(ok: bool, message: str) -> None:
@@ -104,10 +105,12 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     seed: int = 0
     resume: bool = False  # continue the checkpoint in hydra.run.dir
+    resume_allow_changes: bool = False  # resume even if run-changing keys differ from run_config.yaml
     query_budget: int | None = None  # stop cleanly after this many loss queries
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends)
     log_every: int = 10
     on_nonfinite: str = "stop"  # stop | skip
+    max_skipped_fraction: float = 0.1  # on_nonfinite=skip fails the run beyond this fraction of its steps
     progress: bool = True  # tqdm progress bars
     logger: Any = None  # the logger group: metric sinks beside metrics.jsonl (deepzero_apps.loggers)
 
@@ -118,6 +121,9 @@ class TrainConfig:
         _require(0 <= self.warmup_epochs < self.epochs, f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
         _require(self.query_budget is None or self.query_budget > 0, f"query_budget={self.query_budget} must be positive")
         _require(self.on_nonfinite in ("stop", "skip"), f"on_nonfinite='{self.on_nonfinite}' must be stop or skip")
+        _require(
+            0 <= self.max_skipped_fraction <= 1, f"max_skipped_fraction={self.max_skipped_fraction} must be in [0, 1]"
+        )
         cores = os.cpu_count() or 1
         _require(
             self.threads is None or 1 <= self.threads <= cores,
@@ -431,11 +437,15 @@ def validate(cfg: DictConfig, schema: str | type) -> Any:
 
 
 def start_run(cfg: DictConfig, app: str | type) -> tuple[Any, Path]:
-    """What every app does first: validate `cfg`, set torch's thread count and seed; returns the
-    typed config and Hydra's run directory."""
+    """What every app does first: validate `cfg`, lock the run directory and check a resume against
+    the run's saved config (`rundir`), set torch's thread count and seed; returns the typed config
+    and Hydra's run directory."""
     typed = validate(cfg, app)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    lock_run_dir(out_dir)
+    check_resume(out_dir, cfg, allow_changes=typed.resume_allow_changes)
     if typed.threads is not None:
         torch.set_num_threads(typed.threads)
     torch.manual_seed(cfg.seed)
-    return typed, Path(HydraConfig.get().runtime.output_dir)
+    return typed, out_dir
 

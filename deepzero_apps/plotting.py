@@ -7,6 +7,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from .checkpoint import atomic_write
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     """All complete records of a metrics.jsonl (missing file: none)."""
@@ -38,4 +40,4 @@ def plot_learning_curve(metrics_path: str | Path, png_path: str | Path, title: s
         ax_eval.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))  # a kill never leaves half a PNG

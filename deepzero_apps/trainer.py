@@ -4,11 +4,15 @@ crash-safe checkpoints and exact resume.
 Randomness is a pure function of (seed, epoch, step): the epoch's data order, the estimator's
 directions (seeded by the global step) and the sparse coordinate sets (seeded by the epoch), so a
 run killed at any point and resumed from its last checkpoint ends bit-identical to one that never
-stopped (on CPU). RNG states are checkpointed too, for data augmentation.
+stopped (on CPU). RNG states, the batched evaluator's tuned chunk sizes, the epoch's running sums
+and the number of metrics rows written are checkpointed too, so a resume also writes exactly the
+metrics an uninterrupted run writes. Nothing non-finite is ever checkpointed, and the query
+budget is checked before each step, from the step's cost known in advance.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -21,11 +25,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, remove_stale_temps, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    remove_stale_temps,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .engine import Objective
 from .engine.distributed import all_reduce_sum, barrier, is_main, shard_over_ranks
-from .errors import RunError
-from .plotting import plot_learning_curve, read_metrics
+from .engine.queries import QueryCounter
+from .errors import ConfigError, RunError
+from .plotting import plot_learning_curve
+from .rundir import lock_run_dir
 from .schedules import build_scheduler
 
 CHECKPOINT = "checkpoint.pt"
@@ -34,7 +47,7 @@ CURVE = "learning_curve.png"
 
 
 class NonFiniteError(RunError):
-    """A step produced a NaN/inf loss or gradient (the run stops; the last checkpoint stays good)."""
+    """A step produced a NaN/inf loss, gradient or update (the run stops; the last checkpoint stays good)."""
 
 
 class Estimator(Protocol):
@@ -54,7 +67,8 @@ class TrainerConfig:
     query_budget: int | None = None
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     log_every: int = 10
-    on_nonfinite: str = "stop"  # or "skip"
+    on_nonfinite: str = "stop"  # or "skip": restore the pre-step state and go on
+    max_skipped_fraction: float = 0.1  # skip fails the run once more than this fraction of all steps is skipped
     resume: bool = False
     num_workers: int = 0
     drop_last: bool = True
@@ -99,6 +113,11 @@ class Trainer:
         )
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.elapsed = 0.0
+        self.sums = _epoch_sums(0)  # the current epoch's running loss sum, steps and queries at its start
+        self.skipped = self.metrics_rows = self.last_step_cost = 0
+        self.saved_step: int | None = None  # global step of the checkpoint on disk (None: none written)
+        self.stopped = ""  # "query budget" once the budget stopped the run
+        self.last_eval: dict[str, float] | None = None
         self.main = is_main()
         shard_over_ranks(estimator)
 
@@ -120,12 +139,20 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / CHECKPOINT
 
+    @property
+    def _evaluator(self) -> Any:
+        """The estimator's evaluator, unwrapped from a ShardedEvaluator (whose inner one holds state)."""
+        ev = getattr(self.estimator, "evaluator", None)
+        return getattr(ev, "inner", ev)
+
     def state_dict(self) -> dict:
+        ev = self._evaluator
         return {
             "model": self.objective.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+            "evaluator": ev.state_dict() if hasattr(ev, "state_dict") else None,
             "queries": self.objective.counter.state_dict(),
             "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
             "rng": rng_state(),
@@ -133,23 +160,50 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "elapsed": self.elapsed,
+            "epoch_sums": dict(self.sums),
+            "skipped": self.skipped,
+            "metrics_rows": self.metrics_rows,
+            "last_step_cost": self.last_step_cost,
+            "stopped": self.stopped,
+            "last_eval": self.last_eval,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.objective.module.load_state_dict(state["model"])
+        expected = [sorted(g) for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        if [sorted(g) for g in self.optimizer.param_groups] != expected:  # torch takes another optimizer's groups
+            raise ValueError(f"optimizer state is not a {type(self.optimizer).__name__}'s")
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        ev = self._evaluator
+        if state.get("evaluator") is not None and hasattr(ev, "load_state_dict"):
+            ev.load_state_dict(state["evaluator"])
         self.objective.counter.load_state_dict(state["queries"])
         for k, v in self.extra_state.items():
             v.load_state_dict(state["extra"][k])
         set_rng_state(state["rng"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.elapsed = state["global_step"], state["elapsed"]
+        self.sums = state.get("epoch_sums") or _epoch_sums(self.objective.counter.queries)
+        self.skipped, self.last_step_cost = state.get("skipped", 0), state.get("last_step_cost", 0)
+        self.stopped, self.last_eval = state.get("stopped", ""), state.get("last_eval")
+        self.saved_step = self.global_step
+
+    def _on_disk(self) -> str:
+        """Which checkpoint a failure leaves, for its one-line message."""
+        if self.saved_step is None:
+            return "no checkpoint written"
+        return f"last checkpoint on disk: {self.checkpoint_path} (step {self.saved_step})"
 
     def _save(self) -> None:
-        if self.main:
+        if not self.main:
+            return
+        try:
             save_checkpoint(self.checkpoint_path, self.state_dict())
+        except OSError as exc:
+            raise RunError(f"cannot write {self.checkpoint_path}: {exc.strerror or exc}; {self._on_disk()}") from exc
+        self.saved_step = self.global_step
 
     def _restore_or_start(self) -> None:
         exists = self.checkpoint_path.exists()
@@ -160,119 +214,213 @@ class Trainer:
             )
         if self.main:
             remove_stale_temps(self.checkpoint_path)
-        if exists:
-            self.load_state_dict(load_checkpoint(self.checkpoint_path, map_location=self.device))
-            kept = [r for r in read_metrics(self.out_dir / METRICS) if r["step"] <= self.global_step]
-            if self.main:
-                (self.out_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
-                print(f"resuming from {self.checkpoint_path} at epoch {self.epoch}, step {self.global_step}")
-        else:
+            remove_stale_temps(self.out_dir / METRICS)
+        if not exists:
             torch.manual_seed(self.cfg.seed)
+            if self.main:  # a run killed before its first checkpoint left rows nothing covers
+                (self.out_dir / METRICS).unlink(missing_ok=True)
+            return
+        state = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+            raise ConfigError(
+                f"{self.checkpoint_path} does not belong to this run's model/optimizer/scheduler "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                "pick another output dir or move it away"
+            ) from exc
+        if self.main:
+            self._truncate_metrics(state.get("metrics_rows"))
+            print(f"resuming from {self.checkpoint_path} at epoch {self.epoch}, step {self.global_step}")
+
+    def _truncate_metrics(self, rows: int | None) -> None:
+        """Keep exactly the metrics rows the checkpoint covers (rewritten atomically): rows written after
+        it are written again by the resumed run. Checkpoints without a row count keep steps <= theirs."""
+        path = self.out_dir / METRICS
+        try:
+            text = path.read_bytes().decode() if path.exists() else ""
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); move it away to resume") from exc
+        lines = text.splitlines(keepends=True)
+        complete = [line for line in lines if line.endswith("\n")]
+        kept = []
+        for i, line in enumerate(complete if rows is None else complete[:rows], 1):
+            record = _metrics_record(line)
+            if record is None:
+                raise ConfigError(f"{path} line {i} is not a metrics record: {line.strip()[:60]!r}; move it away to resume")
+            if rows is not None or record["step"] <= self.global_step:
+                kept.append(line)
+        self.metrics_rows = len(kept)
+        if kept != lines:
+            try:
+                atomic_write(path, lambda f: f.write("".join(kept).encode()))
+            except OSError as exc:
+                raise RunError(f"cannot rewrite {path}: {exc.strerror or exc}") from exc
 
     # ---- loop --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
-        if self.main:
-            with open(self.out_dir / METRICS, "a") as f:
+        if not self.main:
+            return
+        path = self.out_dir / METRICS
+        try:
+            with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            for sink in self.sinks:
-                sink(record)
+        except OSError as exc:
+            raise RunError(f"cannot write {path}: {exc.strerror or exc}; {self._on_disk()}") from exc
+        self.metrics_rows += 1
+        for sink in self.sinks:
+            sink(record)
 
     def _finite(self, loss: float) -> bool:
         return math.isfinite(loss) and all(
             torch.isfinite(b.param.grad).all() for b in self.objective.coords.blocks if b.param.grad is not None
         )
 
-    def _train_step(self, batch: Any, coords: torch.Tensor | None) -> float:
+    def _state_finite(self) -> bool:
+        """Parameters, buffers and optimizer state after a step: all finite (what a checkpoint would save)."""
+        tensors = list(self.objective.module.state_dict().values())
+        tensors += [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point() or t.is_complex())
+
+    def _train_step(self, batch: Any, coords: torch.Tensor | None) -> float | None:
+        """One step; returns its loss, or None if it was skipped (on_nonfinite=skip)."""
+        skip = self.cfg.on_nonfinite == "skip"
+        before = (
+            ({k: v.clone() for k, v in self.objective.module.state_dict().items()},
+             copy.deepcopy(self.optimizer.state_dict()))
+            if skip else None
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.estimator.estimate(self.objective, batch, coords, step=self.global_step)
-        if not self._finite(loss):
-            if self.cfg.on_nonfinite != "skip":
-                raise NonFiniteError(
-                    f"non-finite loss or gradient at step {self.global_step} (epoch {self.epoch}, loss={loss}); "
-                    f"last good checkpoint: {self.checkpoint_path}"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            print(f"skipping step {self.global_step}: non-finite loss or gradient (loss={loss})")
-            self._log({"kind": "skipped", "step": self.global_step, "epoch": self.epoch, "loss": str(loss)})
-        else:
+        what = "loss or gradient" if not self._finite(loss) else ""
+        if not what:
             self.optimizer.step()
+            what = "" if self._state_finite() else "parameter update"
+        if what and not skip:
+            raise NonFiniteError(
+                f"non-finite {what} at step {self.global_step} (epoch {self.epoch}, loss={loss}); {self._on_disk()}"
+            )
+        if what:
+            self.objective.module.load_state_dict(before[0])
+            self.optimizer.load_state_dict(before[1])
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            print(f"skipping step {self.global_step}: non-finite {what} (loss={loss})")
+            self._log({"kind": "skipped", "step": self.global_step, "epoch": self.epoch, "loss": str(loss)})
+            total = self.steps_per_epoch * self.cfg.epochs
+            if self.skipped > self.cfg.max_skipped_fraction * total:
+                raise NonFiniteError(
+                    f"{self.skipped} of the run's {total} steps skipped as non-finite, more than "
+                    f"max_skipped_fraction={self.cfg.max_skipped_fraction}; {self._on_disk()}"
+                )
         if self.scheduler is not None:
             self.scheduler.step()
-        return loss
+        return None if what else loss
 
-    def _budget_spent(self) -> bool:
+    def _step_cost(self, coords: torch.Tensor | None) -> int:
+        """Queries the next step will spend: the estimator's own count when it knows it in the
+        counter's unit (CGE, RGE, first order), else the previous step's measured cost."""
+        per_step = getattr(self.estimator, "queries_per_step", None)
+        if callable(per_step) and type(self.objective.counter) is QueryCounter:
+            return per_step(self.objective.coords.dim if coords is None else len(coords))
+        return self.last_step_cost
+
+    def _budget_allows(self, cost: int) -> bool:
         """Rank 0's count decides (all-reduced), so every rank stops at the same step."""
         budget = self.cfg.query_budget
         if budget is None:
-            return False
-        spent = self.main and self.objective.counter.queries >= budget
-        return bool(all_reduce_sum(torch.tensor([float(spent)])).item() > 0)
+            return True
+        over = self.main and self.objective.counter.queries + cost > budget
+        return not bool(all_reduce_sum(torch.tensor([float(over)])).item() > 0)
 
     def fit(self) -> dict:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(self.out_dir)  # one writer: a no-op when the run already holds it
         self._restore_or_start()
-        stopped = "epochs"
-        while self.epoch < self.cfg.epochs and stopped == "epochs":
-            stopped = self._run_epoch()
+        resumed_stopped, self.stopped = self.stopped, ""
+        try:
+            while self.epoch < self.cfg.epochs and not self.stopped:
+                self._run_epoch(quiet_stop=bool(resumed_stopped))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"stopped at step {self.global_step}; {self._on_disk()}") from None
         if self.main:
             plot_learning_curve(self.out_dir / METRICS, self.out_dir / CURVE, self.title)
-        last = [r for r in read_metrics(self.out_dir / METRICS) if r.get("kind") == "epoch"]
         return {
-            "stopped": stopped,
+            "stopped": self.stopped or "epochs",
             "epochs": self.epoch,
             "steps": self.global_step,
             "queries": self.objective.counter.queries,
             "forward_equivalents": self.objective.counter.forward_equivalents,
             "wall_s": self.elapsed,
-            "eval": last[-1]["eval"] if last else self.evaluate(),
+            "eval": self.last_eval if self.last_eval is not None else self.evaluate(),
         }
 
-    def _run_epoch(self) -> str:
-        epoch, start = self.epoch, time.perf_counter()
+    def _run_epoch(self, quiet_stop: bool) -> None:
+        """Steps to the epoch's end (or the budget), then evaluation, the epoch row and a checkpoint.
+        `quiet_stop`: the run was resumed after a budget stop, whose row is already logged."""
+        epoch, start, ran = self.epoch, time.perf_counter(), 0
         coords = self.sampler.coords(epoch) if self.sampler is not None else None
-        before = self.objective.counter.snapshot()
-        batches = self._batches(epoch, self.step_in_epoch)
         bar = tqdm(
-            batches,
+            self._batches(epoch, self.step_in_epoch),
             total=self.steps_per_epoch,
             initial=self.step_in_epoch,
             desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
             disable=not (self.main and self.cfg.progress),
             leave=False,
         )
-        losses, stopped = [], "epochs"
         for batch in bar:
+            if not self._budget_allows(self._step_cost(coords)):
+                self.stopped = "query budget"
+                break
+            queries = self.objective.counter.queries
             loss = self._train_step(to_device(batch, self.device), coords)
-            losses.append(loss)
+            self.last_step_cost = self.objective.counter.queries - queries
             self.global_step += 1
             self.step_in_epoch += 1
-            bar.set_postfix(loss=f"{loss:.4f}", queries=self.objective.counter.queries)
-            if self.global_step % self.cfg.log_every == 0:
-                self._log({"kind": "train", "step": self.global_step, "epoch": epoch, "loss": loss,
-                           "lr": self.optimizer.param_groups[0]["lr"], "queries": self.objective.counter.queries})
-            if self._budget_spent():
-                stopped = "query budget"
-                break
+            ran += 1
+            if loss is not None:
+                self.sums["loss_sum"] += loss
+                self.sums["steps"] += 1
+                bar.set_postfix(loss=f"{loss:.4f}", queries=self.objective.counter.queries)
+                if self.global_step % self.cfg.log_every == 0:
+                    self._log({"kind": "train", "step": self.global_step, "epoch": epoch, "loss": loss,
+                               "lr": self.optimizer.param_groups[0]["lr"], "queries": self.objective.counter.queries})
             if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                 self.elapsed += time.perf_counter() - start
                 start = time.perf_counter()
                 self._save()
         bar.close()
-        if stopped == "epochs":
+        if self.stopped and ran == 0 and (quiet_stop or self.step_in_epoch == 0):
+            return  # nothing new: the row was logged when the run first stopped here, or the epoch had no step
+        if not self.stopped:
             self.epoch, self.step_in_epoch = epoch + 1, 0
-        spent = self.objective.counter.since(before)
         metrics = self.evaluate() if self.main else {}
         self.elapsed += time.perf_counter() - start
+        steps, loss = self.sums["steps"], self.sums["loss_sum"] / max(1, self.sums["steps"])
         self._log({
-            "kind": "epoch", "epoch": self.epoch, "step": self.global_step,
-            "train_loss": sum(losses) / max(1, len(losses)), "eval": metrics,
+            "kind": "epoch", "epoch": self.epoch, "step": self.global_step, "train_loss": loss, "eval": metrics,
             "queries": self.objective.counter.queries, "forward_equivalents": self.objective.counter.forward_equivalents,
-            "queries_per_step": spent.queries / max(1, len(losses)), "wall_s": self.elapsed,
+            "queries_per_step": (self.objective.counter.queries - self.sums["queries_start"]) / max(1, steps),
+            "wall_s": self.elapsed,
         })
+        self.last_eval = metrics
         if self.main:
             summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            where = f"epoch {epoch + 1}/{self.cfg.epochs}" + ("" if stopped == "epochs" else f" (stopped: {stopped})")
-            tqdm.write(f"{where} loss={sum(losses) / max(1, len(losses)):.4f} {summary} "
-                       f"queries={self.objective.counter.queries:,} wall={self.elapsed:.0f}s")
+            where = f"epoch {epoch + 1}/{self.cfg.epochs}" + (f" (stopped: {self.stopped})" if self.stopped else "")
+            tqdm.write(f"{where} loss={loss:.4f} {summary} queries={self.objective.counter.queries:,} wall={self.elapsed:.0f}s")
+        if not self.stopped:
+            self.sums = _epoch_sums(self.objective.counter.queries)
         self._save()
-        return stopped
+
+
+def _epoch_sums(queries: int) -> dict[str, float]:
+    return {"loss_sum": 0.0, "steps": 0, "queries_start": queries}
+
+
+def _metrics_record(line: str) -> dict | None:
+    """The record on a metrics.jsonl line, or None if the line is not one (a kind and an integer step)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("kind"), str)
+    return record if ok and isinstance(record.get("step"), int) and not isinstance(record["step"], bool) else None

@@ -192,7 +192,8 @@ def test_nan_stops_with_one_line_naming_the_step(tmp_path, capsys, importable_te
 
 
 def test_nan_steps_are_skipped_with_on_nonfinite_skip(tmp_path, capsys, importable_tests):
-    assert run(tmp_path, *FAULTY, "+model.after=22", "epochs=2", "on_nonfinite=skip") == 0
+    assert run(tmp_path, *FAULTY, "+model.after=22", "epochs=2", "on_nonfinite=skip",
+               "max_skipped_fraction=0.5") == 0
     assert "skipping step" in capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"] == "epochs" and summary["steps"] == 6
@@ -264,3 +265,175 @@ def test_nan_in_the_first_query_is_reported_at_step_0(tmp_path, capsys, importab
     assert run(tmp_path, *FAULTY, "+model.after=0", "epochs=1") == 1
     err = capsys.readouterr().err
     assert "at step 0 " in err and not (tmp_path / "checkpoint.pt").exists()
+
+
+# ---- one writer per run directory ------------------------------------------------------------------
+
+
+def start_cli(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "deepzero_apps.cli", "classify", f"hydra.run.dir={run_dir}", *TINY, *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, f"run ended (rc={proc.returncode}): {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "run made no progress"
+        try:
+            if load_checkpoint(run_dir / "checkpoint.pt")["global_step"] >= step:
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
+    common = [*RANDOMIZED, "epochs=200", "checkpoint_every=1", "log_every=1"]
+    proc = start_cli(tmp_path, *common)
+    try:
+        wait_for_checkpoint(proc, tmp_path, 1)
+        hydra_config = (tmp_path / ".hydra" / "config.yaml").read_bytes()
+        for extra in ([], ["resume=true"]):
+            assert run(tmp_path, *common, *extra) == 1
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"PID {proc.pid}" in err, err
+        assert (tmp_path / ".hydra" / "config.yaml").read_bytes() == hydra_config
+        wait_for_checkpoint(proc, tmp_path, 4)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    steps = [step for step, _ in train_losses(tmp_path)]
+    assert steps == list(range(1, len(steps) + 1))
+    assert run(tmp_path, *common, "epochs=200", "resume=true", "query_budget=60") == 0  # the lock died with it
+
+
+# ---- Ctrl-C and a file size limit: one line, the last checkpoint intact ----------------------------
+
+
+def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
+    common = [*RANDOMIZED, "epochs=200", "checkpoint_every=1"]
+    proc = start_cli(tmp_path, *common)
+    try:
+        wait_for_checkpoint(proc, tmp_path, 2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        err = proc.stderr.read().strip()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "last checkpoint on disk" in err, err
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["global_step"] >= 2
+    assert temp_files(tmp_path) == []
+
+
+def test_file_size_limit_is_one_line_exit_1(tmp_path):
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # hydra files fit, a checkpoint does not
+
+    proc = start_cli(tmp_path, *RANDOMIZED, "epochs=1", preexec_fn=limit)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert "File too large" in err and "no checkpoint written" in err, err
+    assert temp_files(tmp_path) == []
+
+
+# ---- damaged or foreign files in the run directory: one line, exit 2 -------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished small run to damage copies of."""
+    d = tmp_path_factory.mktemp("finished")
+    assert run(d, *RANDOMIZED, "epochs=1", "log_every=1") == 0
+    return d
+
+
+def damaged_copy(finished: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(finished, d)
+    return d
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "directory"])
+def test_unreadable_checkpoint_is_one_line_exit_2(finished, tmp_path, capsys, damage):
+    d = damaged_copy(finished, tmp_path)
+    ckpt = d / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.unlink()
+    if damage == "directory":
+        ckpt.mkdir()
+    else:
+        ckpt.write_bytes({"truncated": data[: len(data) // 2], "random": os.urandom(4096), "empty": b""}[damage])
+    assert run(d, *RANDOMIZED, "epochs=1", "log_every=1", "resume=true") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"checkpoint {ckpt} cannot be read" in err, err
+
+
+@pytest.mark.parametrize("other", ["model=mlp", "optimizer=adam"])
+def test_checkpoint_of_another_model_or_optimizer_is_one_line_exit_2(finished, tmp_path, capsys, other):
+    foreign = tmp_path / "foreign"
+    assert run(foreign, *RANDOMIZED, "epochs=1", other) == 0
+    d = damaged_copy(finished, tmp_path)
+    (d / "checkpoint.pt").write_bytes((foreign / "checkpoint.pt").read_bytes())
+    capsys.readouterr()
+    assert run(d, *RANDOMIZED, "epochs=1", "log_every=1", "resume=true") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not belong to this run" in err, err
+
+
+@pytest.mark.parametrize("line", [b"42", b'{"foo":1}', b'{"step":"abc"}', b"\xff\xfe not utf-8"])
+def test_damaged_metrics_line_is_one_line_exit_2(finished, tmp_path, capsys, line):
+    d = damaged_copy(finished, tmp_path)
+    metrics = d / "metrics.jsonl"
+    metrics.write_bytes(line + b"\n" + metrics.read_bytes().split(b"\n", 1)[1])
+    assert run(d, *RANDOMIZED, "epochs=1", "log_every=1", "resume=true") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(metrics) in err, err
+    assert "line 1" in err or "UTF-8" in err, err
+
+
+def test_run_dir_under_a_file_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    assert run(tmp_path / "file" / "run", "epochs=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be created" in err, err
+
+
+def test_read_only_run_dir_is_one_line_exit_1(capsys):
+    target = Path("/sys/kernel")  # read-only even for root (chmod does not stop root)
+    try:
+        target.joinpath(".deepzero-probe").touch()
+    except OSError:
+        pass
+    else:
+        pytest.skip("no read-only directory on this machine")
+    assert run(target, "epochs=1") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not writable" in err, err
+
+
+def test_disk_full_is_one_line_exit_1_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+
+    real_save, calls = torch.save, []
+
+    def fill_disk(obj, f, *args, **kwargs):
+        calls.append(obj["global_step"])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fill_disk)
+    assert run(tmp_path, *RANDOMIZED, "epochs=2", "checkpoint_every=1") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err, err
+    assert f"(step {calls[0]})" in err and load_checkpoint(tmp_path / "checkpoint.pt")["global_step"] == calls[0]
+    assert temp_files(tmp_path) == []

@@ -125,6 +125,31 @@ class BatchedEvaluator(FeatureReuse):
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.max_batch_bytes, self.chunk, self.channels_last = int(max_batch_bytes), chunk, channels_last
         self._plans: weakref.WeakKeyDictionary[Objective, Plan | None] = weakref.WeakKeyDictionary()
+        self._tuned: dict[str, dict[str, Any]] = {}  # loaded tuning state, by parameter name
+
+    def state_dict(self) -> dict[str, Any]:
+        """Chunk-size tuning so far, by parameter name: chunking changes float rounding, so a resumed
+        run must batch exactly as the run it continues (checkpointed by the Trainer)."""
+        sites = dict(self._tuned)
+        for objective, plan in self._plans.items():
+            for b in objective.coords.blocks if plan is not None else ():
+                site = plan.sites.get(id(b.param))
+                if site is not None:
+                    sites[b.name] = {"chunk": site.chunk, "trial": site.trial, "best": list(site.best)}
+        return {"sites": sites}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore tuning state; applied to plans built later (and to existing ones now)."""
+        self._tuned = dict(state["sites"])
+        for objective, plan in self._plans.items():
+            if plan is not None:
+                self._apply_tuned(objective, plan)
+
+    def _apply_tuned(self, objective: Objective, plan: Plan) -> None:
+        for b in objective.coords.blocks:
+            site, tuned = plan.sites.get(id(b.param)), self._tuned.get(b.name)
+            if site is not None and tuned is not None:
+                site.chunk, site.trial, site.best = tuned["chunk"], tuned["trial"], tuple(tuned["best"])
 
     def base(self, objective: Objective, batch: Batch) -> tuple[Tensor, Any]:
         loss, cache = super().base(objective, batch)
@@ -138,7 +163,10 @@ class BatchedEvaluator(FeatureReuse):
                 for m in objective.module.modules()
             )
             staged = isinstance(objective, StagedObjective) and not custom_bn
-            self._plans[objective] = Plan(list(objective.stages)) if staged else None
+            plan = Plan(list(objective.stages)) if staged else None
+            if plan is not None:
+                self._apply_tuned(objective, plan)
+            self._plans[objective] = plan
         return self._plans[objective]
 
     def coordinate_losses(

@@ -32,6 +32,10 @@ class CGE:
         self.scheme = check_scheme(scheme)
         self.evaluator = make_evaluator(evaluator)
 
+    def queries_per_step(self, n: int) -> int:
+        """Queries of one step over `n` coordinates, known before it runs (budgets check it first)."""
+        return (2 if self.scheme == "central" else 1) * n + 1
+
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
         view = objective.coords
         todo = torch.arange(view.dim) if coords is None else coords
@@ -88,6 +92,10 @@ class RGE:
             dtype=like.dtype, device=like.device, keep=not self.seed_replay,
         )  # fmt: skip
 
+    def queries_per_step(self, n: int) -> int:
+        """Queries of one step over `n` coordinates: one per direction (two if central) plus the base."""
+        return (2 if self.scheme == "central" else 1) * (self.q or n) + 1
+
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
         view, ev = objective.coords, self.evaluator
         dirs = self.directions(step, view.dim if coords is None else len(coords), view.blocks[0].param)
@@ -104,6 +112,10 @@ class RGE:
 
 class FirstOrder:
     """Backprop through the same objective: the white-box baseline, everything else identical."""
+
+    def queries_per_step(self, n: int) -> int:
+        """One forward (counted as one query) per step, whatever the coordinates."""
+        return 1
 
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
         params = [b.param for b in objective.coords.blocks]

@@ -1,0 +1,143 @@
+"""One writer per run directory, and resumes that continue the run they name.
+
+A run holds an exclusive `fcntl.flock` on `<run dir>/.lock` from before anything is written until it
+ends (the OS drops it when the process dies, even on SIGKILL), so a second process on the same
+directory stops with the holder's PID instead of interleaving checkpoints and metrics. Under
+torchrun only rank 0 writes, so only rank 0 locks.
+
+At first start a run saves its own config (`run_config.yaml`, unresolved, so no resolved secret is
+written); a resume compares the requested config with it. Keys that only change how a run is
+watched or where it stops (`RESUME_MAY_CHANGE`) may differ; any other difference is a one-line
+error unless `resume_allow_changes=true`. Hydra's own files of a resume go to `.hydra/resume-N/`,
+so `.hydra/config.yaml` stays the first start's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import atomic_write
+from .engine.distributed import is_main
+from .errors import ConfigError, RunError
+
+LOCK = ".lock"
+RUN_CONFIG = "run_config.yaml"
+CHECKPOINT = "checkpoint.pt"
+# Top-level keys a resume may change: progress display, threads, logging/checkpoint cadence,
+# evaluation batch size, the budget and the non-finite policy. Everything else changes the run.
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "resume_allow_changes", "progress", "threads", "log_every", "checkpoint_every",
+    "eval_batch_size", "query_budget", "on_nonfinite", "max_skipped_fraction",
+})
+
+_held: dict[str, int] = {}  # resolved run directory -> file descriptor holding its lock
+
+
+class RunDirBusy(RunError):
+    """Another live process holds the run directory's lock."""
+
+
+def lock_run_dir(directory: str | os.PathLike) -> None:
+    """Take `directory`'s exclusive lock for the rest of this run (idempotent; rank 0 only).
+
+    Creates the directory; raises ConfigError if it cannot exist (a parent is a file), RunError if it
+    is not writable, RunDirBusy naming the holder's PID if another process holds it."""
+    if not is_main():
+        return
+    directory = Path(directory)
+    key = str(directory.resolve())
+    if key in _held:
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent is a file, a read-only or missing mount ...
+        raise ConfigError(f"run directory {directory} cannot be created: {exc.strerror} ({exc.filename})") from exc
+    try:
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunError(f"run directory {directory} is not writable: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirBusy(
+            f"{directory} is in use by another run (PID {holder}); wait for it to end or pick another hydra.run.dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = fd
+
+
+def release_run_dirs() -> None:
+    """Drop every lock this process holds (the end of a run, or of a multirun job)."""
+    while _held:
+        os.close(_held.popitem()[1])
+
+
+def hydra_overrides(directory: str | os.PathLike, resume: bool) -> list[str]:
+    """What to tell Hydra before it writes into `directory`: a run already there is refused
+    without resume=true, and a resume writes Hydra's files to `.hydra/resume-N/`."""
+    directory = Path(directory)
+    if not (directory / CHECKPOINT).exists():
+        return []
+    if not resume:
+        raise ConfigError(f"{directory / CHECKPOINT} already exists; pass resume=true to continue it or pick another output dir")
+    n = 1
+    while (directory / ".hydra" / f"resume-{n}").exists():
+        n += 1
+    return [f"hydra.output_subdir=.hydra/resume-{n}"]
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def config_changes(saved: DictConfig, requested: DictConfig) -> list[str]:
+    """`key: old -> new` for every run-changing difference between two configs (unresolved)."""
+    old = _flat(OmegaConf.to_container(saved, resolve=False))
+    new = _flat(OmegaConf.to_container(requested, resolve=False))
+    missing = object()
+    return [
+        f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}"
+        for k in sorted(old.keys() | new.keys())
+        if k.split(".", 1)[0] not in RESUME_MAY_CHANGE and old.get(k, missing) != new.get(k, missing)
+    ]
+
+
+def check_resume(directory: str | os.PathLike, cfg: DictConfig, allow_changes: bool = False) -> None:
+    """At first start save `cfg` as the run's config; on a resume (a checkpoint exists and
+    cfg.resume) refuse a run-changing difference from it unless `allow_changes`."""
+    if not is_main():
+        return
+    directory = Path(directory)
+    path = directory / RUN_CONFIG
+    if cfg.get("resume") and (directory / CHECKPOINT).exists() and path.exists():
+        try:
+            saved = OmegaConf.load(path)
+        except Exception as exc:  # yaml, OS or OmegaConf errors: the file is not a config
+            raise ConfigError(f"{path} cannot be read as a config ({exc}); move it away to resume without the check") from exc
+        changes = config_changes(saved, cfg)
+        if changes and not allow_changes:
+            raise ConfigError(
+                f"resume=true with a config that differs from the run's ({path}): {'; '.join(changes)}; "
+                "pass resume_allow_changes=true to resume with them anyway"
+            )
+        if changes:
+            print(f"resuming with changed config (resume_allow_changes=true): {'; '.join(changes)}")
+        return
+    text = OmegaConf.to_yaml(cfg, resolve=False).encode()
+    try:
+        atomic_write(path, lambda f: f.write(text))
+    except OSError as exc:
+        raise RunError(f"cannot write {path}: {exc.strerror}") from exc
