@@ -125,12 +125,12 @@ class PdeSolverConfig:
     source: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .solvers import get_solver_class
+        from .solvers import check_solver_config
 
         try:
-            get_solver_class(self.name)
+            check_solver_config(self.name, {"params": self.params, "reference": self.reference, "source": self.source})
         except (ValueError, ImportError) as exc:
-            raise ConfigError(f"solver.name: {exc}") from exc
+            raise ConfigError(f"solver.name: {exc}" if "solver." not in str(exc) else str(exc)) from exc
 
 
 @dataclass
@@ -324,6 +324,9 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for app, schema in SCHEMAS.items():
         cs.store(name=f"{app}_schema", node=schema)
+    from .solvers import register_solver_configs
+
+    register_solver_configs()  # `solver=<name>` for every registered solver, defaults from its class
 
 
 def _check_targets(node: Any, key: str = "") -> None:

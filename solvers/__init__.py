@@ -71,7 +71,16 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Grid, Solver, SolverError, block_mean, block_repeat, check_state
-from .registry import ENTRY_POINT_GROUP, create_solver, get_solver_class, list_solvers, register_solver
+from .registry import (
+    ENTRY_POINT_GROUP,
+    check_solver_config,
+    create_solver,
+    get_solver_class,
+    list_solvers,
+    register_solver,
+    register_solver_configs,
+    solver_config,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -84,11 +93,14 @@ __all__ = [
     "WakeSolver",
     "block_mean",
     "block_repeat",
+    "check_solver_config",
     "check_state",
     "create_solver",
     "get_solver_class",
     "list_solvers",
     "register_solver",
+    "register_solver_configs",
+    "solver_config",
 ]
 
 _LAZY = {

@@ -119,6 +119,9 @@ class BurgersSolver(Solver):
 
     name = "burgers"
     channels = ("u", "v")
+    # Small grids so the default ZO run fits a few CPU minutes; the paper-scale grids are the presets
+    # solver.reference.resolution=reference (128x128) and solver.source.resolution=source (32x32).
+    defaults = {"reference": {"resolution": [64, 64]}, "source": {"resolution": [16, 16]}}
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ output, NaN/inf, wrong shape. Nothing outside the per-step temporary directory i
 
 from __future__ import annotations
 
+import hashlib
 import io as _io
 import os
 import shutil
@@ -233,6 +234,30 @@ class ExternalSolver(Solver):
         else:
             raise SolverError(f"{where}: no init_command or initial_state_file configured")
         return check_state(self.name, out, self.state_shape, step=label, what="initial state")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Adds the command lines and a sha256 of every file they name (the executable, found on
+        ``PATH`` or relative to ``workdir``, and arguments that are existing files such as a script):
+        rebuilding the program changes the reference-cache key."""
+        out = super().fingerprint()
+        files = {}
+        for args in (self.command, self.init_command or []):
+            for i, arg in enumerate(args):
+                path = self._resolve(arg, executable=i == 0)
+                if path is not None and path.is_file():
+                    files[arg] = hashlib.sha256(path.read_bytes()).hexdigest()
+        out.update(command=self.command, init_command=self.init_command, io=self.io, files=files)
+        return out
+
+    def _resolve(self, arg: str, executable: bool) -> Path | None:
+        base = self.workdir or Path.cwd()
+        if executable and os.sep not in arg:
+            found = shutil.which(arg)
+            return Path(found) if found else None
+        if "{" in arg:
+            return None
+        path = Path(arg)
+        return path if path.is_absolute() else base / path
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -66,6 +66,7 @@ class WakeSolver(Solver):
 
     name = "wake"
     channels = ("u", "v")
+    defaults = {"reference": {"resolution": "reference"}, "source": {"resolution": "source"}}
 
     def __init__(
         self,
