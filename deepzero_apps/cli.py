@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import hydra
 import torch.distributed as dist
+from hydra._internal.config_repository import ConfigRepository
 from hydra._internal.utils import get_args_parser
+from hydra.core.config_search_path import SearchPathQuery
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
@@ -73,26 +77,41 @@ def _first_of_sweeps(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def check_overrides(app: str, overrides: Sequence[str], multirun: bool = False) -> DictConfig:
+def _compose(app: str, overrides: Sequence[str], config_dir: str | None = None, **kwargs) -> DictConfig:
+    """`hydra.compose` with the search path of the run: `--config-dir` goes first, as in `hydra.main`."""
+    with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        if config_dir is not None:
+            path = os.path.abspath(config_dir)
+            if not os.path.isdir(path):
+                raise ConfigError(f"--config-dir '{path}' is not a directory")
+            loader = GlobalHydra.instance().hydra.config_loader
+            loader.config_search_path.prepend("command-line", f"file://{path}", SearchPathQuery(provider="schema"))
+            loader.repository = ConfigRepository(config_search_path=loader.config_search_path)
+        return hydra.compose(app, overrides=list(overrides), **kwargs)
+
+
+def check_overrides(
+    app: str, overrides: Sequence[str], multirun: bool = False, config_dir: str | None = None
+) -> DictConfig:
     """Compose and validate the config the way the run will; raise UsageError naming the problem.
     Returns the composed config."""
     try:
-        with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = hydra.compose(app, overrides=_first_of_sweeps(overrides) if multirun else list(overrides))
+        cfg = _compose(app, _first_of_sweeps(overrides) if multirun else overrides, config_dir)
         validate(cfg, app)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # ValueError: ConfigError, and Hydra on e.g. `data=0`
         raise UsageError(one_line(exc)) from exc
     return cfg
 
 
-def run_dir(app: str, overrides: Sequence[str]) -> str:
+def run_dir(app: str, overrides: Sequence[str], config_dir: str | None = None) -> str:
     """The run directory Hydra will create for these overrides, `${now:...}` resolved now."""
-    with hydra.initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = hydra.compose(app, overrides=list(overrides), return_hydra_config=True)
+    cfg = _compose(app, overrides, config_dir, return_hydra_config=True)
     return str(OmegaConf.select(cfg, "hydra.run.dir"))
 
 
-def join_ranks(app: str, cfg: DictConfig, overrides: Sequence[str], multirun: bool) -> list[str]:
+def join_ranks(
+    app: str, cfg: DictConfig, overrides: Sequence[str], multirun: bool, config_dir: str | None = None
+) -> list[str]:
     """Under torchrun: join the process group and return the extra overrides of this rank. All ranks
     write to rank 0's run directory (its `${now:...}` is broadcast, so ranks starting a second apart
     agree), and only rank 0 writes Hydra's files and logs there; the Trainer lets rank 0 alone log,
@@ -100,7 +119,7 @@ def join_ranks(app: str, cfg: DictConfig, overrides: Sequence[str], multirun: bo
     if multirun:
         raise UsageError("-m/--multirun does not run under torchrun; launch one torchrun per run")
     init_distributed(cfg.device)
-    shared = [run_dir(app, overrides) if is_main() else None]
+    shared = [run_dir(app, overrides, config_dir) if is_main() else None]
     dist.broadcast_object_list(shared, src=0)
     extra = [f"hydra.run.dir={shared[0]}"]
     if not is_main():
@@ -131,9 +150,9 @@ def run_app(app: str, argv: Sequence[str]) -> int:
     wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
     argv = list(argv)
     if wants_run:
-        cfg = check_overrides(app, args.overrides, multirun=args.multirun)
+        cfg = check_overrides(app, args.overrides, multirun=args.multirun, config_dir=args.config_dir)
         if launched_by_torchrun():
-            argv += join_ranks(app, cfg, args.overrides, args.multirun)
+            argv += join_ranks(app, cfg, args.overrides, args.multirun, args.config_dir)
     task = importlib.import_module(APPS[app].module)
     hydra_main = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
     saved_argv = sys.argv

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Grid, Solver, SolverError, block_mean, block_repeat, check_state
+from .base import Grid, Solver, SolverError, block_mean, block_repeat, check_state, require
 from .registry import (
     ENTRY_POINT_GROUP,
     check_solver_config,
@@ -100,6 +100,7 @@ __all__ = [
     "list_solvers",
     "register_solver",
     "register_solver_configs",
+    "require",
     "solver_config",
 ]
 

@@ -22,13 +22,24 @@ import numpy as np
 
 from deepzero_apps.errors import RunError
 
-__all__ = ["Grid", "Solver", "SolverError", "check_state", "block_mean", "block_repeat"]
+__all__ = ["Grid", "Solver", "SolverError", "check_state", "block_mean", "block_repeat", "require"]
 
 BOUNDARIES: tuple[str, ...] = ("periodic", "wake", "custom")
 
 
 class SolverError(RunError):
     """A solver produced an invalid state or failed to run; the message is a single line."""
+
+
+#: Largest advective Courant number ``dt * U / dx`` a built-in solver accepts: semi-Lagrangian steps stay
+#: stable beyond 1, but a backtrace over more cells than this no longer resolves the flow.
+MAX_COURANT = 4.0
+
+
+def require(ok: bool, message: str) -> None:
+    """A solver's parameter check: ``ValueError`` (a one-line config error in the CLI) unless ``ok``."""
+    if not ok:
+        raise ValueError(message)
 
 
 def _one_line(text: str) -> str:

@@ -38,7 +38,6 @@ BUILTINS: dict[str, str] = {
     "burgers": "deepzero_apps.solvers.burgers:BurgersSolver",
     "wake": "deepzero_apps.solvers.wake:WakeSolver",
     "external": "deepzero_apps.solvers.external:ExternalSolver",
-    "phiflow_wake": "deepzero_apps.solvers.phiflow_wake:PhiflowWakeSolver",
 }
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}

@@ -299,13 +299,14 @@ def plot_errors(curves: dict[str, Sequence[float]], png: Path, title: str) -> No
 def plot_snapshots(rows: dict[str, np.ndarray], channels: Sequence[str], png: Path, title: str) -> None:
     """One frame per row (reference / source / corrected), one column per channel, shared colour scale."""
     ny, nx = next(iter(rows.values())).shape[-2:]
-    fig = Figure(figsize=(3.6 * len(channels), 0.6 + 3.0 * len(rows) * ny / nx), layout="constrained")
+    aspect = max(ny / nx, 0.25)  # 1-D problems (ny = 1) are drawn as bands
+    fig = Figure(figsize=(3.6 * len(channels), 0.6 + 3.0 * len(rows) * aspect), layout="constrained")
     axes = np.asarray(fig.subplots(len(rows), len(channels), squeeze=False))
     for c, name in enumerate(channels):
         lo = min(float(f[c].min()) for f in rows.values())
         hi = max(float(f[c].max()) for f in rows.values())
         for r, (label, frame) in enumerate(rows.items()):
-            im = axes[r, c].imshow(frame[c], origin="lower", cmap="RdBu_r", vmin=lo, vmax=hi)
+            im = axes[r, c].imshow(frame[c], origin="lower", cmap="RdBu_r", vmin=lo, vmax=hi, aspect="auto")
             axes[r, c].set(xticks=[], yticks=[], title=f"{label}: {name}")
         fig.colorbar(im, ax=list(axes[:, c]), shrink=0.8)
     fig.suptitle(title)

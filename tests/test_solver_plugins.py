@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -279,3 +280,71 @@ def test_external_input_and_config_errors(ext, tmp_path):
         missing.step(np.zeros((2, 4, 6)))
     with pytest.raises(ValueError, match="argument list"):
         ExternalSolver("python solver.py {input} {output}", grid=GRID)
+
+
+def test_external_timeout_kills_children_that_called_setsid(tmp_path):
+    # The step forks a grandchild that leaves the process group with setsid() and sleeps.
+    script = tmp_path / "escape.py"
+    pid_file = tmp_path / "escaped.pid"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, time
+            if os.fork() == 0:
+                os.setsid()
+                open({str(pid_file)!r}, "w").write(str(os.getpid()))
+                time.sleep(120)
+            time.sleep(120)
+            """
+        )
+    )
+    solver = ExternalSolver([sys.executable, str(script)], grid=GRID, channels=("u", "v"), timeout=2.0)
+    with pytest.raises(SolverError, match="timed out"):
+        solver.step(np.zeros((2, 4, 6)))
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("gone", "Z", "X"):
+            break
+        time.sleep(0.05)
+    assert state in ("gone", "Z", "X"), f"the setsid() child {pid} survived the timeout (state {state})"
+
+
+def test_external_environment_is_an_allow_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("DZ_TEST_SECRET", "hunter2")
+    monkeypatch.setenv("DZ_TEST_PASSED", "copied")
+    dump = tmp_path / "env.txt"
+    code = (
+        f"import json, os, sys, numpy as np; open({str(dump)!r}, 'w').write(json.dumps(dict(os.environ)));"
+        " np.save(sys.argv[2], np.load(sys.argv[1]))"
+    )
+    solver = ExternalSolver(
+        [sys.executable, "-c", code, "{input}", "{output}"],
+        grid=GRID,
+        channels=("u", "v"),
+        env={"SOLVER_MODE": "fast", "DZ_TEST_PASSED": None},
+    )
+    solver.step(np.zeros((2, 4, 6)))
+    env = json.loads(dump.read_text())
+    assert "DZ_TEST_SECRET" not in env and "hunter2" not in dump.read_text()
+    assert env["SOLVER_MODE"] == "fast" and env["DZ_TEST_PASSED"] == "copied"
+    assert env["PATH"] == os.environ["PATH"]
+
+
+def test_external_name_is_the_solvers_own_argument():
+    solver = create_solver("external", command=["true"], grid=GRID, name="heat1d")
+    assert solver.name == "heat1d"
+
+
+def test_every_solver_has_a_config_node_with_its_own_defaults(plugin_on_path):
+    from deepzero_apps.solvers import solver_config
+
+    burgers = solver_config("burgers")
+    assert burgers["reference"] == {"resolution": [64, 64]} and burgers["params"]["nu"] == 0.1
+    demo = solver_config("demo_decay")  # defaults from the plug-in's signature: no Burgers leftovers
+    assert demo == {"name": "demo_decay", "params": {"resolution": 8, "rate": 0.5, "dt": 0.1}, "reference": {}, "source": {}}
+    assert solver_config("external")["params"]["command"] == "???"  # required: must be set
