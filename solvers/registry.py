@@ -38,6 +38,7 @@ BUILTINS: dict[str, str] = {
     "burgers": "deepzero_apps.solvers.burgers:BurgersSolver",
     "wake": "deepzero_apps.solvers.wake:WakeSolver",
     "external": "deepzero_apps.solvers.external:ExternalSolver",
+    "phiflow_wake": "deepzero_apps.solvers.phiflow_wake:PhiflowWakeSolver",  # needs the [phiflow] extra
 }
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}

@@ -234,3 +234,14 @@ def test_solver_group_selects_each_solvers_own_defaults(capsys):
     assert main(["pde", "--cfg", "job", "solver=wake", "solver.params.re=300"]) == 0
     out = capsys.readouterr().out
     assert "re: 300" in out and "resolution: reference" in out and "nu:" not in out
+
+
+def test_phiflow_wake_runs_fo_sol_through_its_torch_twin(tmp_path, capsys):
+    pytest.importorskip("phi")
+    args = ["solver=phiflow_wake", "method=fo_sol", "solver.reference.resolution=[16,32]"]
+    args += ["solver.source.resolution=[8,16]", "data.train_sims=1", "data.test_sims=1", "data.steps=3"]
+    args += ["unroll=2", "progress=false", f"hydra.run.dir={tmp_path}", f"data.cache_dir={tmp_path}/cache"]
+    assert main(["pde", *args]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["solver"] == "phiflow_wake" and result["method"] == "fo_sol"
+    assert np.isfinite(result["mae"]) and result["mae_src"] > 0
