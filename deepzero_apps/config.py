@@ -202,7 +202,7 @@ class PdeConfig(TrainConfig):
         _require(
             self.method != "fo_sol" or callable(twin),
             f"method=fo_sol needs a differentiable torch twin of the solver and '{self.solver.name}' has "
-            "none (burgers has one); use method=zo_sol",
+            "none (burgers and phiflow_wake have one); use method=zo_sol",
         )
 
 
