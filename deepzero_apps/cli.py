@@ -134,6 +134,19 @@ def initialized(app: App) -> Iterator[None]:
             yield
 
 
+def config_dir_overrides(app: App, config_dir: str | None) -> list[str]:
+    """`--config-dir DIR` for the pre-validation's compose: DIR goes first on the app's search path,
+    as `hydra.main` puts it for the run itself."""
+    if config_dir is None:
+        return []
+    path = os.path.abspath(config_dir)
+    if not os.path.isdir(path):
+        raise UsageError(f"--config-dir '{config_dir}' is not a directory")
+    primary = OmegaConf.load(_config_root(app.config_dir).joinpath(f"{app.name}.yaml").open())
+    searchpath = [f"file://{path}", *OmegaConf.select(primary, "hydra.searchpath", default=[])]
+    return [f"hydra.searchpath=[{','.join(quoted(p) for p in searchpath)}]"]
+
+
 def check_overrides(app: App | str, overrides: Sequence[str], multirun: bool = False) -> DictConfig:
     """Compose and validate the config the way the run will; raise UsageError naming the problem.
     Returns the composed config."""
@@ -200,14 +213,15 @@ def run_app(app: App, argv: Sequence[str]) -> int:
     wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.version)
     argv = list(argv)
     if wants_run:
-        cfg = check_overrides(app, args.overrides, multirun=args.multirun)
+        overrides = [*config_dir_overrides(app, args.config_dir), *args.overrides]
+        cfg = check_overrides(app, overrides, multirun=args.multirun)
         directory = None
         if launched_by_torchrun():
-            extra = join_ranks(app, cfg, args.overrides, args.multirun)
+            extra = join_ranks(app, cfg, overrides, args.multirun)
             argv += extra
             directory = extra[0].split("=", 1)[1]
         elif not args.multirun:  # `${now:...}` resolved once: the directory locked is the one Hydra uses
-            directory = run_dir(app, args.overrides)
+            directory = run_dir(app, overrides)
             argv.append(f"hydra.run.dir={quoted(directory)}")
         if directory is not None and is_main():  # lock before Hydra writes (multirun jobs lock in start_run)
             lock_run_dir(directory)

@@ -157,12 +157,12 @@ class PdeSolverConfig:
     source: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .solvers import get_solver_class
+        from .solvers import check_solver_config
 
         try:
-            get_solver_class(self.name)
+            check_solver_config(self.name, {"params": self.params, "reference": self.reference, "source": self.source})
         except (ValueError, ImportError) as exc:
-            raise ConfigError(f"solver.name: {exc}") from exc
+            raise ConfigError(f"solver.name: {exc}" if "solver." not in str(exc) else str(exc)) from exc
 
 
 @dataclass
@@ -246,7 +246,7 @@ class PdeConfig(TrainConfig):
         _require(
             self.method != "fo_sol" or callable(twin),
             f"method=fo_sol needs a differentiable torch twin of the solver and '{self.solver.name}' has "
-            "none (burgers has one); use method=zo_sol",
+            "none (burgers and phiflow_wake have one); use method=zo_sol",
         )
 
 

@@ -9,6 +9,8 @@ Built-ins (``list_solvers()`` also shows plug-ins):
 * ``burgers`` -- :class:`~.burgers.BurgersSolver`, 2D forced viscous Burgers, periodic
   (``burgers_torch.BurgersTorch`` is its differentiable twin for the first-order upper bound);
 * ``wake`` -- :class:`~.wake.WakeSolver`, incompressible flow past a cylinder (staggered grid);
+* ``phiflow_wake`` -- :class:`~.phiflow_wake.PhiflowWakeSolver`, the same problem in PhiFlow (optional
+  extra ``[phiflow]``), whose torch backend is its differentiable twin;
 * ``external`` -- :class:`~.external.ExternalSolver`, any executable exchanging ``.npy`` files.
 
 Writing a solver
@@ -40,38 +42,35 @@ engine validates every output with :func:`check_state` (``SolverError`` on NaN/i
 
 Registering it
 --------------
-In-process: decorate the class with ``@register_solver("heat")``.
-
-As an installable plug-in, add an entry point to your package's ``pyproject.toml``::
+In-process: decorate the class with ``@register_solver("heat")``. As an installable plug-in, add an
+entry point to your package's ``pyproject.toml``::
 
     [project.entry-points."deepzero_apps.solvers"]
     heat = "my_package.heat:HeatSolver"
 
-then ``pip install -e .``; ``list_solvers()`` shows ``"heat"`` and ``create_solver("heat", resolution=64)``
-builds it. Without registering, point Hydra at the class::
-
-    solver:
-      _target_: my_package.heat.HeatSolver
-      resolution: 64
-      kappa: 0.05
-
-(``hydra.utils.instantiate(cfg.solver)`` or ``create_solver(cfg.solver)``). An external program::
-
-    solver:
-      _target_: deepzero_apps.solvers.external.ExternalSolver
-      command: ["./bin/stepper", "--in", "{input}", "--out", "{output}"]
-      grid: {shape: [32, 32], size: [1.0, 1.0]}
-      channels: [u, v]
-      initial_state_file: data/init_{seed}.npy
-      timeout: 30
+Either way ``deepzero-task pde solver=heat`` selects it with the defaults its class declares
+(``Solver.defaults`` over the constructor's signature). From Python, ``create_solver("heat",
+resolution=64)``, ``create_solver("my_package.heat:HeatSolver", ...)`` or a Hydra mapping
+``create_solver({"_target_": "my_package.heat.HeatSolver", "resolution": 64})`` (equivalently
+``hydra.utils.instantiate``). External programs: :class:`~.external.ExternalSolver`.
+docs/solvers.md has the whole guide (config layout, the external-program contract, the cache).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import Grid, Solver, SolverError, block_mean, block_repeat, check_state
-from .registry import ENTRY_POINT_GROUP, create_solver, get_solver_class, list_solvers, register_solver
+from .base import Grid, Solver, SolverError, block_mean, block_repeat, check_state, require
+from .registry import (
+    ENTRY_POINT_GROUP,
+    check_solver_config,
+    create_solver,
+    get_solver_class,
+    list_solvers,
+    register_solver,
+    register_solver_configs,
+    solver_config,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -84,11 +83,15 @@ __all__ = [
     "WakeSolver",
     "block_mean",
     "block_repeat",
+    "check_solver_config",
     "check_state",
     "create_solver",
     "get_solver_class",
     "list_solvers",
     "register_solver",
+    "register_solver_configs",
+    "require",
+    "solver_config",
 ]
 
 _LAZY = {

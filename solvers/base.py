@@ -16,19 +16,30 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from deepzero_apps.errors import RunError
 
-__all__ = ["Grid", "Solver", "SolverError", "check_state", "block_mean", "block_repeat"]
+__all__ = ["Grid", "Solver", "SolverError", "check_state", "block_mean", "block_repeat", "require"]
 
 BOUNDARIES: tuple[str, ...] = ("periodic", "wake", "custom")
 
 
 class SolverError(RunError):
     """A solver produced an invalid state or failed to run; the message is a single line."""
+
+
+#: Largest advective Courant number ``dt * U / dx`` a built-in solver accepts: semi-Lagrangian steps stay
+#: stable beyond 1, but a backtrace over more cells than this no longer resolves the flow.
+MAX_COURANT = 4.0
+
+
+def require(ok: bool, message: str) -> None:
+    """A solver's parameter check: ``ValueError`` (a one-line config error in the CLI) unless ``ok``."""
+    if not ok:
+        raise ValueError(message)
 
 
 def _one_line(text: str) -> str:
@@ -170,6 +181,9 @@ class Solver(ABC):
     grid: Grid
     channels: tuple[str, ...]
     dt: float = 1.0
+    #: Defaults of the config option ``solver=<name>`` over the constructor's own: ``"params"`` (both
+    #: instances), ``"reference"`` and ``"source"`` (per instance, e.g. ``{"resolution": [64, 64]}``).
+    defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     # -- required API ---------------------------------------------------------------------------
     @abstractmethod
@@ -233,8 +247,59 @@ class Solver(ABC):
             "dt": self.dt,
         }
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The identity of this solver's code, part of the reference-cache key: its class, the version
+        of the distribution providing it, and a hash of the source of the modules that define it (its
+        class hierarchy and the same-package modules those import from). External codes add theirs."""
+        cls = type(self)
+        return {
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "version": _distribution_version(cls.__module__),
+            "source": _source_hash(cls),
+        }
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.grid.shape}, size={self.grid.size}, dt={self.dt})"
+
+
+def _distribution_version(module: str) -> str | None:
+    import importlib.metadata as md
+
+    dists = md.packages_distributions().get(module.partition(".")[0], [])
+    for dist in dists:
+        try:
+            return f"{dist} {md.version(dist)}"
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def _source_hash(cls: type) -> str:
+    """sha256 over the source files of ``cls``'s MRO modules and the same-package modules they use."""
+    import hashlib
+    import inspect
+    import sys
+
+    modules: set[str] = set()
+    for klass in cls.__mro__:
+        mod = sys.modules.get(klass.__module__)
+        if mod is None or klass.__module__ in ("builtins", "abc"):
+            continue
+        modules.add(mod.__name__)
+        top = mod.__name__.partition(".")[0]
+        for value in vars(mod).values():
+            used = getattr(value, "__module__", None) or getattr(value, "__name__", "")
+            if isinstance(used, str) and used.partition(".")[0] == top and used in sys.modules:
+                modules.add(used)
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        try:
+            path = inspect.getsourcefile(sys.modules[name])
+        except TypeError:  # built-in or namespace module: nothing to hash
+            path = None
+        if path:
+            digest.update(name.encode() + b"\0" + open(path, "rb").read())
+    return digest.hexdigest()
 
 
 def _index_batched(value: Any, b: int, batch: int) -> Any:

@@ -33,7 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import factorized
 
-from .base import Grid, Solver, parse_resolution
+from .base import MAX_COURANT, Grid, Solver, parse_resolution, require
 
 __all__ = ["BurgersSolver", "periodic_bilinear", "smooth_random_field"]
 
@@ -119,6 +119,9 @@ class BurgersSolver(Solver):
 
     name = "burgers"
     channels = ("u", "v")
+    # Small grids so the default ZO run fits a few CPU minutes; the paper-scale grids are the presets
+    # solver.reference.resolution=reference (128x128) and solver.source.resolution=source (32x32).
+    defaults = {"reference": {"resolution": [64, 64]}, "source": {"resolution": [16, 16]}}
 
     def __init__(
         self,
@@ -133,6 +136,15 @@ class BurgersSolver(Solver):
         diffusion: bool = True,
     ) -> None:
         shape = parse_resolution(resolution, PRESETS)
+        require(size > 0 and dt > 0, f"size={size} and dt={dt} must be > 0")
+        require(nu >= 0 and (nu > 0 or not diffusion), f"nu={nu} must be > 0 (or diffusion=false)")
+        require(velocity_amplitude >= 0 and forcing_amplitude >= 0, "amplitudes must be >= 0")
+        courant = dt * max(velocity_amplitude, 1e-12) * max(shape) / size
+        require(
+            courant <= MAX_COURANT,
+            f"dt={dt} is beyond the stability limit: Courant number dt * velocity_amplitude / dx = "
+            f"{courant:.3g} > {MAX_COURANT:g} on the {shape[0]}x{shape[1]} grid",
+        )
         self.grid = Grid(shape=shape, size=(float(size), float(size)), boundary="periodic")
         self.nu = float(nu)
         self.dt = float(dt)

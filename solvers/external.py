@@ -19,18 +19,30 @@ path in which ``{seed}`` is replaced; one file may also hold a stack ``(S, C, ny
 ``seed % S``). The command's working directory is ``workdir`` (default: the current one).
 
 Failures raise :class:`SolverError` with one line naming the solver and step: non-zero exit (exit
-code and the last line of stderr), timeout (the whole process group is killed), missing or unreadable
-output, NaN/inf, wrong shape. Nothing outside the per-step temporary directory is ever deleted.
+code and the last line of stderr), timeout, missing or unreadable output, NaN/inf, wrong shape.
+Nothing outside the per-step temporary directory is ever deleted.
+
+Each call runs in a new session (its own process group) whose environment carries a unique tag; on a
+timeout or an interrupt the group is killed, then every process still carrying the tag -- children
+that called ``setsid()`` or were re-parented included -- until none is left (Linux ``/proc``).
+
+The program's environment is an allow-list, not the caller's whole environment (which may hold
+secrets): the variables in :data:`ENV_ALLOW` that are set, plus ``env`` (a ``None`` value copies that
+variable from the caller).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io as _io
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +54,14 @@ from .base import Grid, Solver, SolverError, check_state
 __all__ = ["ExternalSolver"]
 
 _IO_MODES = ("files", "stdio")
+
+#: Variables passed on to external programs when set (``env`` adds others).
+ENV_ALLOW: tuple[str, ...] = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_NUMERIC",
+    "TZ", "TERM", "TMPDIR", "TMP", "TEMP", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "SYSTEMROOT",
+)  # fmt: skip
+_TAG = "DEEPZERO_SOLVER_CALL"
 
 
 def _last_line(text: bytes | str | None) -> str:
@@ -78,7 +98,7 @@ class ExternalSolver(Solver):
         initial_state_file: optional ``.npy`` path (``{seed}`` is substituted) for initial states.
         dt: time step of the external code (informative; available as ``{dt}``).
         name: used in error messages.
-        env: extra environment variables for the command.
+        env: environment variables for the command on top of :data:`ENV_ALLOW` (``None``: copy it).
         keep_files: keep the per-step temporary directories (for debugging).
     """
 
@@ -120,10 +140,19 @@ class ExternalSolver(Solver):
         self.calls = 0
 
     # -- running the program ----------------------------------------------------------------------
+    def environment(self) -> dict[str, str]:
+        """The allow-listed variables of this process plus ``env`` (``None`` values copied from here)."""
+        env = {k: os.environ[k] for k in ENV_ALLOW if k in os.environ}
+        for key, value in (self.env or {}).items():
+            if value is not None:
+                env[key] = str(value)
+            elif key in os.environ:
+                env[key] = os.environ[key]
+        return env
+
     def _run(self, args: list[str], where: str, stdin: bytes | None) -> bytes:
-        env = None
-        if self.env:
-            env = {**os.environ, **self.env}
+        tag = uuid.uuid4().hex
+        env = {**self.environment(), _TAG: tag}
         try:
             proc = subprocess.Popen(
                 args,
@@ -139,12 +168,12 @@ class ExternalSolver(Solver):
         try:
             out, err = proc.communicate(input=stdin, timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            _kill_all(proc, tag)
             raise SolverError(
                 f"{where}: timed out after {self.timeout:g} s (process killed): {' '.join(args)[:200]}"
             ) from None
         except BaseException:
-            _kill_group(proc)
+            _kill_all(proc, tag)
             raise
         if proc.returncode != 0:
             tail = _last_line(err) or "(no stderr)"
@@ -234,20 +263,68 @@ class ExternalSolver(Solver):
             raise SolverError(f"{where}: no init_command or initial_state_file configured")
         return check_state(self.name, out, self.state_shape, step=label, what="initial state")
 
+    def fingerprint(self) -> dict[str, Any]:
+        """Adds the command lines and a sha256 of every file they name (the executable, found on
+        ``PATH`` or relative to ``workdir``, and arguments that are existing files such as a script):
+        rebuilding the program changes the reference-cache key."""
+        out = super().fingerprint()
+        files = {}
+        for args in (self.command, self.init_command or []):
+            for i, arg in enumerate(args):
+                path = self._resolve(arg, executable=i == 0)
+                if path is not None and path.is_file():
+                    files[arg] = hashlib.sha256(path.read_bytes()).hexdigest()
+        out.update(command=self.command, init_command=self.init_command, io=self.io, files=files)
+        return out
+
+    def _resolve(self, arg: str, executable: bool) -> Path | None:
+        base = self.workdir or Path.cwd()
+        if executable and os.sep not in arg:
+            found = shutil.which(arg)
+            return Path(found) if found else None
+        if "{" in arg:
+            return None
+        path = Path(arg)
+        return path if path.is_absolute() else base / path
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(command=self.command, io=self.io, timeout=self.timeout)
         return d
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _tagged(tag: str) -> list[int]:
+    """PIDs of the processes whose environment carries ``_TAG=tag`` (Linux ``/proc``; else none)."""
+    needle = f"{_TAG}={tag}".encode()
+    found = []
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.append(int(entry.name))
+            except OSError:  # gone, or not ours
+                continue
+    return found
+
+
+def _kill_all(proc: subprocess.Popen, tag: str) -> None:
+    """Kill the call's process group, then every process still carrying its tag, until none is left."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
+    except OSError:
         proc.kill()
+    for _ in range(50):
+        left = [pid for pid in _tagged(tag) if pid != os.getpid()]
+        if not left:
+            break
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
     try:
         proc.communicate(timeout=5)
-    except Exception:  # noqa: BLE001 - pipes may stay open if a child escaped its group
+    except Exception:  # noqa: BLE001 - pipes may stay open if a child escaped every sweep
         pass
 
 

@@ -5,17 +5,32 @@ built-ins, then entry points of the group ``"deepzero_apps.solvers"`` from insta
 (an entry point cannot silently shadow a built-in). :func:`create_solver` also accepts a dotted
 import path (``"pkg.module:Class"`` or ``"pkg.module.Class"``) or a Hydra-style mapping with
 ``_target_``.
+
+Every solver also becomes a Hydra config option ``solver=<name>`` (group ``solver`` of Hydra's
+ConfigStore, :func:`register_solver_configs`) whose defaults come from the class itself: its
+:attr:`~.base.Solver.defaults` over its constructor's signature. A plug-in thus needs no YAML and never
+inherits another solver's parameters.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["ENTRY_POINT_GROUP", "create_solver", "get_solver_class", "list_solvers", "register_solver"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "check_solver_config",
+    "create_solver",
+    "get_solver_class",
+    "list_solvers",
+    "register_solver",
+    "register_solver_configs",
+    "solver_config",
+]
 
 ENTRY_POINT_GROUP = "deepzero_apps.solvers"
 
@@ -23,6 +38,7 @@ BUILTINS: dict[str, str] = {
     "burgers": "deepzero_apps.solvers.burgers:BurgersSolver",
     "wake": "deepzero_apps.solvers.wake:WakeSolver",
     "external": "deepzero_apps.solvers.external:ExternalSolver",
+    "phiflow_wake": "deepzero_apps.solvers.phiflow_wake:PhiflowWakeSolver",  # needs the [phiflow] extra
 }
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
@@ -37,6 +53,7 @@ def register_solver(name: str, factory: Callable[..., Any] | None = None, *, ove
         if not overwrite and name in _REGISTRY and _REGISTRY[name] is not obj:
             raise ValueError(f"solver {name!r} is already registered ({_describe(_REGISTRY[name])})")
         _REGISTRY[name] = obj
+        _store_config(name)
         return obj
 
     return deco(factory) if factory is not None else deco
@@ -105,12 +122,13 @@ def get_solver_class(name: str) -> Callable[..., Any]:
     )
 
 
-def create_solver(name: str | Mapping[str, Any], **kwargs: Any):
+def create_solver(name: str | Mapping[str, Any], /, **kwargs: Any):
     """Instantiate a solver by registry name, import path, or Hydra mapping with ``_target_``.
 
     ``create_solver("burgers", resolution="reference")``;
     ``create_solver({"_target_": "deepzero_apps.solvers.wake.WakeSolver", "resolution": 64})``;
     ``create_solver({"name": "wake", "resolution": "source"})`` (a config group with a ``name`` key).
+    ``name`` is positional-only, so a solver's own ``name`` argument (``ExternalSolver``) passes through.
     """
     if isinstance(name, Mapping):
         cfg = dict(name)
@@ -128,3 +146,89 @@ def create_solver(name: str | Mapping[str, Any], **kwargs: Any):
 
 def _describe(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+# ---- configs: `solver=<name>` with the class's own defaults ------------------------------------------
+ROLES = ("params", "reference", "source")
+
+
+def _plain(value: Any) -> Any:
+    """A default as an OmegaConf value (tuples become lists); ``None`` when it has no config form."""
+    if isinstance(value, (tuple, list)):
+        items = [_plain(v) for v in value]
+        return None if any(i is None and v is not None for i, v in zip(items, value)) else items
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, (bool, int, float, str)) else None
+
+
+def _signature(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter], bool]:
+    """Keyword parameters of ``factory`` and whether it also takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return {}, True
+    named = {
+        n: p
+        for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    return named, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def solver_config(name: str) -> dict[str, Any]:
+    """The config node of ``solver=<name>``: ``{"name", "params", "reference", "source"}``.
+
+    ``params`` lists every constructor argument (``"???"`` when required, so it must be set) with the
+    class's declared ``defaults["params"]`` on top; ``reference``/``source`` are the per-instance
+    arguments of ``defaults`` (typically ``resolution``), which are then left out of ``params``.
+    """
+    factory = get_solver_class(name)
+    declared = getattr(factory, "defaults", None) or {}
+    per_role = {role: dict(declared.get(role, {})) for role in ("reference", "source")}
+    named, _ = _signature(factory)
+    params: dict[str, Any] = {}
+    for key, p in named.items():
+        if key in per_role["reference"] or key in per_role["source"]:
+            continue
+        if p.default is inspect.Parameter.empty:
+            params[key] = "???"
+        elif (value := _plain(p.default)) is not None or p.default is None:
+            params[key] = value
+    params.update(declared.get("params", {}))
+    return {"name": name, "params": _plain(params), **{r: _plain(v) for r, v in per_role.items()}}
+
+
+def check_solver_config(name: str, sections: Mapping[str, Mapping[str, Any]]) -> None:
+    """``ValueError`` naming an argument the solver's constructor does not take, with the accepted ones."""
+    factory = get_solver_class(name)
+    named, open_kwargs = _signature(factory)
+    if open_kwargs:
+        return
+    for role in ROLES:
+        for key in sections.get(role) or {}:
+            if key not in named:
+                raise ValueError(
+                    f"solver.{role}.{key}: solver '{name}' has no parameter '{key}'; accepted: "
+                    f"{', '.join(named)} (select a solver with solver=NAME to get its own defaults)"
+                )
+
+
+def _store_config(name: str) -> None:
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    try:
+        spec = solver_config(name)
+    except Exception:  # noqa: BLE001 - a broken plug-in is reported when selected, not at start-up
+        spec = {"name": name, "params": {}, "reference": {}, "source": {}}
+    node = OmegaConf.create(spec)
+    for role in ROLES:  # open dicts: `solver.params.KEY=VALUE` needs no `+`; unknown keys are
+        OmegaConf.set_struct(node[role], False)  # reported by check_solver_config with the accepted ones
+    ConfigStore.instance().store(group="solver", name=name, node=node, provider="deepzero_apps.solvers")
+
+
+def register_solver_configs() -> None:
+    """Store ``solver=<name>`` for every solver :func:`list_solvers` knows (called at config set-up)."""
+    for name in list_solvers():
+        _store_config(name)

@@ -41,7 +41,7 @@ import scipy.sparse as sp
 from scipy.ndimage import map_coordinates
 from scipy.sparse.linalg import factorized
 
-from .base import Grid, Solver, SolverError, _ratio, _target_shape, parse_resolution
+from .base import MAX_COURANT, Grid, Solver, SolverError, _ratio, _target_shape, parse_resolution, require
 from .burgers import smooth_random_field
 
 __all__ = ["WakeSolver"]
@@ -66,6 +66,7 @@ class WakeSolver(Solver):
 
     name = "wake"
     channels = ("u", "v")
+    defaults = {"reference": {"resolution": "reference"}, "source": {"resolution": "source"}}
 
     def __init__(
         self,
@@ -80,7 +81,16 @@ class WakeSolver(Solver):
         perturbation: float = 0.1,
     ) -> None:
         ly, lx = (float(s) for s in size)
+        require(min(ly, lx) > 0 and dt > 0 and inflow > 0, f"size={size}, dt={dt}, inflow={inflow} must be > 0")
+        require(re > 0 and 0 < re_range[0] <= re_range[1], f"re={re}, re_range={re_range} must be positive, low <= high")
+        require(radius >= 0 and perturbation >= 0, f"radius={radius} and perturbation={perturbation} must be >= 0")
         shape = parse_resolution(resolution, PRESETS, aspect=ly / lx)
+        courant = dt * inflow * max(shape[0] / ly, shape[1] / lx)
+        require(
+            courant <= MAX_COURANT,
+            f"dt={dt} is beyond the stability limit: Courant number dt * inflow / dx = {courant:.3g} > "
+            f"{MAX_COURANT:g} on the {shape[0]}x{shape[1]} grid",
+        )
         self.grid = Grid(shape=shape, size=(ly, lx), boundary="wake", staggered=True)
         self.dt = float(dt)
         self.re = float(re)

@@ -9,7 +9,7 @@ and is trained so corrected rollouts follow the reference. Methods (``method=``)
 * ``zo_sol``: the loss of an unrolled, corrected rollout through the numpy solver, whose gradient with
   respect to the network comes from loss queries only (the engine's CGE / sparse CGE / RGE): DeepZero;
 * ``fo_sol``: the same rollout loss backpropagated through the solver's differentiable torch twin
-  (the upper bound; Burgers only).
+  (the upper bound; solvers with a ``torch_twin``: Burgers, PhiFlow wake).
 
 Every method is evaluated the same way: corrected rollouts of the numpy solver on held-out simulations,
 mean absolute error against the reference averaged over time (``eval.json``, PNG plots).
@@ -47,7 +47,7 @@ from deepzero_apps.config import ConfigError, PdeConfig, start_run
 from deepzero_apps.engine import FirstOrder, Objective, SparseCoordinateSampler, is_main
 from deepzero_apps.errors import one_line
 from deepzero_apps.loggers import build_logger
-from deepzero_apps.solvers import SolverError, list_solvers
+from deepzero_apps.solvers import SolverError, list_solvers, register_solver_configs
 from deepzero_apps.tasks.pde_data import SolverPair, Stepper, build_solvers, reference_data, split_seeds
 from deepzero_apps.trainer import CHECKPOINT, Trainer
 
@@ -265,13 +265,14 @@ def plot_errors(curves: dict[str, Sequence[float]], png: Path, title: str) -> No
 def plot_snapshots(rows: dict[str, np.ndarray], channels: Sequence[str], png: Path, title: str) -> None:
     """One frame per row (reference / source / corrected), one column per channel, shared colour scale."""
     ny, nx = next(iter(rows.values())).shape[-2:]
-    fig = Figure(figsize=(3.6 * len(channels), 0.6 + 3.0 * len(rows) * ny / nx), layout="constrained")
+    aspect = max(ny / nx, 0.25)  # 1-D problems (ny = 1) are drawn as bands
+    fig = Figure(figsize=(3.6 * len(channels), 0.6 + 3.0 * len(rows) * aspect), layout="constrained")
     axes = np.asarray(fig.subplots(len(rows), len(channels), squeeze=False))
     for c, name in enumerate(channels):
         lo = min(float(f[c].min()) for f in rows.values())
         hi = max(float(f[c].max()) for f in rows.values())
         for r, (label, frame) in enumerate(rows.items()):
-            im = axes[r, c].imshow(frame[c], origin="lower", cmap="RdBu_r", vmin=lo, vmax=hi)
+            im = axes[r, c].imshow(frame[c], origin="lower", cmap="RdBu_r", vmin=lo, vmax=hi, aspect="auto")
             axes[r, c].set(xticks=[], yticks=[], title=f"{label}: {name}")
         fig.colorbar(im, ax=list(axes[:, c]), shrink=0.8)
     fig.suptitle(title)
@@ -373,7 +374,9 @@ def compare(png: Path, run_dirs: Sequence[Path]) -> str:
 
 
 def register_configs() -> None:
-    """pde's config hook: `--help` lists the solvers registered at that moment (built-ins and plug-ins)."""
+    """pde's config hook: `solver=<name>` for every registered solver (built-ins, entry points), its
+    defaults from its class, and `--help` listing them."""
+    register_solver_configs()
     OmegaConf.register_new_resolver("pde_solvers", lambda: ", ".join(list_solvers()), replace=True)
 
 

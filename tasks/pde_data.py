@@ -3,16 +3,19 @@ checked black-box stepper.
 
 Solver-in-the-Loop compares a coarse *source* solver against a fine *reference* run of the same PDE
 restricted to the coarse grid. Fine runs dominate the cost of small experiments, so every simulation is
-cached on disk under a key made of everything that determines it (solver configuration, seed, steps)
-and reused by any later run -- another method, another training-set size, a resumed run.
+cached on disk under a key made of everything that determines it -- the solver's code (class, package
+version, source hash; an external program's bytes and command line), its configuration and resolved
+description, the seed and the step counts -- and reused by any later run (another method, another
+training-set size, a resumed run). Each file carries a checksum: a truncated or zeroed file is
+re-simulated, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,10 +25,11 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from deepzero_apps.checkpoint import atomic_write
 from deepzero_apps.config import ConfigError
 from deepzero_apps.solvers import Solver, check_state, create_solver
 
-CACHE_FORMAT = 1  # bump when the stored arrays change meaning
+CACHE_FORMAT = 2  # bump when the stored arrays change meaning
 
 
 @dataclass
@@ -46,9 +50,7 @@ def build_solvers(solver_cfg: DictConfig) -> SolverPair:
         try:
             built[role] = create_solver(spec["name"], **kwargs)
         except (TypeError, ValueError, ImportError) as exc:
-            raise ConfigError(
-                f"solver.{role}: cannot build solver '{spec['name']}' with {kwargs}: {exc}"
-            ) from exc
+            raise ConfigError(f"solver '{spec['name']}' ({role} instance): {exc}") from exc
     fine, coarse = built["reference"], built["source"]
     try:
         fine.downsample(fine.initial_state(0), coarse)
@@ -69,16 +71,20 @@ def split_seeds(data_cfg: DictConfig) -> tuple[list[int], list[int]]:
     return list(range(data_cfg.train_sims)), list(range(start, start + data_cfg.test_sims))
 
 
-def cache_key(solver_cfg: DictConfig, seed: int, steps: int, warmup_steps: int) -> str:
-    """A short hash of everything a reference simulation depends on."""
-    spec = {
+def solver_identity(pair: SolverPair, solver_cfg: DictConfig) -> dict[str, Any]:
+    """What the reference solver is: its configuration, resolved description and code fingerprint."""
+    return {
         "format": CACHE_FORMAT,
         "solver": OmegaConf.to_container(solver_cfg, resolve=True),
-        "seed": int(seed),
-        "steps": int(steps),
-        "warmup_steps": int(warmup_steps),
+        "fine": {**pair.fine.describe(), **pair.fine.fingerprint()},
+        "coarse_shape": list(pair.coarse.grid.shape),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_key(identity: dict[str, Any], seed: int, steps: int, warmup_steps: int) -> str:
+    """A hash of everything a reference simulation depends on (`solver_identity`, seed, step counts)."""
+    spec = {**identity, "seed": int(seed), "steps": int(steps), "warmup_steps": int(warmup_steps)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def simulate(pair: SolverPair, seed: int, steps: int, warmup_steps: int) -> np.ndarray:
@@ -95,17 +101,31 @@ def simulate(pair: SolverPair, seed: int, steps: int, warmup_steps: int) -> np.n
     return np.stack(frames)
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    """Write next to `path` and rename, so concurrent runs never read a half-written simulation."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+def _checksum(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def save_cached(path: Path, traj: np.ndarray) -> None:
+    """The trajectory and its checksum in one ``.npz``, written atomically (temp, fsync, rename)."""
+    buf = io.BytesIO()
+    np.savez(buf, trajectory=traj, sha256=np.array(_checksum(traj)))
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def load_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached trajectory, or ``None`` (with a message) if the file is unreadable, truncated or altered."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with np.load(path, allow_pickle=False) as f:
+            traj, stored = f["trajectory"], str(f["sha256"])
+        problem = None if _checksum(traj) == stored else "checksum mismatch"
+        if problem is None and traj.shape != shape:
+            problem = f"shape {traj.shape}, expected {shape}"
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is simply re-simulated
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is None:
+        return traj
+    print(f"pde data: cached simulation {path} is damaged ({' '.join(problem.split())}); re-simulating")
+    return None
 
 
 def reference_data(
@@ -118,14 +138,15 @@ def reference_data(
 ) -> np.ndarray:
     """Downsampled reference trajectories of `seeds`, (S, steps + 1, C, ny, nx): cached or simulated."""
     root = Path(cache_dir)
+    shape = (steps + 1, *pair.coarse.state_shape)
+    identity, prefix = solver_identity(pair, solver_cfg), re.sub(r"[^\w.-]", "_", pair.name)
     trajectories, made, start = [], 0, time.perf_counter()
     for seed in seeds:
-        path = root / f"{pair.name}-{cache_key(solver_cfg, seed, steps, warmup_steps)}.npy"
-        if path.exists():
-            traj = np.load(path)
-        else:
+        path = root / f"{prefix}-{cache_key(identity, seed, steps, warmup_steps)}.npz"
+        traj = load_cached(path, shape) if path.exists() else None
+        if traj is None:
             traj = simulate(pair, seed, steps, warmup_steps)
-            _save_atomic(path, traj)
+            save_cached(path, traj)
             made += 1
         trajectories.append(traj)
     reused = len(seeds) - made

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +145,103 @@ def test_solver_nan_mid_training_is_a_clear_error_and_keeps_the_checkpoint(tmp_p
     assert "solver 'nan_burgers'" in err and "non-finite" in err and "last good checkpoint" in err
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["global_step"] >= 1 and all(np.isfinite(v.numpy()).all() for v in state["model"].values())
+
+
+# ---- solvers selected by name, external programs, the cache ------------------------------------------
+EXTERNAL = """
+import sys
+import numpy as np
+mode, out = sys.argv[1], sys.argv[-1]
+if mode == "init":
+    x = np.arange(16) * 2 * np.pi / 16
+    np.save(out, np.sin(x + int(sys.argv[2])).reshape(1, 1, 16))
+else:
+    np.save(out, RATE * np.load(sys.argv[2]))
+"""
+
+
+def external_solver_dir(tmp_path, rate: float):
+    """A --config-dir holding `solver=mine`: an external program (rebuilt with another `rate`)."""
+    script = tmp_path / "mine.py"
+    script.write_text(EXTERNAL.replace("RATE", repr(rate)))
+    conf = tmp_path / "conf" / "solver"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "mine.yaml").write_text(
+        f"""name: external
+params:
+  command: [{sys.executable}, {script}, step, "{{input}}", "{{output}}"]
+  init_command: [{sys.executable}, {script}, init, "{{seed}}", "{{output}}"]
+  grid: {{shape: [1, 16]}}
+  channels: [u]
+  name: mine
+reference: {{}}
+source: {{}}
+"""
+    )
+    return str(tmp_path / "conf")
+
+
+def test_config_dir_external_solver_and_a_rebuilt_program_resimulates(tmp_path, capsys):
+    cache, args = str(tmp_path / "cache"), ["method=src", "data.steps=4", "data.train_sims=1", "data.test_sims=1"]
+    conf = external_solver_dir(tmp_path, 0.9)
+    assert main(["pde", "--config-dir", conf, "solver=mine", f"hydra.run.dir={tmp_path}/a", f"data.cache_dir={cache}", *args]) == 0
+    assert "generated 1 reference simulation" in capsys.readouterr().out
+    first = json.loads((tmp_path / "a" / "eval.json").read_text())
+    external_solver_dir(tmp_path, 0.5)  # same command line, new program
+    assert main(["pde", "--config-dir", conf, "solver=mine", f"hydra.run.dir={tmp_path}/b", f"data.cache_dir={cache}", *args]) == 0
+    assert "generated 1 reference simulation" in capsys.readouterr().out
+    second = json.loads((tmp_path / "b" / "eval.json").read_text())
+    # SRC steps the same program as the reference: exact either way, but the reference itself changed.
+    assert first["mae_src"] == 0 and second["mae_src"] == 0
+    refs = sorted(Path(cache).glob("external-*.npz"))
+    assert len(refs) == 2
+    a, b = (np.load(r)["trajectory"] for r in refs)
+    assert not np.allclose(a, b)
+
+
+def test_damaged_cache_file_is_resimulated(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert run(tmp_path / "a", str(cache), "method=src") == 0
+    files = sorted(cache.glob("burgers-*.npz"))
+    assert len(files) == 1
+    good = np.load(files[0])["trajectory"]
+    files[0].write_bytes(b"\0" * files[0].stat().st_size)  # zeroed, e.g. by a crashed file system
+    capsys.readouterr()
+    assert run(tmp_path / "b", str(cache), "method=src") == 0
+    out = capsys.readouterr().out
+    assert "is damaged" in out and "generated 1 reference simulation" in out
+    np.testing.assert_array_equal(np.load(files[0])["trajectory"], good)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("solver.params.nu=-1", "nu=-1 must be > 0"),
+        ("solver.params.dt=1000", "dt=1000 is beyond the stability limit"),
+        ("solver=wake solver.params.re_range=[0,10]", "re_range"),
+        ("solver.params.viscosity=0.1", "solver 'burgers' has no parameter 'viscosity'; accepted: resolution, size, nu"),
+        ("solver.name=wake", "solver 'wake' has no parameter 'nu'"),
+    ],
+)
+def test_meaningless_solver_values_are_one_line_exit_2(tmp_path, cache, capsys, override, needle):
+    assert run(tmp_path, cache, *override.split()) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_solver_group_selects_each_solvers_own_defaults(capsys):
+    assert main(["pde", "--cfg", "job", "solver=wake", "solver.params.re=300"]) == 0
+    out = capsys.readouterr().out
+    assert "re: 300" in out and "resolution: reference" in out and "nu:" not in out
+
+
+def test_phiflow_wake_runs_fo_sol_through_its_torch_twin(tmp_path, capsys):
+    pytest.importorskip("phi")
+    args = ["solver=phiflow_wake", "method=fo_sol", "solver.reference.resolution=[16,32]"]
+    args += ["solver.source.resolution=[8,16]", "data.train_sims=1", "data.test_sims=1", "data.steps=3"]
+    args += ["unroll=2", "progress=false", f"hydra.run.dir={tmp_path}", f"data.cache_dir={tmp_path}/cache"]
+    assert main(["pde", *args]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["solver"] == "phiflow_wake" and result["method"] == "fo_sol"
+    assert np.isfinite(result["mae"]) and result["mae_src"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -279,3 +280,96 @@ def test_external_input_and_config_errors(ext, tmp_path):
         missing.step(np.zeros((2, 4, 6)))
     with pytest.raises(ValueError, match="argument list"):
         ExternalSolver("python solver.py {input} {output}", grid=GRID)
+
+
+def test_external_timeout_kills_children_that_called_setsid(tmp_path):
+    # The step forks a grandchild that leaves the process group with setsid() and sleeps.
+    script = tmp_path / "escape.py"
+    pid_file = tmp_path / "escaped.pid"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, time
+            if os.fork() == 0:
+                os.setsid()
+                open({str(pid_file)!r}, "w").write(str(os.getpid()))
+                time.sleep(120)
+            time.sleep(120)
+            """
+        )
+    )
+    solver = ExternalSolver([sys.executable, str(script)], grid=GRID, channels=("u", "v"), timeout=2.0)
+    with pytest.raises(SolverError, match="timed out"):
+        solver.step(np.zeros((2, 4, 6)))
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("gone", "Z", "X"):
+            break
+        time.sleep(0.05)
+    assert state in ("gone", "Z", "X"), f"the setsid() child {pid} survived the timeout (state {state})"
+
+
+def test_external_environment_is_an_allow_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("DZ_TEST_SECRET", "hunter2")
+    monkeypatch.setenv("DZ_TEST_PASSED", "copied")
+    dump = tmp_path / "env.txt"
+    code = (
+        f"import json, os, sys, numpy as np; open({str(dump)!r}, 'w').write(json.dumps(dict(os.environ)));"
+        " np.save(sys.argv[2], np.load(sys.argv[1]))"
+    )
+    solver = ExternalSolver(
+        [sys.executable, "-c", code, "{input}", "{output}"],
+        grid=GRID,
+        channels=("u", "v"),
+        env={"SOLVER_MODE": "fast", "DZ_TEST_PASSED": None},
+    )
+    solver.step(np.zeros((2, 4, 6)))
+    env = json.loads(dump.read_text())
+    assert "DZ_TEST_SECRET" not in env and "hunter2" not in dump.read_text()
+    assert env["SOLVER_MODE"] == "fast" and env["DZ_TEST_PASSED"] == "copied"
+    assert env["PATH"] == os.environ["PATH"]
+
+
+def test_external_name_is_the_solvers_own_argument():
+    solver = create_solver("external", command=["true"], grid=GRID, name="heat1d")
+    assert solver.name == "heat1d"
+
+
+def test_every_solver_has_a_config_node_with_its_own_defaults(plugin_on_path):
+    from deepzero_apps.solvers import solver_config
+
+    burgers = solver_config("burgers")
+    assert burgers["reference"] == {"resolution": [64, 64]} and burgers["params"]["nu"] == 0.1
+    demo = solver_config("demo_decay")  # defaults from the plug-in's signature: no Burgers leftovers
+    assert demo == {"name": "demo_decay", "params": {"resolution": 8, "rate": 0.5, "dt": 0.1}, "reference": {}, "source": {}}
+    assert solver_config("external")["params"]["command"] == "???"  # required: must be set
+
+
+# ------------------------------------------------------------------ the example plug-in, installed
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "burgers1d_plugin"
+
+
+def test_example_plugin_installs_and_trains_through_the_cli(tmp_path):
+    """pip-installs examples/burgers1d_plugin (a real dist-info with its entry point) and runs
+    `deepzero-task pde solver=burgers1d method=zo_sol` on its 1-D grid, end to end."""
+    import shutil
+    import subprocess
+
+    src, site = tmp_path / "src", tmp_path / "site"
+    shutil.copytree(EXAMPLE, src)  # building writes build/ and *.egg-info next to the sources
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site)]
+    subprocess.run([*pip, str(src)], check=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    cli = Path(sys.executable).with_name("deepzero-task")
+    args = ["pde", "solver=burgers1d", "method=zo_sol", "data.train_sims=1", "data.test_sims=1", "data.steps=4"]
+    args += ["unroll=2", "progress=false", f"hydra.run.dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache"]
+    done = subprocess.run([str(cli), *args], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["solver"] == "burgers1d" and result["source_grid"] == [1, 32] and result["reference_grid"] == [1, 128]
+    assert np.isfinite(result["mae"]) and result["train"]["queries"] > 0

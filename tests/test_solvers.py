@@ -220,3 +220,37 @@ def test_registry_builtins_and_pyproject_entry_points():
 
     for target in table.values():
         assert issubclass(_import_object(target), Solver)
+
+
+# ------------------------------------------------------------------------------------ PhiFlow wake
+def test_phiflow_wake_backends_agree_and_the_twin_differentiates():
+    pytest.importorskip("phi")
+    torch = pytest.importorskip("torch")
+    from deepzero_apps.solvers.phiflow_wake import PhiflowWakeSolver
+
+    solver = PhiflowWakeSolver((8, 16))
+    states = np.stack([solver.initial_state(s) for s in (0, 1)])
+    re = np.array([solver.reynolds(0), solver.reynolds(1)])
+    x = torch.tensor(states, requires_grad=True)
+    a, b = states, x
+    twin = solver.torch_twin()
+    for _ in range(3):
+        a, b = solver.step_batch(a, re=re), twin(b, torch.tensor(re))
+    np.testing.assert_allclose(b.detach().numpy(), a, rtol=0, atol=1e-6)
+    assert not np.allclose(a, states)  # it moved
+    # the batch dimension is the per-sample step
+    np.testing.assert_allclose(solver.step_batch(states, re=re)[1], solver.step(states[1], re=re[1]), atol=1e-12)
+    (b * torch.from_numpy(np.random.default_rng(0).normal(size=b.shape))).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_phiflow_wake_without_phiflow_says_what_to_install(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "phi", None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "deepzero_apps.solvers.phiflow_wake", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'deepzero-apps\[phiflow\]'"):
+        importlib.import_module("deepzero_apps.solvers.phiflow_wake")
+    with pytest.raises(ImportError, match=r"deepzero-apps\[phiflow\]"):
+        create_solver("phiflow_wake")

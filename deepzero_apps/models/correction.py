@@ -3,14 +3,30 @@
 A small fully convolutional ResNet (5x5 kernels, 32 filters) that maps a solver state to a
 correction of the same spatial size; ``padding_mode="circular"`` suits periodic domains.
 Input conv, every residual block and the output conv are separate stages for feature reuse.
+Circular padding wraps by index, so any grid works, including 1-D problems (``ny = 1``) where torch's
+own circular padding refuses to wrap more than once.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model
+
+
+class WrapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose circular padding wraps any number of times (periodic axes of any size)."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "circular":
+            return super()._conv_forward(input, weight, bias)
+        for axis, pad in ((-2, self.padding[0]), (-1, self.padding[1])):
+            n = input.shape[axis]
+            index = torch.arange(-pad, n + pad, device=input.device) % n
+            input = input.index_select(axis, index)
+        return F.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 class ResidualBlock(nn.Module):
@@ -19,8 +35,8 @@ class ResidualBlock(nn.Module):
     def __init__(self, width: int, kernel_size: int, padding_mode: str) -> None:
         super().__init__()
         pad = kernel_size // 2
-        self.conv1 = nn.Conv2d(width, width, kernel_size, padding=pad, padding_mode=padding_mode)
-        self.conv2 = nn.Conv2d(width, width, kernel_size, padding=pad, padding_mode=padding_mode)
+        self.conv1 = WrapConv2d(width, width, kernel_size, padding=pad, padding_mode=padding_mode)
+        self.conv2 = WrapConv2d(width, width, kernel_size, padding=pad, padding_mode=padding_mode)
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,8 +57,8 @@ def correction_net(
         raise ValueError(f"kernel_size must be odd to preserve the spatial size, got {kernel_size}")
     pad = kernel_size // 2
     stem = nn.Sequential(
-        nn.Conv2d(in_channels, width, kernel_size, padding=pad, padding_mode=padding_mode), nn.ReLU()
+        WrapConv2d(in_channels, width, kernel_size, padding=pad, padding_mode=padding_mode), nn.ReLU()
     )
     body = [ResidualBlock(width, kernel_size, padding_mode) for _ in range(blocks)]
-    out = nn.Conv2d(width, out_channels, kernel_size, padding=pad, padding_mode=padding_mode)
+    out = WrapConv2d(width, out_channels, kernel_size, padding=pad, padding_mode=padding_mode)
     return nn.Sequential(stem, *body, out)
