@@ -17,6 +17,7 @@ from .pruning import (
 )
 from .queries import QueryBudgetExceeded, QueryCounter
 from .sparsity import DenseSampler, SparseCoordinateSampler, load_ratios, save_ratios
+from .stacked import StackedEvaluator, StackedObjective, call_stacked
 
 __all__ = [
     "CGE",
@@ -45,6 +46,9 @@ __all__ = [
     "zo_grasp_scores",
     "BatchedEvaluator",
     "ShardedEvaluator",
+    "StackedEvaluator",
+    "StackedObjective",
+    "call_stacked",
     "barrier",
     "init_distributed",
     "is_main",
