@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from deepzero_apps.engine import CGE, RGE, BatchedEvaluator, ReferenceEvaluator, StackedEvaluator
+from deepzero_apps.engine import (
+    CGE,
+    RGE,
+    BatchedEvaluator,
+    ReferenceEvaluator,
+    ShardedEvaluator,
+    StackedEvaluator,
+    init_distributed,
+)
 from deepzero_apps.models import create_model
 from deepzero_apps.solvers import Solver
 from deepzero_apps.solvers.burgers import BurgersSolver
@@ -129,3 +142,54 @@ def test_rge_queries_restart_from_the_shared_first_step():
         steps.append(calls.count(1))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
     assert steps == [5, 1]
+
+
+def train_rollout(sharded: bool) -> dict[str, torch.Tensor]:
+    """Two CGE steps of a small Burgers ZO-SOL problem; the state dict plus the rows this process
+    evaluated itself under "ran"."""
+    obj = rollout_objective(BurgersSolver(resolution=(8, 8)))
+    ran = []
+    inner = obj._losses
+    obj._losses = lambda thetas, *a: ran.append(len(thetas)) or inner(thetas, *a)
+    evaluator = StackedEvaluator(chunk=16)
+    est = CGE(mu=1e-3, evaluator=ShardedEvaluator(evaluator) if sharded else evaluator)
+    opt = torch.optim.SGD(obj.module.parameters(), lr=0.5)
+    for step in range(2):
+        opt.zero_grad()
+        est.estimate(obj, BATCH, step=step)
+        opt.step()
+    return {
+        **obj.module.state_dict(),
+        "queries": torch.tensor(obj.counter.queries),
+        "ran": torch.tensor(sum(ran)),
+    }
+
+
+def _rollout_worker(r: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    try:
+        torch.save(train_rollout(sharded=True), os.path.join(out, f"rank{r}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_split_the_perturbations_and_equal_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rollout_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = train_rollout(sharded=False)
+    ran = [int(r.pop("ran")) for r in (*ranks, single)]
+    assert ran[0] + ran[1] == ran[2] and abs(ran[0] - ran[1]) <= 2, ran  # equal shares of the queries
+    for key, value in single.items():
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-12, atol=1e-15)
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # every rank takes the same step
+    assert not torch.equal(
+        single["2.weight"],
+        rollout_objective(BurgersSolver(resolution=(8, 8))).module.state_dict()["2.weight"],
+    )
