@@ -22,6 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .allocator import tune_malloc
 from .config import validate
 from .engine.distributed import init_distributed, is_main, launched_by_torchrun
 from .errors import ConfigError, RunError, one_line
@@ -157,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(main_help())
         return 0 if argv else USAGE_ERROR
     app, rest = argv[0], argv[1:]
+    tune_malloc()  # glibc mmap/trim thresholds (DEEPZERO_MALLOC_TUNING=0 opts out)
     if app not in APPS:
         print(f"deepzero-task: error: unknown application '{app}'; choose from: {', '.join(APPS)}", file=sys.stderr)
         return USAGE_ERROR
