@@ -14,9 +14,13 @@ FAULTS = """
 import resource, torch
 from deepzero_apps.allocator import tune_malloc
 applied = tune_malloc()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):  # 64 MB, above glibc's largest dynamic mmap threshold (32 MB): mmap'ed each time
-    torch.empty(2**23).fill_(1.0)  # unless the thresholds keep freed memory in the heap
+torch.set_num_threads(1)
+x, conv = torch.randn(64, 16, 32, 32), torch.nn.Conv2d(16, 16, 3, padding=1)
+with torch.no_grad():
+    conv(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):  # 4 MB activations: glibc trims the freed top of the heap and faults it back
+        torch.relu(conv(x)) + x
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -34,7 +38,7 @@ def page_faults(opt_out: str) -> tuple[str, int]:
 def test_thresholds_keep_freed_activations_in_the_heap():
     tuned, default = page_faults("1"), page_faults("0")
     assert tuned[0] == "True" and default[0] == "False"
-    assert tuned[1] * 2 < default[1], (tuned, default)  # 64 MB of fresh pages faulted in per tensor
+    assert tuned[1] * 5 < default[1], (tuned, default)
 
 
 def test_every_cli_run_applies_it_first(monkeypatch):
