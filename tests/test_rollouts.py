@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from deepzero_apps.engine import (
 from deepzero_apps.models import create_model
 from deepzero_apps.solvers import Solver
 from deepzero_apps.solvers.burgers import BurgersSolver
+from deepzero_apps.solvers.external import ExternalSolver
 from deepzero_apps.solvers.wake import WakeSolver
 from deepzero_apps.tasks.pde import RolloutObjective, black_box_step
 from deepzero_apps.tasks.pde_data import Stepper
@@ -193,3 +195,38 @@ def test_two_ranks_split_the_perturbations_and_equal_one_process(tmp_path):
         single["2.weight"],
         rollout_objective(BurgersSolver(resolution=(8, 8))).module.state_dict()["2.weight"],
     )
+
+
+BATCH_SCRIPT = """
+import sys
+import numpy as np
+inp, out, forcing, re, log = sys.argv[1:6]
+x = np.load(inp)
+r = np.load(re) if re.endswith(".npy") else float(re)
+r = r.reshape(-1, 1, 1, 1) if x.ndim == 4 else r
+np.save(out, 0.5 * x * r + np.load(forcing))
+open(log, "a").write(f"{x.shape[0] if x.ndim == 4 else 1}\\n")
+"""
+
+
+def test_external_solver_declaring_batches_is_one_process_call_per_batch(tmp_path):
+    script, log = tmp_path / "stepper.py", tmp_path / "calls.log"
+    script.write_text(BATCH_SCRIPT)
+    args = [sys.executable, str(script), "{input}", "{output}", "{forcing}", "{re}", str(log)]
+
+    def solver(batch: bool) -> ExternalSolver:
+        return ExternalSolver(
+            args, grid=(4, 6), channels=("u", "v"), workdir=tmp_path, batch=batch, timeout=60
+        )
+
+    rng = np.random.default_rng(0)
+    states, forcing = rng.normal(size=(3, 2, 4, 6)), list(rng.normal(size=(3, 2, 4, 6)))
+    re = [1.0, 2.0, 3.0]
+    want = solver(False).step_batch(states, forcing=forcing, re=re)
+    assert log.read_text().split() == ["1", "1", "1"] and not solver(False).batch_native
+    log.unlink()
+    batched = solver(True)
+    got = batched.step_batch(states, forcing=forcing, re=re)
+    assert log.read_text().split() == ["3"] and batched.batch_native
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got[2], 1.5 * states[2] + forcing[2])
