@@ -19,7 +19,6 @@ coordinates on the same batch; the reference loop runs a uniform subsample of th
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from deepzero_apps.allocator import tune_malloc
 from deepzero_apps.engine import (
     BatchedEvaluator,
     FeatureReuse,
@@ -48,18 +48,6 @@ from deepzero_apps.engine import (
 from deepzero_apps.models import create_model
 
 STEP = 5e-3
-
-
-def tune_malloc() -> bool:
-    """Keep freed memory in glibc's heap (no mmap/munmap per activation): fresh pages otherwise cost
-    page faults on every multi-MB tensor, which doubles the time of a ResNet block on this CPU and
-    hits every evaluator alike. Same as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the env."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 1 << 30))
 
 
 def ce(out: torch.Tensor, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

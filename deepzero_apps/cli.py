@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .adapter import INTERRUPTED, USAGE_ERROR, debug_requested, error_boundary
+from .allocator import tune_malloc
 from .apps import App, get_app, list_apps
 from .config import validate
 from .engine.distributed import init_distributed, is_main, launched_by_torchrun
@@ -254,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(main_help())
         return 0 if argv else USAGE_ERROR
     name, rest = argv[0], argv[1:]
+    tune_malloc()  # glibc mmap/trim thresholds (DEEPZERO_MALLOC_TUNING=0 opts out)
     try:
         app = get_app(name)
     except ConfigError as exc:

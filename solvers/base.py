@@ -178,6 +178,10 @@ class Solver(ABC):
 
     #: Registry name; used in error messages.
     name: str = "solver"
+    #: True when :meth:`step_batch` steps the whole batch at once (array operations, one process
+    #: call); the default loops over :meth:`step`. Batched ZO-SOL queries stack K x B states per call
+    #: either way, so a solver that declares it gets one call per rollout step of all perturbations.
+    batch_native: bool = False
     grid: Grid
     channels: tuple[str, ...]
     dt: float = 1.0
@@ -207,8 +211,15 @@ class Solver(ABC):
         """:func:`check_state` against this solver's name and state shape."""
         return check_state(self.name, state, self.state_shape, step=step, what=what)
 
+    def native_batch(self, owner: type[Solver]) -> bool:
+        """Whether `owner`'s vectorized :meth:`step_batch` applies: not for a subclass that overrides
+        :meth:`step` alone (it gets the loop over its own step)."""
+        return type(self).step is owner.step and type(self).step_batch is owner.step_batch
+
     def step_batch(self, states: np.ndarray, **params: Any) -> np.ndarray:
-        """Step a batch ``(B, C, ny, nx)``; array-valued ``params`` with a leading ``B`` axis are split."""
+        """Step a batch ``(B, C, ny, nx)``; array-valued ``params`` with a leading ``B`` axis are split.
+
+        This default loops over :meth:`step`; solvers that set :attr:`batch_native` override it."""
         states = np.asarray(states, dtype=np.float64)
         out = np.empty_like(states)
         for b in range(states.shape[0]):

@@ -18,6 +18,13 @@ placeholders and no input; stdout is used with ``io="stdio"``), or ``initial_sta
 path in which ``{seed}`` is replaced; one file may also hold a stack ``(S, C, ny, nx)`` indexed by
 ``seed % S``). The command's working directory is ``workdir`` (default: the current one).
 
+Batches: with ``batch=True`` the executable declares that it steps many states per call, and
+:meth:`ExternalSolver.step_batch` runs it once per batch: ``input.npy`` holds ``(B, C, ny, nx)``,
+``output.npy`` must too, ``forcing.npy`` is ``(B, C, ny, nx)``, and a keyword with one value per
+state (e.g. a Reynolds number per simulation) is written to ``<name>.npy`` of shape ``(B,)`` and its
+placeholder ``{<name>}`` is that path (a keyword shared by the batch stays a plain value). Without it,
+a batch is one call per state.
+
 Failures raise :class:`SolverError` with one line naming the solver and step: non-zero exit (exit
 code and the last line of stderr), timeout, missing or unreadable output, NaN/inf, wrong shape.
 Nothing outside the per-step temporary directory is ever deleted.
@@ -100,6 +107,7 @@ class ExternalSolver(Solver):
         name: used in error messages.
         env: environment variables for the command on top of :data:`ENV_ALLOW` (``None``: copy it).
         keep_files: keep the per-step temporary directories (for debugging).
+        batch: the command steps a whole batch per call (see the module docstring).
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class ExternalSolver(Solver):
         name: str = "external",
         env: Mapping[str, str] | None = None,
         keep_files: bool = False,
+        batch: bool = False,
     ) -> None:
         if isinstance(command, (str, bytes)) or not command:
             raise ValueError(
@@ -138,6 +147,7 @@ class ExternalSolver(Solver):
         self.env = dict(env) if env else None
         self.keep_files = bool(keep_files)
         self.calls = 0
+        self.batch_native = bool(batch)
 
     # -- running the program ----------------------------------------------------------------------
     def environment(self) -> dict[str, str]:
@@ -238,6 +248,26 @@ class ExternalSolver(Solver):
         out = self._call(where, self.command, arrays, extra)
         return check_state(self.name, out, self.state_shape, step=self.calls, what="output")
 
+    def step_batch(self, states: np.ndarray, forcing: Any = None, **params: Any) -> np.ndarray:
+        """One process call for the whole batch when the command declares ``batch=True``."""
+        if not self.batch_native:
+            return super().step_batch(states, forcing=forcing, **params)
+        self.calls += 1
+        where = f"solver {self.name!r} batch step {self.calls}"
+        shape = (len(states), *self.state_shape)
+        states = check_state(self.name, states, shape, step=self.calls, what="input states")
+        arrays = {"input": states}
+        if forcing is not None:
+            arrays["forcing"] = np.broadcast_to(np.asarray(forcing, dtype=np.float64), shape)
+        extra = {"step": str(self.calls)}
+        for key, value in params.items():
+            if isinstance(value, (int, float, str, np.number)):
+                extra[key] = str(value)
+            elif value is not None:  # one value per state
+                arrays[key] = np.asarray(value, dtype=np.float64).reshape(len(states))
+        out = self._call(where, self.command, arrays, extra)
+        return check_state(self.name, out, shape, step=self.calls, what="output")
+
     def initial_state(self, seed: int, **params: Any) -> np.ndarray:
         label = f"initial_state(seed={seed})"
         where = f"solver {self.name!r} {label}"
@@ -289,7 +319,7 @@ class ExternalSolver(Solver):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(command=self.command, io=self.io, timeout=self.timeout)
+        d.update(command=self.command, io=self.io, timeout=self.timeout, batch=self.batch_native)
         return d
 
 

@@ -34,17 +34,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.ndimage import map_coordinates
 from scipy.sparse.linalg import factorized
+from threadpoolctl import ThreadpoolController
 
 from .base import MAX_COURANT, Grid, Solver, SolverError, _ratio, _target_shape, parse_resolution, require
 from .burgers import smooth_random_field
 
 __all__ = ["WakeSolver"]
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _blas_threads(n: int) -> Any:
+    """Context manager limiting BLAS (OpenBLAS/MKL) to `n` threads."""
+    return _blas().limit(limits=n, user_api="blas")
+
 
 PRESETS: dict[str, tuple[int, int]] = {"reference": (128, 256), "source": (32, 64)}
 
@@ -67,6 +80,7 @@ class WakeSolver(Solver):
     name = "wake"
     channels = ("u", "v")
     defaults = {"reference": {"resolution": "reference"}, "source": {"resolution": "source"}}
+    batch_native = property(lambda self: self.native_batch(WakeSolver))
 
     def __init__(
         self,
@@ -165,25 +179,27 @@ class WakeSolver(Solver):
         return self.inflow * 2.0 * self.radius / re if self.radius > 0 else self.inflow * 20.0 / re
 
     # -- full face arrays ----------------------------------------------------------------------------
+    # Every array method below takes states ``(..., 2, ny, nx)``: one state or a batch (`step_batch`).
     def _full_u(self, u: np.ndarray) -> np.ndarray:
-        """``(ny, nx + 1)``: inflow face, then the stored faces."""
-        return np.concatenate([np.full((u.shape[0], 1), self.inflow), u], axis=1)
+        """``(..., ny, nx + 1)``: inflow face, then the stored faces."""
+        return np.concatenate([np.full((*u.shape[:-1], 1), self.inflow), u], axis=-1)
 
     def _full_v(self, v: np.ndarray) -> np.ndarray:
-        """``(ny + 1, nx)``: bottom wall, then the stored faces."""
-        return np.concatenate([np.zeros((1, v.shape[1])), v], axis=0)
+        """``(..., ny + 1, nx)``: bottom wall, then the stored faces."""
+        return np.concatenate([np.zeros((*v.shape[:-2], 1, v.shape[-1])), v], axis=-2)
 
     def divergence(self, state: np.ndarray) -> np.ndarray:
-        """Discrete divergence per cell, ``(ny, nx)``."""
+        """Discrete divergence per cell, ``(..., ny, nx)``."""
         dy, dx = self.grid.spacing
-        uf = self._full_u(np.asarray(state[0], dtype=np.float64))
-        vf = self._full_v(np.asarray(state[1], dtype=np.float64))
-        return (uf[:, 1:] - uf[:, :-1]) / dx + (vf[1:, :] - vf[:-1, :]) / dy
+        state = np.asarray(state, dtype=np.float64)
+        uf = self._full_u(state[..., 0, :, :])
+        vf = self._full_v(state[..., 1, :, :])
+        return (uf[..., :, 1:] - uf[..., :, :-1]) / dx + (vf[..., 1:, :] - vf[..., :-1, :]) / dy
 
     def apply_boundaries(self, state: np.ndarray) -> np.ndarray:
         """Zero the faces touching the obstacle and the top wall (returns a new array)."""
         out = np.array(state, dtype=np.float64, copy=True)
-        out[self.fixed] = 0.0
+        out[..., self.fixed] = 0.0
         return out
 
     def project(self, state: np.ndarray) -> np.ndarray:
@@ -192,63 +208,88 @@ class WakeSolver(Solver):
         ny, nx = self.grid.shape
         dy, dx = self.grid.spacing
         div = self.divergence(out)
-        div[self.solid] = 0.0
-        p = np.asarray(self._solve(np.ascontiguousarray(div.ravel()))).reshape(ny, nx)
-        grad_x = np.empty((ny, nx))
-        grad_x[:, :-1] = (p[:, 1:] - p[:, :-1]) / dx
-        grad_x[:, -1] = (0.0 - p[:, -1]) / dx
-        grad_y = np.zeros((ny, nx))
-        grad_y[:-1, :] = (p[1:, :] - p[:-1, :]) / dy
-        out[0] -= np.where(self.open[0], grad_x, 0.0)
-        out[1] -= np.where(self.open[1], grad_y, 0.0)
+        div[..., self.solid] = 0.0
+        rhs = div.reshape(-1, ny * nx).T  # (cells, states): one multi-right-hand-side solve
+        with _blas_threads(1):  # tiny triangular solves: BLAS threads only spin (10-80x slower under load)
+            p = np.asarray(self._solve(np.asfortranarray(rhs))).T.reshape(div.shape)
+        grad_x = np.empty(p.shape)
+        grad_x[..., :, :-1] = (p[..., :, 1:] - p[..., :, :-1]) / dx
+        grad_x[..., :, -1] = (0.0 - p[..., :, -1]) / dx
+        grad_y = np.zeros(p.shape)
+        grad_y[..., :-1, :] = (p[..., 1:, :] - p[..., :-1, :]) / dy
+        out[..., 0, :, :] -= np.where(self.open[0], grad_x, 0.0)
+        out[..., 1, :, :] -= np.where(self.open[1], grad_y, 0.0)
         return out
 
     # -- interpolation ----------------------------------------------------------------------------
+    @staticmethod
+    def _interpolate(field: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+        """Bilinear, edge-clamped samples of ``field (..., h, w)`` at fractional indices ``(..., ny, nx)``:
+        scipy's ``map_coordinates(order=1, mode="nearest")`` for one state; for a batch the same
+        arithmetic in array operations (scipy's generic spline code is slower than this gather)."""
+        if field.ndim == 2:
+            return map_coordinates(field, [cy, cx], order=1, mode="nearest")
+        b, h, w = field.shape
+        cy, cx = np.clip(cy, 0.0, h - 1.0), np.clip(cx, 0.0, w - 1.0)
+        y0, x0 = np.minimum(np.floor(cy), h - 2.0), np.minimum(np.floor(cx), w - 2.0)
+        ty, tx = cy - y0, cx - x0
+        i00 = (np.arange(b)[:, None, None] * h + y0.astype(np.int64)) * w + x0.astype(np.int64)
+        flat = field.reshape(-1)
+        f00, f01, f10, f11 = (flat.take(i00 + k) for k in (0, 1, w, w + 1))
+        return (1.0 - ty) * ((1.0 - tx) * f00 + tx * f01) + ty * ((1.0 - tx) * f10 + tx * f11)
+
     def _sample_u(self, uf: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         dy, dx = self.grid.spacing
-        return map_coordinates(uf, [y / dy - 0.5, x / dx], order=1, mode="nearest")
+        y, x = np.broadcast_arrays(y, x, uf[..., :-1])[:2]
+        return self._interpolate(uf, y / dy - 0.5, x / dx)
 
     def _sample_v(self, vf: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         dy, dx = self.grid.spacing
         # Ghost column at x = -dx/2 holding -v, so that v = 0 on the inflow boundary.
-        vg = np.concatenate([-vf[:, :1], vf], axis=1)
-        return map_coordinates(vg, [y / dy, x / dx + 0.5], order=1, mode="nearest")
+        vg = np.concatenate([-vf[..., :, :1], vf], axis=-1)
+        y, x = np.broadcast_arrays(y, x, vf[..., :-1, :])[:2]
+        return self._interpolate(vg, y / dy, x / dx + 0.5)
 
     def advect(self, state: np.ndarray) -> np.ndarray:
-        uf = self._full_u(state[0])
-        vf = self._full_v(state[1])
+        u, v = state[..., 0, :, :], state[..., 1, :, :]
+        uf, vf = self._full_u(u), self._full_v(v)
         (yu, xu), (yv, xv) = self._u_pos, self._v_pos
         dt = self.dt
         v_at_u = self._sample_v(vf, yu, xu)
-        u_new = self._sample_u(uf, yu - dt * v_at_u, xu - dt * state[0])
+        u_new = self._sample_u(uf, yu - dt * v_at_u, xu - dt * u)
         u_at_v = self._sample_u(uf, yv, xv)
-        v_new = self._sample_v(vf, yv - dt * state[1], xv - dt * u_at_v)
-        return np.stack([u_new, v_new])
+        v_new = self._sample_v(vf, yv - dt * v, xv - dt * u_at_v)
+        return np.stack([u_new, v_new], axis=-3)
 
-    def diffuse(self, state: np.ndarray, nu: float) -> np.ndarray:
+    def diffuse(self, state: np.ndarray, nu: float | np.ndarray) -> np.ndarray:
+        """Explicit diffusion; ``nu`` is one viscosity or one per state (each with its own sub-steps)."""
         dy, dx = self.grid.spacing
+        nu = np.asarray(nu, dtype=np.float64)
+        nu = nu.reshape(-1, 1, 1) if nu.ndim else nu
         rate = self.dt * nu * (2.0 / dx**2 + 2.0 / dy**2)
-        n_sub = max(1, math.ceil(rate / 0.9))
+        n_sub = np.maximum(1, np.ceil(rate / 0.9))
         h = self.dt * nu / n_sub
-        u, v = state[0].copy(), state[1].copy()
-        for _ in range(n_sub):
+        u, v = state[..., 0, :, :].copy(), state[..., 1, :, :].copy()
+        lead = [(0, 0)] * (u.ndim - 2)
+        for i in range(int(n_sub.max())):
             # u: inflow value on the left, zero-gradient right (outflow) and top/bottom (free slip).
-            up = np.pad(self._full_u(u), ((1, 1), (0, 1)), mode="edge")
-            lap_u = (up[1:-1, :-2] - 2 * up[1:-1, 1:-1] + up[1:-1, 2:]) / dx**2 + (
-                up[:-2, 1:-1] - 2 * up[1:-1, 1:-1] + up[2:, 1:-1]
+            up = np.pad(self._full_u(u), [*lead, (1, 1), (0, 1)], mode="edge")
+            lap_u = (up[..., 1:-1, :-2] - 2 * up[..., 1:-1, 1:-1] + up[..., 1:-1, 2:]) / dx**2 + (
+                up[..., :-2, 1:-1] - 2 * up[..., 1:-1, 1:-1] + up[..., 2:, 1:-1]
             ) / dy**2
             # v: walls (0) at bottom/top, v = 0 at the inflow (odd ghost), zero-gradient outflow.
             vf = self._full_v(v)
-            vf[-1] = 0.0
-            vp = np.concatenate([-vf[:, :1], vf, vf[:, -1:]], axis=1)
-            lap_v = (vp[1:-1, :-2] - 2 * vp[1:-1, 1:-1] + vp[1:-1, 2:]) / dx**2 + (
-                vp[:-2, 1:-1] - 2 * vp[1:-1, 1:-1] + vp[2:, 1:-1]
+            vf[..., -1, :] = 0.0
+            vp = np.concatenate([-vf[..., :, :1], vf, vf[..., :, -1:]], axis=-1)
+            lap_v = (vp[..., 1:-1, :-2] - 2 * vp[..., 1:-1, 1:-1] + vp[..., 1:-1, 2:]) / dx**2 + (
+                vp[..., :-2, 1:-1] - 2 * vp[..., 1:-1, 1:-1] + vp[..., 2:, 1:-1]
             ) / dy**2
-            u = u + h * lap_u
-            v[:-1] = v[:-1] + h * lap_v
-            u[self.fixed[0]] = 0.0
-            v[self.fixed[1]] = 0.0
-        return np.stack([u, v])
+            active = i < n_sub  # states with fewer sub-steps keep their value
+            u = np.where(active, u + h * lap_u, u)
+            v[..., :-1, :] = np.where(active, v[..., :-1, :] + h * lap_v, v[..., :-1, :])
+            u[..., self.fixed[0]] = 0.0
+            v[..., self.fixed[1]] = 0.0
+        return np.stack([u, v], axis=-3)
 
     # -- Solver API -------------------------------------------------------------------------------
     def reynolds(self, seed: int) -> float:
@@ -277,6 +318,21 @@ class WakeSolver(Solver):
         state = self.apply_boundaries(state)
         new = self.advect(state)
         new = self.diffuse(new, self.nu(re))
+        if forcing is not None:
+            new = new + self.dt * np.asarray(forcing, dtype=np.float64)
+        return self.project(new)
+
+    def step_batch(
+        self, states: np.ndarray, forcing: Any = None, re: Any = None, **params: Any
+    ) -> np.ndarray:
+        """:meth:`step` of ``(B, 2, ny, nx)`` in array operations; ``re`` is one Reynolds number or
+        one per state, ``forcing`` one field or one per state."""
+        if not self.batch_native:
+            return super().step_batch(states, forcing=forcing, re=re, **params)
+        states = np.asarray(states, dtype=np.float64)
+        res = np.broadcast_to(np.asarray(self.re if re is None else re, dtype=np.float64), len(states))
+        nu = np.array([self.nu(r) for r in res])
+        new = self.diffuse(self.advect(self.apply_boundaries(states)), nu)
         if forcing is not None:
             new = new + self.dt * np.asarray(forcing, dtype=np.float64)
         return self.project(new)

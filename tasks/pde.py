@@ -44,7 +44,14 @@ from deepzero_apps.adapter import (
 from deepzero_apps.apps import App
 from deepzero_apps.checkpoint import load_checkpoint
 from deepzero_apps.config import ConfigError, PdeConfig, start_run
-from deepzero_apps.engine import FirstOrder, Objective, SparseCoordinateSampler, is_main
+from deepzero_apps.engine import (
+    FirstOrder,
+    Objective,
+    SparseCoordinateSampler,
+    StackedObjective,
+    call_stacked,
+    is_main,
+)
 from deepzero_apps.errors import one_line
 from deepzero_apps.loggers import build_logger
 from deepzero_apps.solvers import SolverError, list_solvers, register_solver_configs
@@ -72,24 +79,64 @@ class OneStepObjective(Objective):
         return F.mse_loss(correct(self.module, stepped), target)
 
 
-class RolloutObjective(Objective):
+class RolloutObjective(StackedObjective):
     """SOL: mean squared error of `unroll` corrected solver steps against the reference; batch = (sims, t0).
 
     `step` is the black-box solver (a numpy rollout, queried by the ZO estimators) or its torch twin
-    (differentiable, for FO-SOL); the windows index the reference trajectories `refs`.
+    (differentiable, for FO-SOL); the windows index the reference trajectories `refs`. The first
+    solver step does not depend on the network, so the base query keeps it (`forward_cached`) and
+    every perturbed query of the step starts from it; K perturbed parameter vectors run as one
+    stacked network call per step and one solver call on all K x B states (`_losses`).
     """
 
     def __init__(self, module: nn.Module, step: StepFn, refs: torch.Tensor, unroll: int):
         super().__init__(module)
         self.step, self.refs, self.unroll = step, refs, unroll
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def first_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         sims, t0 = batch
-        state = self.refs[sims, t0]
+        return self.step(self.refs[sims, t0], sims, 1)
+
+    def _loss(
+        self, batch: tuple[torch.Tensor, torch.Tensor], first: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        sims, t0 = batch
+        state = self.first_step(batch) if first is None else first
         loss = torch.zeros((), dtype=state.dtype)
         for k in range(1, self.unroll + 1):
-            state = correct(self.module, self.step(state, sims, k))
+            if k > 1:
+                state = self.step(state, sims, k)
+            state = correct(self.module, state)
             loss = loss + F.mse_loss(state, self.refs[sims, t0 + k])
+        return loss / self.unroll
+
+    def forward_cached(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.first_step(batch)
+        self.counter.add(1, 1.0)
+        return self._loss(batch, first), first
+
+    def loss_from(
+        self, stage: int, cache: torch.Tensor | None, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        self.counter.add(1, 1.0)
+        return self._loss(batch, cache)
+
+    def _losses(
+        self, thetas: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor], first: Any
+    ) -> torch.Tensor:
+        sims, t0 = batch
+        first = self.first_step(batch) if first is None else first
+        k, shape = len(thetas), first.shape
+        params = self.stacked_parameters(thetas)
+        net = next(self.module.parameters())
+        state = first.expand(k, *shape)
+        loss = torch.zeros(k, dtype=first.dtype)
+        for n in range(1, self.unroll + 1):
+            if n > 1:  # one solver call on all K x B states
+                state = self.step(state.reshape(k * len(sims), *shape[1:]), sims.repeat(k), n).view(k, *shape)
+            x = state.to(device=net.device, dtype=net.dtype)
+            state = state + call_stacked(self.module, params, x).to(state)
+            loss = loss + (state - self.refs[sims, t0 + n]).square().flatten(1).mean(1)
         return loss / self.unroll
 
 

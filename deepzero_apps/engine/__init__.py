@@ -17,6 +17,7 @@ from .pruning import (
 )
 from .queries import QueryBudgetExceeded, QueryCounter
 from .sparsity import DenseSampler, SparseCoordinateSampler, load_ratios, save_ratios
+from .stacked import StackedEvaluator, StackedObjective, call_stacked
 from .zo_core import Directions, difference
 from .zo_function import ZOFunction, zo_function
 
@@ -47,6 +48,9 @@ __all__ = [
     "zo_grasp_scores",
     "BatchedEvaluator",
     "ShardedEvaluator",
+    "StackedEvaluator",
+    "StackedObjective",
+    "call_stacked",
     "barrier",
     "init_distributed",
     "is_main",

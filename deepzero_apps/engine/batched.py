@@ -38,6 +38,7 @@ from .fastpaths import (
     trace,
 )
 from .objective import Batch, Objective, StagedObjective, close
+from .stacked import DEFAULT_CHUNK, StackedObjective, stacked_coordinate_losses
 
 
 class StepCache(list):
@@ -110,8 +111,9 @@ class BatchedEvaluator(FeatureReuse):
     max_batch_bytes bounds the activations of one chunk (K is derived from the traced activation
     sizes); `chunk` fixes K instead of timing candidates. channels_last runs the traced and stacked
     4-D activations in NHWC (default: on CPU, where BatchNorm, pooling and convs are several times
-    faster in that layout; values only change by float rounding). Coordinates of parameters shared
-    by several layers, and objectives that are not staged, use the FeatureReuse loop. Query
+    faster in that layout; values only change by float rounding). A `StackedObjective` gets K
+    perturbed parameter vectors per call (`stacked`). Coordinates of parameters shared by several
+    layers, and other objectives that are not staged, use the FeatureReuse loop. Query
     accounting is the FeatureReuse one (one query restarted at the owning stage per coordinate), so
     budgets mean the same thing whichever evaluator runs them.
     """
@@ -172,6 +174,9 @@ class BatchedEvaluator(FeatureReuse):
     def coordinate_losses(
         self, objective: Objective, batch: Batch, context: Any, coords: Tensor, step: float
     ) -> Tensor:
+        if isinstance(objective, StackedObjective):  # not staged, but K parameter vectors per call
+            chunk = self.chunk or DEFAULT_CHUNK
+            return stacked_coordinate_losses(objective, batch, context, coords, step, chunk)
         plan = self.plan(objective) if isinstance(context, StepCache) else None
         if plan is None or not len(coords):
             return super().coordinate_losses(objective, batch, context, coords, step)

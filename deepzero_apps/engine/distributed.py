@@ -23,6 +23,7 @@ from .coords import Block
 from .evaluators import EVALUATORS, ReferenceEvaluator, make_evaluator
 from .objective import Batch, Objective
 from .queries import QueryCounter
+from .stacked import StackedObjective
 
 
 def launched_by_torchrun() -> bool:
@@ -96,7 +97,8 @@ class ShardedEvaluator(ReferenceEvaluator):
 
     Costs are kept per parameter tensor (seconds per coordinate, averaged over steps); tensors not
     yet timed are predicted from the objective's stage_cost FLOP fractions, scaled to the measured
-    ones. RGE's directions are dealt round-robin (rank r evaluates directions r, r + world, ...).
+    ones (a `StackedObjective`'s queries all cost the same: equal shares, one stacked call per rank).
+    RGE's directions are dealt round-robin (rank r evaluates directions r, r + world, ...).
     Every rank's query counter ends up with the total over all ranks. A single `query` is not
     sharded.
     """
@@ -130,13 +132,18 @@ class ShardedEvaluator(ReferenceEvaluator):
         view, before = objective.coords, objective.counter.snapshot()
         timing = torch.zeros(2, len(view.blocks), dtype=torch.float64)  # seconds, coordinates
         index = {b.name: i for i, b in enumerate(view.blocks)}
-        for block, positions, local in view.split(coords[mine]):
+        if isinstance(objective, StackedObjective):  # every query runs it all: equal shares, one call
             t0 = time.perf_counter()
-            losses[mine[positions]] = self.inner.coordinate_losses(
-                objective, batch, context, local + block.start, step
-            )
-            timing[0, index[block.name]] += time.perf_counter() - t0
-            timing[1, index[block.name]] += len(local)
+            losses[mine] = self.inner.coordinate_losses(objective, batch, context, coords[mine], step)
+            timing[0, 0] = time.perf_counter() - t0
+        else:
+            for block, positions, local in view.split(coords[mine]):
+                t0 = time.perf_counter()
+                losses[mine[positions]] = self.inner.coordinate_losses(
+                    objective, batch, context, local + block.start, step
+                )
+                timing[0, index[block.name]] += time.perf_counter() - t0
+                timing[1, index[block.name]] += len(local)
         self.last_busy_seconds = float(timing[0].sum())
         losses, timing = all_reduce_sum(losses), all_reduce_sum(timing)
         self._record(view.blocks, timing)

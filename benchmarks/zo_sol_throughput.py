@@ -1,0 +1,248 @@
+"""ZO-SOL query throughput: the one-at-a-time loop, batched rollouts in one process, and on 2 ranks.
+
+One JSON line per problem (default Burgers: 16x16 source grid; default wake: 16x32 source grid; both
+the `experiment=pde_*` protocols: width-4 correction net, 8-step rollouts, 2 windows per step, sparse
+CGE over a random 10% of each conv weight plus all biases, mu = 1e-4) with ZO-SOL queries per second
+  loop:      every query reruns its whole rollout, one network call and one solver call per state
+             per step (`ReferenceEvaluator`, the solver's per-state `step` loop): the path before
+             batched rollouts;
+  batched:   `StackedEvaluator`: the first solver step once per ZO step, K perturbed parameter
+             vectors per vmapped network call, one vectorized solver call on all K x B states;
+  ranks:     the batched path under `ShardedEvaluator` on --ranks gloo processes (1 thread each);
+and the wall time of one full ZO-SOL step (base query + all coordinate queries + gradient) for the
+loop and the batched path, plus where the batched path's time goes (solver vs the rest).
+Then one line `classify_allocator` with the default `deepzero-task classify` wall time with and without
+the allocator setting (DEEPZERO_MALLOC_TUNING=0), runs alternated. ResNet-20 engine vs reuse with the
+CLI's settings: `benchmarks/cge_throughput.py --models resnet20 --ranks 1`.
+
+Reference trajectories are coarse-solver rollouts with noise (the fine simulations only change the
+loss values, not the work per query). Every figure in a line is measured in the same run.
+
+    python benchmarks/zo_sol_throughput.py                       # burgers, wake, classify
+    python benchmarks/zo_sol_throughput.py --problems burgers --classify-runs 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deepzero_apps.allocator import tune_malloc
+from deepzero_apps.engine import (
+    CGE,
+    ReferenceEvaluator,
+    ShardedEvaluator,
+    SparseCoordinateSampler,
+    StackedEvaluator,
+    compute_ratios,
+    init_distributed,
+)
+from deepzero_apps.models import create_model
+from deepzero_apps.solvers import Solver
+from deepzero_apps.solvers.burgers import BurgersSolver
+from deepzero_apps.solvers.wake import WakeSolver
+from deepzero_apps.tasks.pde import RolloutObjective, black_box_step
+from deepzero_apps.tasks.pde_data import Stepper
+
+MU, UNROLL, SIMS, STEPS = 1e-4, 8, 8, 64
+
+
+class LoopStepper(Stepper):
+    """The stepper as before vectorized solvers: the base class's loop over per-state steps."""
+
+    def __call__(self, states: np.ndarray, sims, step: int) -> np.ndarray:
+        return Solver.step_batch(self.solver, states, **self.batched_conditions(sims))
+
+
+def problem(
+    name: str, loop: bool
+) -> tuple[RolloutObjective, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Objective, one batch of 2 windows and the step's sparse coordinates (identical in every process)."""
+    if name == "burgers":
+        solver, warmup = BurgersSolver(resolution=(16, 16), size=32.0, nu=0.1, dt=0.1), 0
+    else:
+        solver, warmup = WakeSolver(resolution=(16, 32), dt=1.0), 200
+    seeds = list(range(SIMS))
+    refs = []
+    for s in seeds:
+        conditions = solver.conditions(s)
+        state = solver.initial_state(s)
+        for _ in range(warmup):
+            state = solver.step(state, **conditions)
+        refs.append(solver.rollout(state, STEPS, **conditions))
+    refs = torch.from_numpy(np.stack(refs))
+    refs = refs + 0.01 * refs.std() * torch.randn(
+        refs.shape, generator=torch.Generator().manual_seed(0), dtype=refs.dtype
+    )
+    torch.manual_seed(0)
+    padding = "circular" if name == "burgers" else "zeros"
+    model = create_model(
+        "correction_net",
+        in_channels=2,
+        out_channels=2,
+        width=4,
+        blocks=1,
+        kernel_size=5,
+        padding_mode=padding,
+    )
+    stepper = (LoopStepper if loop else Stepper)(solver, seeds)
+    obj = RolloutObjective(model, black_box_step(stepper), refs, UNROLL)
+    ratios = compute_ratios("random", model, sparsity=0.9, ordering="magnitude", seed=0)
+    coords = SparseCoordinateSampler(obj.coords, ratios, mask_interval=1, seed=0, dense_unscored=True).coords(
+        0
+    )
+    return obj, (torch.tensor([3, 6]), torch.tensor([10, 40])), coords
+
+
+def time_queries(ev, obj, batch, coords, reps: int = 1) -> float:
+    """Best seconds of one coordinate_losses call over `reps` (after one untimed call)."""
+    with torch.no_grad():
+        _, ctx = ev.base(obj, batch)
+        ev.coordinate_losses(obj, batch, ctx, coords, MU)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            ev.coordinate_losses(obj, batch, ctx, coords, MU)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def step_seconds(ev, obj, batch, coords) -> float:
+    """Wall time of one full ZO-SOL step: CGE.estimate (base query, coordinate queries, gradient)."""
+    est = CGE(mu=MU, evaluator=ev)
+    t0 = time.perf_counter()
+    est.estimate(obj, batch, coords=coords)
+    return time.perf_counter() - t0
+
+
+def solver_share(obj: RolloutObjective, run: Callable[[], object]) -> float:
+    """Seconds spent inside the black-box solver during `run()`."""
+    spent, inner = [0.0], obj.step
+
+    def timed(state, sims, k):
+        t0 = time.perf_counter()
+        out = inner(state, sims, k)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    obj.step = timed
+    try:
+        run()
+    finally:
+        obj.step = inner
+    return spent[0]
+
+
+def _rank_worker(r: int, world: int, port: int, name: str, reps: int, queue) -> None:
+    os.environ.update(
+        RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    tune_malloc()
+    init_distributed("cpu")
+    try:
+        obj, batch, coords = problem(name, loop=False)
+        seconds = time_queries(ShardedEvaluator(StackedEvaluator()), obj, batch, coords, reps)
+        if r == 0:
+            queue.put(seconds)
+    finally:
+        dist.destroy_process_group()
+
+
+def ranks_seconds(name: str, world: int, reps: int) -> float:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_worker, args=(world, port, name, reps, queue), nprocs=world, join=True)
+    return queue.get()
+
+
+def bench(name: str, world: int, reps: int) -> dict:
+    torch.set_num_threads(1)
+    loop_obj, batch, coords = problem(name, loop=True)
+    obj, _, _ = problem(name, loop=False)
+    n = len(coords)
+    t_loop = time_queries(ReferenceEvaluator(), loop_obj, batch, coords)
+    t_batched = time_queries(StackedEvaluator(), obj, batch, coords, reps)
+    t_ranks = ranks_seconds(name, world, reps) if world > 1 else None
+    step_loop = step_seconds(ReferenceEvaluator(), loop_obj, batch, coords)
+    step_batched = step_seconds(StackedEvaluator(), obj, batch, coords)
+    in_solver = solver_share(obj, lambda: step_seconds(StackedEvaluator(), obj, batch, coords))
+    in_solver_loop = solver_share(
+        loop_obj, lambda: step_seconds(ReferenceEvaluator(), loop_obj, batch, coords)
+    )
+    out = {
+        "problem": name,
+        "source_grid": list(obj.refs.shape[-2:]),
+        "unroll": UNROLL,
+        "windows_per_step": len(batch[0]),
+        "parameters": obj.coords.dim,
+        "queries_per_step": n,
+        "queries_per_s": {"loop": round(n / t_loop, 1), "batched": round(n / t_batched, 1)},
+        "speedup_batched_vs_loop": round(t_loop / t_batched, 2),
+        "zo_sol_step_seconds": {"loop": round(step_loop, 3), "batched": round(step_batched, 3)},
+        "solver_fraction_of_step": {
+            "loop": round(in_solver_loop / step_loop, 2),
+            "batched": round(in_solver / step_batched, 2),
+        },
+        "timed_calls_batched": reps,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    if t_ranks is not None:
+        out["queries_per_s"][f"{world}_ranks"] = round(n / t_ranks, 1)
+        out[f"speedup_{world}_ranks_vs_1"] = round(t_batched / t_ranks, 2)
+    return out
+
+
+def classify_allocator(runs: int) -> dict:
+    """Default `deepzero-task classify` wall time without and with the allocator setting, alternated."""
+    walls: dict[str, list[float]] = {"without": [], "with": []}
+    cli = [sys.executable, "-m", "deepzero_apps.cli", "classify", "progress=false"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(runs):
+            for label, flag in (("without", "0"), ("with", "1")):
+                env = {**os.environ, "DEEPZERO_MALLOC_TUNING": flag}
+                t0 = time.perf_counter()
+                subprocess.run(
+                    [*cli, f"hydra.run.dir={tmp}/{label}{i}"], env=env, check=True, capture_output=True
+                )
+                walls[label].append(round(time.perf_counter() - t0, 1))
+    mean = {k: sum(v) / len(v) for k, v in walls.items()}
+    return {
+        "problem": "classify_allocator",
+        "command": "deepzero-task classify progress=false (default config)",
+        "wall_seconds": walls,
+        "speedup_with_vs_without": round(mean["without"] / mean["with"], 2),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--problems", nargs="+", default=["burgers", "wake"], choices=["burgers", "wake"])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3, help="timed batched calls (best of)")
+    p.add_argument("--classify-runs", type=int, default=2, help="alternated pairs of classify runs (0: skip)")
+    args = p.parse_args(argv)
+    tune_malloc()  # as every deepzero-task run
+    for name in args.problems:
+        print(json.dumps(bench(name, args.ranks, args.reps)), flush=True)
+    if args.classify_runs:
+        print(json.dumps(classify_allocator(args.classify_runs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
