@@ -245,3 +245,10 @@ def test_phiflow_wake_runs_fo_sol_through_its_torch_twin(tmp_path, capsys):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["solver"] == "phiflow_wake" and result["method"] == "fo_sol"
     assert np.isfinite(result["mae"]) and result["mae_src"] > 0
+
+
+def test_hydra_searchpath_selects_a_solver_config_for_a_real_run(tmp_path):
+    conf = external_solver_dir(tmp_path, 0.9)
+    args = ["method=src", "data.steps=2", "unroll=1", "data.train_sims=1", "data.test_sims=1", f"data.cache_dir={tmp_path}/cache"]
+    assert main(["pde", f"hydra.searchpath=[file://{conf}]", "solver=mine", f"hydra.run.dir={tmp_path}/run", *args]) == 0
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["solver"] == "external"

@@ -1,0 +1,36 @@
+"""Multi-seed table of `deepzero-task pde` runs: held-out MAE as mean ± sd over seeds, per method.
+
+    python results/pde/seed_table.py runs/pde/phiflow_wake
+
+reads every ROOT/<method>/seed_<k>/eval.json (the run directories of configs/experiment/pde_*.yaml)
+and prints one markdown row per method, with the number of seeds and the SRC baseline they share.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def table(root: Path) -> str:
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(root.glob("*/seed_*/eval.json")):
+        runs.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+    if not runs:
+        raise SystemExit(f"no {root}/<method>/seed_<k>/eval.json found")
+    lines = ["| method | seeds | held-out MAE (mean ± sd) | final-step MAE (mean ± sd) |", "|---|---|---|---|"]
+    for method, results in runs.items():
+        cells = []
+        for values in ([r["mae"] for r in results], [r["mae_over_time"][-1] for r in results]):
+            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+            cells.append(f"{statistics.mean(values):.4f} ± {sd:.4f}")
+        lines.append(f"| {results[0]['label']} ({method}) | {len(results)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    print(table(Path(sys.argv[1])))
