@@ -301,3 +301,21 @@ def test_a_stochastic_forward_passes_and_the_random_stream_is_untouched():
         FirstOrder().estimate(obj, b)
         states.append((torch.get_rng_state(), grads(model)))
     assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+def test_a_loss_that_reads_parameters_itself(evaluator):
+    """A weight penalty in the loss: the fast paths, which only change a layer's output, must not
+    be used for the penalised parameters (the last linear layer's closed form included)."""
+    model, b = tiny_cnn(), batch()
+
+    def penalised(m):
+        return lambda out, b: F.cross_entropy(out, b[1]) + m[2][2].weight.square().sum() + m[0][0].weight.square().sum()
+
+    truth = copy.deepcopy(model)
+    FirstOrder().estimate(StagedObjective(truth, penalised(truth)), b)
+    ref = copy.deepcopy(model)
+    CGE(mu=5e-3, evaluator="reference").estimate(StagedObjective(ref, penalised(ref)), b)
+    CGE(mu=5e-3, evaluator=make_evaluator_named(evaluator)).estimate(StagedObjective(model, penalised(model)), b)
+    assert torch.allclose(grads(model), grads(ref), rtol=0, atol=1e-10)
+    assert F.cosine_similarity(grads(ref), grads(truth), dim=0) >= 0.999

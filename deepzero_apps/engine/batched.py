@@ -37,7 +37,7 @@ from .fastpaths import (
     linear_source,
     trace,
 )
-from .objective import Batch, Objective, StagedObjective, close
+from .objective import Batch, Objective, StagedObjective, close, forked_rng
 from .stacked import DEFAULT_CHUNK, StackedObjective, stacked_coordinate_losses
 
 
@@ -72,12 +72,15 @@ class Site:
 
 
 class Plan:
-    """Stage trees of one objective and the site of every parameter that has exactly one owner."""
+    """Stage trees of one objective and the site of every parameter that has exactly one owner
+    and is read nowhere after it (see `BatchedEvaluator._read_later`)."""
 
     def __init__(self, stages: list[nn.Module]):
         self.stages = stages
         self.trees = [describe(s) for s in stages]
         self.vmap_loss = True
+        self.checked: set[int] = set()  # parameters whose later use was checked
+        self.excluded: set[int] = set()  # ... and found: they take the exact loop
         self.index()
 
     def index(self) -> None:
@@ -89,7 +92,7 @@ class Plan:
         ]
         owners = Counter(pid for pid, _ in found)
         old = getattr(self, "sites", {})
-        self.sites = {pid: site for pid, site in found if owners[pid] == 1}
+        self.sites = {pid: site for pid, site in found if owners[pid] == 1 and pid not in self.excluded}
         for pid, site in self.sites.items():
             if pid in old and old[pid].path == site.path:
                 site.chunk, site.trial, site.best = old[pid].chunk, old[pid].trial, old[pid].best
@@ -113,7 +116,8 @@ class BatchedEvaluator(FeatureReuse):
     4-D activations in NHWC (default: on CPU, where BatchNorm, pooling and convs are several times
     faster in that layout; values only change by float rounding). A `StackedObjective` gets K
     perturbed parameter vectors per call (`stacked`). Coordinates of parameters shared by several
-    layers, and other objectives that are not staged, use the FeatureReuse loop. Query
+    layers or read again after their layer (a weight penalty in the loss, found by a check on first
+    use), and other objectives that are not staged, use the FeatureReuse loop. Query
     accounting is the FeatureReuse one (one query restarted at the owning stage per coordinate), so
     budgets mean the same thing whichever evaluator runs them.
     """
@@ -186,6 +190,12 @@ class BatchedEvaluator(FeatureReuse):
             self._trace(plan, objective, batch, context, min(block.stage for block, _, _ in groups))
             for block, positions, local in groups:
                 site = plan.sites.get(id(block.param))
+                if site is not None and id(block.param) not in plan.checked:
+                    plan.checked.add(id(block.param))
+                    if self._read_later(plan, site, objective, batch, context, block.param):
+                        plan.excluded.add(id(block.param))
+                        del plan.sites[id(block.param)]
+                        site = None
                 if site is None:
                     out[positions] = super().coordinate_losses(
                         objective, batch, context, local + block.start, step
@@ -215,6 +225,34 @@ class BatchedEvaluator(FeatureReuse):
                 plan.make_opaque(s)
                 trace(plan.trees[s], x, ctx.traces)
             ctx.traced.add(s)
+
+    def _read_later(
+        self, plan: Plan, site: Site, objective: StagedObjective, batch: Batch, ctx: StepCache, param: nn.Parameter
+    ) -> bool:
+        """Whether the later stages or the loss read `param` itself (a weight penalty in the loss,
+        say): the fast paths change only its leaf's output, so such a parameter takes the exact loop.
+        Found by running them from the cached input with the parameter moved and not moved."""
+        s = site.stage
+        h = ctx[s + 1] if s + 1 < len(ctx) else ctx.traces[site.path[0]][1]
+
+        def run_later() -> Tensor:
+            out = h
+            for stage in plan.stages[s + 1 :]:
+                out = stage(out)
+            return objective.loss_fn(out, batch)
+
+        def later() -> Tensor:
+            return forked_rng(batch, run_later)
+
+        flat = param.data.view(-1)
+        saved = flat.clone()
+        base = later()
+        try:
+            flat.add_(1.0)
+            moved = later()
+        finally:
+            flat.copy_(saved)
+        return not torch.equal(base, moved)
 
     def _memory_chunk(self, plan: Plan, ctx: StepCache, stage: int) -> int:
         """Largest K whose stacked activations (about 4 live copies of the largest one from this stage

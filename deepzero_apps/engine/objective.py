@@ -136,8 +136,8 @@ class StagedObjective(Objective):
             return
         self._unchecked = False
         with torch.no_grad(), frozen_running_stats(self.module):
-            want = _forked(batch, lambda: self.module(self.inputs(batch)))
-            got = _forked(batch, lambda: self._compose(self.inputs(batch)))
+            want = forked_rng(batch, lambda: self.module(self.inputs(batch)))
+            got = forked_rng(batch, lambda: self._compose(self.inputs(batch)))
         if not close(got, want):
             how = (
                 f"outputs differ by up to {(got - want).abs().max().item():.3g}"
@@ -188,7 +188,7 @@ def _composes_by_construction(model: nn.Module, stages: Sequence[nn.Module]) -> 
     return plain and not callable(getattr(model, "stages", None))
 
 
-def _forked(batch: Batch, fn: Callable[[], Any]) -> Any:
+def forked_rng(batch: Batch, fn: Callable[[], Any]) -> Any:
     """fn() with every random generator (CPU and the batch's GPUs) restored afterwards, so two calls
     draw the same numbers and training's random stream is untouched."""
     devices = sorted({t.device.index or 0 for t in _tensors(batch) if t.device.type == "cuda"})
