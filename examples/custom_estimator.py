@@ -19,8 +19,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from deepzero_apps.engine import FirstOrder, StagedObjective, difference, frozen_running_stats, make_evaluator
-from deepzero_apps.engine.zo_core import direction_seed
+from deepzero_apps.engine import (
+    FirstOrder,
+    StagedObjective,
+    difference,
+    direction_seed,
+    frozen_running_stats,
+    make_evaluator,
+)
 from deepzero_apps.models import create_model
 
 

@@ -69,7 +69,9 @@ def test_chunked_queries_equal_one_query_per_call(per_sample):
     results = []
     for chunk in (1, 3):
         calls = []
-        f = zo_function(lambda a, calls=calls: calls.append(1) or box(a), CGE(mu=1e-4), per_sample=per_sample, chunk=chunk)
+        f = zo_function(
+            lambda a, calls=calls: calls.append(1) or box(a), CGE(mu=1e-4), per_sample=per_sample, chunk=chunk
+        )
         z = enc(x).detach().requires_grad_()
         (w * f(z)).sum().backward()
         results.append((z.grad, f.counter.queries, len(calls)))

@@ -18,7 +18,7 @@ from .pruning import (
 from .queries import QueryBudgetExceeded, QueryCounter
 from .sparsity import DenseSampler, SparseCoordinateSampler, load_ratios, save_ratios
 from .stacked import StackedEvaluator, StackedObjective, call_stacked
-from .zo_core import Directions, difference
+from .zo_core import Directions, difference, direction_seed
 from .zo_function import ZOFunction, zo_function
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "world_size",
     "Directions",
     "difference",
+    "direction_seed",
     "ZOFunction",
     "zo_function",
 ]

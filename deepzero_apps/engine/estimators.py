@@ -45,7 +45,9 @@ class CGE:
             f0 = float(f0)
             with frozen_running_stats(objective.module):
                 plus = ev.coordinate_losses(objective, batch, context, todo, self.mu)
-                low = ev.coordinate_losses(objective, batch, context, todo, -self.mu) if self.scheme == "central" else f0
+                low: torch.Tensor | float = f0
+                if self.scheme == "central":
+                    low = ev.coordinate_losses(objective, batch, context, todo, -self.mu)
                 grad = difference(plus, low, self.mu, self.scheme)
         view.write_grad(grad, coords)
         return f0
@@ -104,7 +106,9 @@ class RGE:
             f0 = float(f0)
             with frozen_running_stats(objective.module):
                 plus = ev.direction_losses(objective, batch, context, dirs, coords, self.mu)
-                low = ev.direction_losses(objective, batch, context, dirs, coords, -self.mu) if self.scheme == "central" else f0
+                low: torch.Tensor | float = f0
+                if self.scheme == "central":
+                    low = ev.direction_losses(objective, batch, context, dirs, coords, -self.mu)
             grad = dirs.combine(difference(plus, low, self.mu, self.scheme))
         view.write_grad(grad, coords)
         return f0

@@ -32,10 +32,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
 
-from deepzero_apps.models.cnn import MaybeMaxPool2d
-from deepzero_apps.models.correction import ResidualBlock
-from deepzero_apps.models.resnet import BasicBlock
-
 
 @dataclass(eq=False)
 class Leaf:
@@ -72,20 +68,9 @@ class Sparse:
 State = Tensor | Sparse | None
 
 
-def _basic_block(block: BasicBlock) -> Node:
-    main = Seq((Leaf(block.conv1), Leaf(block.bn1), Leaf(nn.ReLU()), Leaf(block.conv2), Leaf(block.bn2)))
-    return Seq((Residual(main, describe(block.shortcut)), Leaf(nn.ReLU())))
-
-
-def _residual_block(block: ResidualBlock) -> Node:
-    return Residual(Seq((Leaf(block.conv1), Leaf(block.act), Leaf(block.conv2))), Seq(()))
-
-
-# Composite modules whose forward is known, by exact type (a subclass may override forward).
-STRUCTURES: dict[type[nn.Module], Callable[[nn.Module], Node]] = {
-    BasicBlock: _basic_block,
-    ResidualBlock: _residual_block,
-}
+# Composite modules whose forward is known, by exact type (a subclass may override forward); the
+# bundled models register theirs in deepzero_apps.models.structures.
+STRUCTURES: dict[type[nn.Module], Callable[[nn.Module], Node]] = {}
 
 
 def register_structure(cls: type[nn.Module], describer: Callable[[nn.Module], Node]) -> None:
@@ -163,7 +148,7 @@ def _bn_params(bn: _BatchNorm, shape: tuple[int, ...], index: Tensor | None = No
     return tuple(None if p is None else (p if index is None else p[index]).view(shape) for p in (bn.weight, bn.bias))
 
 
-def grouped_batch_norm(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
+def batch_norm_per_group(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
     """BatchNorm of K stacked batches, each with its own batch statistics; running stats untouched."""
     if not _uses_batch_stats(bn):
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
@@ -191,7 +176,7 @@ def grouped_batchnorm(module: nn.Module, batch_size: int) -> Iterator[None]:
     bns = [m for m in module.modules() if is_standard(m, _BatchNorm)]
     saved = [m.__dict__.get("forward") for m in bns]
     for m in bns:
-        m.forward = partial(grouped_batch_norm, m, batch_size=batch_size)
+        m.forward = partial(batch_norm_per_group, m, batch_size=batch_size)
     try:
         yield
     finally:
@@ -270,8 +255,6 @@ def _max_pool(pool: nn.MaxPool2d, v: Tensor) -> Tensor | None:
     is slow on many one-channel maps); None for padded, ceil-mode or index-returning pools."""
     if pool.padding not in (0, (0, 0)) or pool.ceil_mode or pool.return_indices:
         return None
-    if isinstance(pool, MaybeMaxPool2d) and min(v.shape[-2:]) < 2:
-        return v
     kernel, stride, dilation = _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.dilation)
     size = [
         (n - dl * (kk - 1) - 1) // st + 1 for n, kk, st, dl in zip(v.shape[-2:], kernel, stride, dilation)
@@ -340,8 +323,15 @@ ELEMENTWISE = (
 )  # fmt: skip
 POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, MaybeMaxPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
 )  # fmt: skip
+CHANNELWISE: set[type[nn.Module]] = set()  # registered module types that act on each channel alone
+
+
+def register_channelwise(cls: type[nn.Module]) -> None:
+    """Declare that `cls` maps every channel of every sample on its own (a pool, an activation), so
+    a perturbation confined to one channel stays there (its stage then gets the fast paths)."""
+    CHANNELWISE.add(cls)
 
 
 class Propagator:
@@ -405,11 +395,11 @@ class Propagator:
             return m(state)
         x, y = self.record[leaf]
         v, ch, k = state.values, state.channels, self.k
-        if type(m) in (nn.MaxPool2d, MaybeMaxPool2d) and v.dim() == 4:
+        if type(m) is nn.MaxPool2d and v.dim() == 4:
             pooled = _max_pool(m, v)
             if pooled is not None:
                 return Sparse(pooled, ch)
-        if type(m) in ELEMENTWISE or (type(m) in POOLS and v.dim() >= 3):
+        if type(m) in ELEMENTWISE or ((type(m) in POOLS or type(m) in CHANNELWISE) and v.dim() >= 3):
             out = m(v.reshape(k * v.shape[1], 1, *v.shape[2:]))
             return Sparse(out.reshape(k, v.shape[1], *out.shape[2:]), ch)
         if is_standard(m, _BatchNorm):

@@ -115,7 +115,9 @@ class ZOFunction:
             for start in range(0, n, self.chunk):
                 todo = range(start, min(n, start + self.chunk))
                 plus = self.query_many([point(i, est.mu) for i in todo], y, args)
-                low = self.query_many([point(i, -est.mu) for i in todo], y, args) if est.scheme == "central" else [y] * len(todo)
+                low: list[Tensor] = [y] * len(todo)
+                if est.scheme == "central":
+                    low = self.query_many([point(i, -est.mu) for i in todo], y, args)
                 for i, p, lo in zip(todo, plus, low):
                     change = difference(p, lo, est.mu, est.scheme)
                     out[i] = (v.to(torch.float64) * change.to(torch.float64)).reshape(rows, -1).sum(1)

@@ -1,8 +1,10 @@
 """Bundled models: each is an ``nn.Sequential`` whose top-level children are the ZO engine's stages.
 
-Importing this package registers every model with :func:`create_model`.
+Importing this package registers every model with :func:`create_model`, and their composite blocks
+with the engine's fast paths (`structures`).
 """
 
+from . import structures  # noqa: F401  (registers the blocks with the engine's fast paths)
 from .cnn import small_cnn
 from .correction import correction_net
 from .dncnn import dncnn
