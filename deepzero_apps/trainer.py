@@ -113,7 +113,7 @@ class Trainer:
         )
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.elapsed = 0.0
-        self.sums = _epoch_sums(objective.counter.queries)  # the current epoch's running loss sum, steps and queries at its start
+        self.sums = _epoch_sums(objective.counter.queries)  # this epoch's loss sum, steps, queries at its start
         self.skipped = self.metrics_rows = self.last_step_cost = 0
         self.saved_step: int | None = None  # global step of the checkpoint on disk (None: none written)
         self.stopped = ""  # "query budget" once the budget stopped the run

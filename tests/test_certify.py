@@ -133,7 +133,7 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
         assert set(summary["certify"]["certified_accuracy"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
         assert summary["certify"]["examples"] == 4
         if mode in ("deepzero", "zo_ae_ds"):
-            assert summary["train"]["stopped"] == "query budget" and summary["train"]["queries"] >= 1500
+            assert summary["train"]["stopped"] == "query budget" and 0 < summary["train"]["queries"] <= 1500
             assert (run_dir / "learning_curve.png").exists()
         runs.append(str(run_dir))
     assert (tmp_path / "deepzero" / "ratios.json").exists()
