@@ -14,6 +14,7 @@ import difflib
 import inspect
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -179,12 +180,16 @@ class PdeDataConfig:
 
 
 def _writable(path: Path) -> bool:
-    """`path` is (or is now made) a writable directory; the run would otherwise fail after simulating."""
+    """`path` is a directory a file can be created in, or could be made one (probed with a temporary
+    directory in its nearest existing parent, removed at once); the run would otherwise fail late."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path):
+            return True
     except OSError:
         return False
-    return os.access(path, os.W_OK | os.X_OK)
 
 
 PDE_METHODS = ("src", "non", "zo_sol", "fo_sol")
