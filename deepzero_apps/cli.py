@@ -23,6 +23,7 @@ from typing import Any
 import hydra
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
+from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
@@ -103,9 +104,10 @@ def config_groups(app: App, searchpath: Sequence[str]) -> dict[str, list[str]]:
             groups.setdefault(group.name, set()).update(
                 f.name.removesuffix(".yaml") for f in group.iterdir() if f.name.endswith(".yaml")
             )
-    for name, node in ConfigStore.instance().repo.items():
-        if isinstance(node, dict) and name != "hydra":
-            groups.setdefault(name, set()).update(k.removesuffix(".yaml") for k in node if k.endswith(".yaml"))
+    store = ConfigStore.instance()
+    for name in store.list(""):
+        if name != "hydra" and store.get_type(name) == ObjectType.GROUP:
+            groups.setdefault(name, set()).update(o.removesuffix(".yaml") for o in store.list(name))
     return {g: sorted(options) for g, options in sorted(groups.items()) if options}
 
 

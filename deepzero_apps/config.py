@@ -10,10 +10,14 @@ and accepts the keys given to it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import logging
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -191,12 +195,16 @@ class PdeDataConfig:
 
 
 def _writable(path: Path) -> bool:
-    """`path` is (or is now made) a writable directory; the run would otherwise fail after simulating."""
+    """`path` is a directory a file can be created in, or could be made one (probed with a temporary
+    directory in its nearest existing parent, removed at once); the run would otherwise fail late."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path):
+            return True
     except OSError:
         return False
-    return os.access(path, os.W_OK | os.X_OK)
 
 
 PDE_METHODS = ("src", "non", "zo_sol", "fo_sol")
@@ -369,6 +377,15 @@ class CertifyConfig(TrainConfig):
 SCHEMAS: dict[str, type] = {"classify": ClassifyConfig, "pde": PdeConfig, "certify": CertifyConfig}
 
 
+@contextlib.contextmanager
+def _silenced(logger: logging.Logger) -> Iterator[None]:
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
 def _check_targets(node: Any, key: str = "") -> None:
     """Every `_target_` in `node` must import and accept the arguments listed next to it."""
     if isinstance(node, list):
@@ -383,7 +400,8 @@ def _check_targets(node: Any, key: str = "") -> None:
         return
     name = f"{key}._target_" if key else "_target_"
     try:
-        target = get_object(str(node["_target_"]))
+        with _silenced(logging.getLogger("hydra.utils")):  # it logs the failure it raises: one report
+            target = get_object(str(node["_target_"]))
     except Exception as exc:  # ImportError, or whatever the imported module raises
         raise ConfigError(f"{name}='{node['_target_']}' cannot be imported: {one_line(exc)}") from exc
     _require(callable(target), f"{name}='{node['_target_']}' is not callable")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -66,6 +67,7 @@ from deepzero_apps.tasks.classify import build_model, cross_entropy
 from deepzero_apps.tasks.classify import evaluate as classifier_accuracy
 from deepzero_apps.trainer import Trainer, TrainerConfig
 
+log = logging.getLogger(__name__)
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 MODES = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
 
@@ -442,7 +444,7 @@ def train_mode(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, d
         per_step = (sampler.num_coords if sampler is not None else objective.coords.dim) + 1
         if cfg.method == "zo_ae_ds":
             per_step = objective.latent.queries_per_call(encoder(x[:1].to(cfg.device))[0].numel())
-        print(f"certify: method={cfg.method}, {objective.coords.dim:,} trainable parameters, "
+        log.info(f"certify: method={cfg.method}, {objective.coords.dim:,} trainable parameters, "
               + ("backprop through the classifier" if cfg.method == "fo_ds" else f"{per_step:,} queries of the batch per step")
               + f", query budget {typed.query_budget or 'none'}, output {out_dir}")
     return pipeline.eval(), trainer.fit()
@@ -529,7 +531,7 @@ def run(cfg: DictConfig) -> dict:
     if is_main():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         acc = " ".join(f"r={r}:{a:.3f}" for r, a in cert["certified_accuracy"].items())
-        print(f"certify done: method={cfg.method} train_queries={train['queries']:,} certified {acc} output={out_dir}")
+        log.info(f"certify done: method={cfg.method} train_queries={train['queries']:,} certified {acc} output={out_dir}")
     return summary
 
 

@@ -126,7 +126,7 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
     runs = []
     for mode in ("deepzero", "zo_ae_ds", "fo_ds", "mse"):
         run_dir = tmp_path / mode
-        assert main(["certify", f"hydra.run.dir={run_dir}", *TINY, *cache, f"mode={mode}"]) == 0
+        assert main(["certify", f"hydra.run.dir={run_dir}", *TINY, *cache, f"method={mode}"]) == 0
         for name in ("certify.tsv", "certified_accuracy.json", "certified_accuracy.png", "summary.json"):
             assert (run_dir / name).exists(), (mode, name)
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -147,8 +147,8 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
 
 def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):
     cache = f"pretrain.cache_dir={tmp_path / 'pretrain'}"
-    assert main(["certify", f"hydra.run.dir={tmp_path / 'a'}", *TINY, cache, "mode=mse"]) == 0
-    assert main(["certify", f"hydra.run.dir={tmp_path / 'b'}", *TINY, cache, "mode=mse", "sigma=0.5"]) == 2
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'a'}", *TINY, cache, "method=mse"]) == 0
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'b'}", *TINY, cache, "method=mse", "sigma=0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "another configuration" in err and len(err.splitlines()) == 1
 
@@ -157,7 +157,7 @@ def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):
     ("override", "needle"),
     [
         ("method=zo", "method='zo'"),
-        ("mode=fo_ds classifier.output=label", "no gradient"),
+        ("method=fo_ds classifier.output=label", "no gradient"),
         ("sparsity.method=grasp", "gradients through the black box"),
         ("sigma=0", "sigma=0.0 must be > 0"),
         ("classifier.output=soft", "classifier.output='soft'"),
