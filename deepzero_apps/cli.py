@@ -40,6 +40,7 @@ APPS: dict[str, App] = {
     "classify": App("deepzero_apps.tasks.classify", "image classification trained with ZO (CGE/RGE, sparse) or FO"),
     "certify": App("deepzero_apps.tasks.certify", "certified defense of a black-box classifier: denoiser trained by DeepZero, ZO-AE-DS or FO"),
     "pde": App("deepzero_apps.tasks.pde", "PDE error correction (Solver-in-the-Loop) trained through a black-box solver"),
+    "serve": App("deepzero_apps.tasks.serve", "serve a local classifier over HTTP as a black box (.npy in, .npy out)"),
 }
 
 

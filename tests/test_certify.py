@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
+from deepzero_apps.blackbox_loss import DenoiserLoss, ImageQueries, WhiteBox, stability
 from deepzero_apps.cli import main
 from deepzero_apps.engine import CGE, FirstOrder, StagedObjective
 from deepzero_apps.models import create_model
-from deepzero_apps.tasks.certify import DenoiserLoss, ImageQueries, NoisyInputs, WhiteBox, stability
+from deepzero_apps.tasks.certify_data import NoisyInputs
 from deepzero_apps.tasks.certify_zoae import AEObjective, LatentZO, autoencoder
 
 TINY = [
@@ -110,14 +111,12 @@ def test_latent_cge_matches_autograd_of_the_latent_loss():
     assert torch.allclose(estimate, exact, atol=1e-5)
 
 
-@pytest.mark.parametrize("output", ["probs", "label"])
-def test_stability_from_probabilities_and_labels(output):
+def test_stability_from_probabilities_equals_logits_and_labels_are_refused():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     target = torch.tensor([0, 0])
-    if output == "probs":
-        assert torch.isclose(stability(logits.softmax(1), target, "probs"), stability(logits, target, "logits"))
-    else:
-        assert stability(logits.argmax(1), target, "label") == 0.5
+    assert torch.isclose(stability(logits.softmax(1), target, "probs"), stability(logits, target, "logits"))
+    with pytest.raises(ValueError, match="needs logits or probs"):
+        stability(logits.argmax(1), target, "label")
 
 
 def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
@@ -156,7 +155,15 @@ def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):
     ("override", "needle"),
     [
         ("mode=zo", "mode='zo'"),
-        ("mode=fo_ds classifier.output=label", "no gradient"),
+        ("mode=fo_ds classifier.output=label", "classifier.output=label gives none"),
+        ("mode=deepzero classifier.output=label", "mode=deepzero trains on the black box's scores"),
+        ("mode=zo_ae_ds classifier.output=label", "or mode=mse to certify with labels only"),
+        ("classifier=http classifier.url=ftp://x", "classifier.url=http(s)://"),
+        ("classifier=http classifier.url=http://127.0.0.1:9 mode=fo_ds", "classifier=http can only be queried"),
+        ("classifier=torchscript classifier.path=/nonexistent.pt", "'/nonexistent.pt' does not exist"),
+        ("classifier=callable", "classifier.target=IMPORT.PATH"),
+        ("classifier.timeout=0", "classifier.timeout=0.0 must be a positive"),
+        ("zo_ae_ds.holdout=1", "zo_ae_ds.holdout=1.0 must be in (0, 1)"),
         ("sparsity.method=grasp", "gradients through the black box"),
         ("sigma=0", "sigma=0.0 must be > 0"),
         ("classifier.output=soft", "classifier.output='soft'"),
