@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,8 @@ from .remote import HTTPClassifier, display_url
 def load_classifier(ccfg: DictConfig, device: str) -> Callable[[Tensor], Tensor]:
     """The callable for `classifier.kind` callable, torchscript or http (`train` is the task's own stage)."""
     if ccfg.kind == "callable":
-        spec = {"_target_": ccfg.target, **OmegaConf.to_container(ccfg.kwargs, resolve=True)}
+        kwargs = OmegaConf.to_container(ccfg.kwargs, resolve=True) if ccfg.kwargs is not None else {}
+        spec = {"_target_": ccfg.target, **kwargs}
         try:
             fn = instantiate(spec)
         except Exception as exc:
@@ -33,7 +35,9 @@ def load_classifier(ccfg: DictConfig, device: str) -> Callable[[Tensor], Tensor]
         return fn.to(device) if isinstance(fn, torch.nn.Module) else fn
     if ccfg.kind == "torchscript":
         try:
-            return torch.jit.load(ccfg.path, map_location=device).eval()
+            with warnings.catch_warnings():  # torch 2.9+ marks TorchScript deprecated; it still loads
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(ccfg.path, map_location=device).eval()
         except Exception as exc:  # RuntimeError/ValueError for anything that is not a TorchScript archive
             raise ConfigError(f"classifier.path={ccfg.path} is not a TorchScript file: {one_line(exc)[:200]}") from exc
     if ccfg.kind == "http":

@@ -225,7 +225,7 @@ class CertifyClassifierConfig:
     batch_size: int = 64
     lr: float = 0.05
     target: str | None = None  # callable: import path of a factory called with `kwargs`
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: Any = None  # a dict; Any + null so one `classifier.kwargs={...}` override needs no `+`
     path: str | None = None  # torchscript: the saved module
     url: str | None = None  # http: the endpoint
     max_batch: int = 256  # http: most images per request
@@ -242,6 +242,8 @@ class CertifyClassifierConfig:
         _require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "classifier.epochs, batch_size and lr must be positive")
         _require(0 < self.timeout < float("inf"), f"classifier.timeout={self.timeout} must be a positive number of seconds")
         _require(self.kind != "callable" or bool(self.target), "classifier=callable needs classifier.target=IMPORT.PATH")
+        _require(self.kwargs is None or isinstance(self.kwargs, dict),
+                 f"classifier.kwargs={self.kwargs!r} must be a dict, e.g. classifier.kwargs={{width:64}}")
         _require(self.kind != "torchscript" or (self.path is not None and Path(self.path).is_file()),
                  f"classifier=torchscript needs classifier.path=FILE; '{self.path}' does not exist")
         _require(self.kind != "http" or str(self.url).startswith(("http://", "https://")),

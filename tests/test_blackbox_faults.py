@@ -35,7 +35,7 @@ class Digits(nn.Module):
         if self.fault == "hang":
             _release.wait(60)
         logits = self.scale * self.net(x)
-        if self.fault == "nan":
+        if self.fault == "nonfinite":
             return logits * float("nan")
         if self.fault == "shape":
             return logits[:, :3]
@@ -56,12 +56,13 @@ def cache(tmp_path_factory):
     ("fault", "needle"),
     [
         ("raise", "black box 'classifier' failed: RuntimeError: model exploded"),
-        ("nan", "black box 'classifier' returned NaN/inf logits"),
+        ("nonfinite", "black box 'classifier' returned NaN/inf logits"),
         ("shape", "black box 'classifier' returned shape (20, 3) for a batch of 20, expected (20, 10)"),
         ("hang", "black box 'classifier' timed out after 0.5 s"),
     ],
 )
 def test_faulty_black_box_stops_the_run_in_one_line(tmp_path, capsys, cache, fault, needle):
+    _release.clear()
     try:
         code = main(["certify", f"hydra.run.dir={tmp_path}", *TINY, cache, "classifier=callable",
                      f"classifier.target={__name__}.Digits", f"classifier.kwargs={{fault:{fault}}}",
