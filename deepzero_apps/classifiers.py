@@ -43,7 +43,8 @@ def load_classifier(ccfg: DictConfig, device: str) -> Callable[[Tensor], Tensor]
     if ccfg.kind == "http":
         return HTTPClassifier(
             ccfg.url, provides=ccfg.output, max_batch=ccfg.max_batch, timeout=ccfg.timeout, retries=ccfg.retries,
-            backoff=ccfg.backoff, rate_limit=ccfg.rate_limit, headers=OmegaConf.to_container(ccfg.headers, resolve=True),
+            backoff=ccfg.backoff, rate_limit=ccfg.rate_limit,
+            headers=OmegaConf.to_container(ccfg.headers, resolve=True) if ccfg.headers is not None else None,
         )
     raise ConfigError(f"classifier.kind={ccfg.kind} is built by the task, not loaded")
 

@@ -232,7 +232,7 @@ class CertifyClassifierConfig:
     retries: int = 4  # http: further attempts on connection errors, timeouts, 5xx, 429
     backoff: float = 0.5  # http: seconds before the first retry, doubled each time
     rate_limit: float | None = None  # http: most requests per second
-    headers: dict[str, str] = field(default_factory=dict)  # http: e.g. {Authorization: "Bearer ${oc.env:KEY}"}
+    headers: Any = None  # http: a dict, e.g. {Authorization: "Bearer ${oc.env:KEY}"} (Any + null: no `+` needed)
 
     def __post_init__(self) -> None:
         kinds, outputs = ", ".join(CLASSIFIER_KINDS), ("logits", "probs", "label")
@@ -242,8 +242,9 @@ class CertifyClassifierConfig:
         _require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "classifier.epochs, batch_size and lr must be positive")
         _require(0 < self.timeout < float("inf"), f"classifier.timeout={self.timeout} must be a positive number of seconds")
         _require(self.kind != "callable" or bool(self.target), "classifier=callable needs classifier.target=IMPORT.PATH")
-        _require(self.kwargs is None or isinstance(self.kwargs, dict),
-                 f"classifier.kwargs={self.kwargs!r} must be a dict, e.g. classifier.kwargs={{width:64}}")
+        for key in ("kwargs", "headers"):
+            value = getattr(self, key)
+            _require(value is None or isinstance(value, dict), f"classifier.{key}={value!r} must be a dict, e.g. {{a: 1}}")
         _require(self.kind != "torchscript" or (self.path is not None and Path(self.path).is_file()),
                  f"classifier=torchscript needs classifier.path=FILE; '{self.path}' does not exist")
         _require(self.kind != "http" or str(self.url).startswith(("http://", "https://")),

@@ -173,3 +173,21 @@ def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, needle
     assert main(["certify", f"hydra.run.dir={tmp_path}", *override.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_resolved_secrets_never_reach_run_files(tmp_path, capsys, monkeypatch):
+    """`${oc.env:...}` values are used but never written: stage.json keeps the interpolation and a hash."""
+    secret = "s3cr3t-7f9a2c"
+    monkeypatch.setenv("DZ_TEST_SECRET", secret)
+    overrides = [*TINY, "mode=mse", "data.root=${oc.env:DZ_TEST_SECRET}",
+                 "classifier.headers={Authorization:'Bearer ${oc.env:DZ_TEST_SECRET}'}"]
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *overrides]) == 0
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name == "stage.json" for p in files)
+    leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    stamp = json.loads((tmp_path / "run" / "pretrain" / "stage.json").read_text())
+    assert stamp["data"]["root"] == "${oc.env:DZ_TEST_SECRET}"
+    monkeypatch.setenv("DZ_TEST_SECRET", "another-value")  # a changed value still invalidates the cache
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *overrides]) == 2
+    assert "another configuration" in capsys.readouterr().err
