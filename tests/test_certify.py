@@ -132,6 +132,9 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
         assert summary["certify"]["examples"] == 4
         if mode in ("deepzero", "zo_ae_ds"):
             assert summary["train"]["stopped"] == "query budget" and summary["train"]["queries"] >= 1500
+        if mode == "zo_ae_ds":
+            ae = summary["train"]["autoencoder"]
+            assert ae["heldout_recon_mse"] > 0 and {"noisy_acc", "mse"} <= set(ae["pipeline"]) & set(ae["denoiser"])
             assert (run_dir / "learning_curve.png").exists()
         runs.append(str(run_dir))
     assert (tmp_path / "deepzero" / "ratios.json").exists()
@@ -191,3 +194,25 @@ def test_resolved_secrets_never_reach_run_files(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DZ_TEST_SECRET", "another-value")  # a changed value still invalidates the cache
     assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *overrides]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_autoencoder_stops_when_held_out_reconstruction_stops_improving_and_keeps_the_best():
+    from omegaconf import OmegaConf
+
+    from deepzero_apps.tasks.certify_stages import _fit_autoencoder
+
+    cfg = OmegaConf.create({"seed": 0, "sigma": 0.25, "device": "cpu", "pretrain": {"batch_size": 16, "lr": 1e-2},
+                            "zo_ae_ds": {"holdout": 0.25, "patience": 2, "ae_epochs": 40}})
+    encoder, decoder = autoencoder(1, 2, 4)
+    ae = nn.Sequential(encoder, decoder)
+    x = torch.rand(64, 1, 8, 8)
+    report = _fit_autoencoder(cfg, x, nn.Identity(), ae)
+    history = report["history"]
+    best = min(history)
+    assert report["heldout_recon_mse"] == best and report["best_epoch"] == history.index(best) + 1
+    assert report["heldout_images"] == 16
+    if report["stopped"] == "no improvement":  # it stopped `patience` epochs after its best
+        assert len(history) == report["best_epoch"] + 2 and min(history[-2:]) >= best
+    frozen = OmegaConf.merge(cfg, {"pretrain": {"lr": 0.0}, "zo_ae_ds": {"patience": 1}})
+    still = _fit_autoencoder(frozen, x, nn.Identity(), nn.Sequential(*autoencoder(1, 2, 4)))
+    assert still["epochs"] == 2 and still["stopped"] == "no improvement"  # lr 0: nothing improves after epoch 1

@@ -9,6 +9,7 @@ import torch
 
 from deepzero_apps import remote
 from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
+from deepzero_apps.cli import main
 from deepzero_apps.remote import HTTPClassifier, decode, display_url, encode
 
 URL = "http://user:pw@example.test:8000/predict?key=SECRET"
@@ -122,3 +123,13 @@ def test_display_url_drops_credentials_query_and_fragment():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_batch >= 1"):
         HTTPClassifier(URL, max_batch=0)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("classifier=http classifier.url=http://127.0.0.1:9/p", "serve needs a local classifier"), (f"port=70000 classifier.path={__file__}", "port=70000")],
+)
+def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path, capsys, override, needle):
+    assert main(["serve", f"hydra.run.dir={tmp_path}", *override.split()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
