@@ -18,7 +18,7 @@ name the black box.
 
 from __future__ import annotations
 
-import concurrent.futures
+import threading
 from collections.abc import Callable
 from typing import Literal
 
@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 from .errors import RunError
 
-__all__ = ["BlackBoxClassifier", "BlackBoxError", "OutputKind"]
+__all__ = ["BlackBoxClassifier", "BlackBoxError", "OutputKind", "OUTPUT_KINDS"]
 
 OutputKind = Literal["logits", "probs", "label"]
-_OUTPUT_KINDS: tuple[str, ...] = ("logits", "probs", "label")
+# Ordered by information: each kind can be computed from the ones before it, never from those after.
+OUTPUT_KINDS: tuple[str, ...] = ("logits", "probs", "label")
 
 
 class BlackBoxError(RunError):
@@ -46,12 +47,15 @@ class BlackBoxClassifier:
     """Batched, query-only access to a classifier mapping a float batch ``(N, C, H, W)`` to logits.
 
     Args:
-        model_or_callable: an ``nn.Module`` or any callable returning logits of shape
-            ``(N, num_classes)``. Modules are put in ``eval()`` mode before every query, and inputs
+        model_or_callable: an ``nn.Module`` or any callable returning, for a batch of ``N``, what
+            ``provides`` names. Modules are put in ``eval()`` mode before every query, and inputs
             are moved to the device of the module's first parameter (outputs come back on the
             input's device).
         output: what ``__call__`` returns: ``"logits"``, ``"probs"`` (softmax of the logits) or
             ``"label"`` (top-1 class, ``LongTensor`` of shape ``(N,)``).
+        provides: what the wrapped callable returns: ``"logits"`` (default), ``"probs"`` (rows of
+            class probabilities) or ``"label"`` (integer classes, shape ``(N,)``), e.g. a remote
+            model that reveals only labels. ``output`` must be computable from it.
         batch_size: largest batch handed to the wrapped callable at once; bigger queries are chunked.
         num_classes: expected number of classes, used to validate outputs. When ``None`` it is
             taken from the first valid output and enforced from then on.
@@ -66,6 +70,7 @@ class BlackBoxClassifier:
         model_or_callable: nn.Module | Callable[[Tensor], Tensor],
         *,
         output: OutputKind = "logits",
+        provides: OutputKind = "logits",
         batch_size: int = 1024,
         num_classes: int | None = None,
         name: str = "black box",
@@ -73,8 +78,11 @@ class BlackBoxClassifier:
     ) -> None:
         if not callable(model_or_callable):
             raise TypeError(f"model_or_callable must be callable, got {type(model_or_callable).__name__}")
-        if output not in _OUTPUT_KINDS:
-            raise ValueError(f"output must be one of {_OUTPUT_KINDS}, got {output!r}")
+        for key, kind in (("output", output), ("provides", provides)):
+            if kind not in OUTPUT_KINDS:
+                raise ValueError(f"{key} must be one of {OUTPUT_KINDS}, got {kind!r}")
+        if OUTPUT_KINDS.index(output) < OUTPUT_KINDS.index(provides):
+            raise ValueError(f"black box {name!r} returns {provides}; output={output} cannot be computed from it")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_classes is not None and num_classes < 1:
@@ -83,6 +91,7 @@ class BlackBoxClassifier:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self._model = model_or_callable
         self.output: OutputKind = output
+        self.provides: OutputKind = provides
         self.batch_size = batch_size
         self.num_classes = num_classes
         self.name = name
@@ -119,12 +128,12 @@ class BlackBoxClassifier:
         self.calls += 1
         n = x.shape[0]
         chunks = x.split(self.batch_size) if n > 0 else (x,)
-        logits = torch.cat([self._query_chunk(chunk) for chunk in chunks]) if n > 0 else self._query_chunk(x)
+        out = torch.cat([self._query_chunk(chunk) for chunk in chunks]) if n > 0 else self._query_chunk(x)
+        if self.output == self.provides:
+            return out
         if self.output == "probs":
-            return logits.softmax(dim=1)
-        if self.output == "label":
-            return logits.argmax(dim=1)
-        return logits
+            return out.softmax(dim=1)
+        return out.argmax(dim=1)
 
     def _query_chunk(self, chunk: Tensor) -> Tensor:
         """Send one chunk to the wrapped callable and validate what comes back."""
@@ -148,17 +157,7 @@ class BlackBoxClassifier:
         try:
             if self.timeout is None:
                 return self._evaluate(x)
-            pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blackbox")
-            try:
-                future = pool.submit(self._evaluate, x)
-                done, _ = concurrent.futures.wait([future], timeout=self.timeout)
-                if not done:
-                    raise BlackBoxError(
-                        f"black box {self.name!r} timed out after {self.timeout:g} s on a batch of {x.shape[0]}"
-                    )
-                return future.result()
-            finally:
-                pool.shutdown(wait=False)
+            return self._invoke_timed(x)
         except BlackBoxError:
             raise
         except Exception as err:
@@ -166,16 +165,38 @@ class BlackBoxClassifier:
                 f"black box {self.name!r} failed: {type(err).__name__}: {_one_line(str(err))}"
             ) from err
 
+    def _invoke_timed(self, x: Tensor) -> object:
+        """The call in a daemon thread: a hung black box cannot stall the run, nor its process's exit."""
+        result: list[object] = []
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                result.append(self._evaluate(x))
+            except BaseException as err:  # re-raised in the caller's thread
+                failure.append(err)
+
+        worker = threading.Thread(target=work, name=f"blackbox {self.name}", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            raise BlackBoxError(
+                f"black box {self.name!r} timed out after {self.timeout:g} s on a batch of {x.shape[0]}"
+            )
+        if failure:
+            raise failure[0]
+        return result[0]
+
     def _validate(self, out: object, n: int) -> Tensor:
-        """Check type, shape and finiteness of raw logits; the result is detached."""
+        """Check type, shape, range and finiteness of what the callable returned; the result is detached."""
+        what = "labels" if self.provides == "label" else self.provides
         if not isinstance(out, Tensor):
-            raise BlackBoxError(
-                f"black box {self.name!r} returned {type(out).__name__}, expected a logits Tensor"
-            )
+            raise BlackBoxError(f"black box {self.name!r} returned {type(out).__name__}, expected a {what} Tensor")
+        out = out.detach()
+        if self.provides == "label":
+            return self._validate_labels(out, n)
         if not out.is_floating_point():
-            raise BlackBoxError(
-                f"black box {self.name!r} returned dtype {out.dtype}, expected floating-point logits"
-            )
+            raise BlackBoxError(f"black box {self.name!r} returned dtype {out.dtype}, expected floating-point {what}")
         expected = f"({n}, {self.num_classes if self.num_classes is not None else 'num_classes'})"
         if (
             out.dim() != 2
@@ -185,13 +206,27 @@ class BlackBoxClassifier:
             raise BlackBoxError(
                 f"black box {self.name!r} returned shape {tuple(out.shape)} for a batch of {n}, expected {expected}"
             )
-        out = out.detach()
         if not torch.isfinite(out).all():
             bad = int((~torch.isfinite(out)).any(dim=1).sum())
-            raise BlackBoxError(f"black box {self.name!r} returned NaN/inf logits for {bad} of {n} inputs")
+            raise BlackBoxError(f"black box {self.name!r} returned NaN/inf {what} for {bad} of {n} inputs")
+        if self.provides == "probs" and (
+            bool((out < 0).any()) or not torch.allclose(out.sum(1), torch.ones(n, dtype=out.dtype), atol=1e-3)
+        ):
+            raise BlackBoxError(f"black box {self.name!r} returned probs that are negative or do not sum to 1")
         if self.num_classes is None:
             self.num_classes = out.shape[1]
         return out
+
+    def _validate_labels(self, out: Tensor, n: int) -> Tensor:
+        if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool or tuple(out.shape) != (n,):
+            raise BlackBoxError(
+                f"black box {self.name!r} returned dtype {out.dtype} shape {tuple(out.shape)} for a batch of {n}, "
+                f"expected integer labels of shape ({n},)"
+            )
+        top = self.num_classes if self.num_classes is not None else float("inf")
+        if n and (int(out.min()) < 0 or int(out.max()) >= top):
+            raise BlackBoxError(f"black box {self.name!r} returned labels outside [0, {self.num_classes})")
+        return out.long()
 
     def reset_counters(self) -> None:
         """Zero the ``queries`` and ``calls`` counters (e.g. between training and evaluation)."""

@@ -261,23 +261,49 @@ class PdeConfig(TrainConfig):
 CERTIFY_METHODS = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
 
 
+CLASSIFIER_KINDS = ("train", "callable", "torchscript", "http")
+
+
 @dataclass
 class CertifyClassifierConfig:
-    """Stage 1 of certify: the classifier behind the black box (trained first-order, loaded, or a callable)."""
+    """The classifier behind the black box (the `classifier/` group picks `kind`; docs/blackbox.md)."""
 
+    kind: str = "train"  # train (or load `checkpoint`) | callable | torchscript | http
     output: str = "logits"  # what the black box returns: logits | probs | label
-    checkpoint: str | None = None  # trained weights of `model` instead of training
-    callable: Any = None  # a `_target_` returning any callable [0, 1] images -> logits
-    cache_dir: str | None = None  # where stage 1 trains and is reused (null: <run dir>/classifier)
+    timeout: float = 60.0  # seconds per black-box call (http: per request)
+    checkpoint: str | None = None  # train: trained weights of `model` instead of training
+    cache_dir: str | None = None  # train: where stage 1 trains and is reused (null: <run dir>/classifier)
     epochs: int = 15
     batch_size: int = 64
     lr: float = 0.05
+    target: str | None = None  # callable: import path of a factory called with `kwargs`
+    kwargs: Any = None  # a dict; Any + null so one `classifier.kwargs={...}` override needs no `+`
+    path: str | None = None  # torchscript: the saved module
+    url: str | None = None  # http: the endpoint
+    max_batch: int = 256  # http: most images per request
+    retries: int = 4  # http: further attempts on connection errors, timeouts, 5xx, 429
+    backoff: float = 0.5  # http: seconds before the first retry, doubled each time
+    rate_limit: float | None = None  # http: most requests per second
+    headers: Any = None  # http: a dict, e.g. {Authorization: "Bearer ${oc.env:KEY}"} (Any + null: no `+` needed)
 
     def __post_init__(self) -> None:
-        kinds = ("logits", "probs", "label")
-        _require(self.output in kinds, f"classifier.output='{self.output}' is unknown; choose from: {', '.join(kinds)}")
+        kinds, outputs = ", ".join(CLASSIFIER_KINDS), ("logits", "probs", "label")
+        _require(self.kind in CLASSIFIER_KINDS, f"classifier.kind='{self.kind}' is unknown; choose from: {kinds}")
+        _require(self.output in outputs, f"classifier.output='{self.output}' is unknown; choose from: {', '.join(outputs)}")
         _require(self.checkpoint is None or Path(self.checkpoint).is_file(), f"classifier.checkpoint='{self.checkpoint}' does not exist")
         _require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "classifier.epochs, batch_size and lr must be positive")
+        _require(0 < self.timeout < float("inf"), f"classifier.timeout={self.timeout} must be a positive number of seconds")
+        _require(self.kind != "callable" or bool(self.target), "classifier=callable needs classifier.target=IMPORT.PATH")
+        for key in ("kwargs", "headers"):
+            value = getattr(self, key)
+            _require(value is None or isinstance(value, dict), f"classifier.{key}={value!r} must be a dict, e.g. {{a: 1}}")
+        _require(self.kind != "torchscript" or (self.path is not None and Path(self.path).is_file()),
+                 f"classifier=torchscript needs classifier.path=FILE; '{self.path}' does not exist")
+        _require(self.kind != "http" or str(self.url).startswith(("http://", "https://")),
+                 f"classifier=http needs classifier.url=http(s)://...; got '{self.url}'")
+        _require(self.max_batch >= 1 and self.retries >= 0 and self.backoff >= 0,
+                 "classifier.max_batch must be >= 1, retries and backoff >= 0")
+        _require(self.rate_limit is None or self.rate_limit > 0, f"classifier.rate_limit={self.rate_limit} must be > 0 or null")
 
 
 @dataclass
@@ -302,13 +328,17 @@ class ZOAEDSConfig:
     mu: float = 5e-3
     latent_channels: int = 3  # latent = latent_channels x H/4 x W/4 (12 on digits, 192 on CIFAR-10)
     width: int = 16
-    ae_epochs: int = 10
+    ae_epochs: int = 100  # most autoencoder epochs: it stops when the held-out MSE stops improving
+    patience: int = 3  # epochs without held-out improvement before it stops
+    holdout: float = 0.1  # fraction of the training images held out for that
     cache_dir: str | None = None  # null: <run dir>/autoencoder
 
     def __post_init__(self) -> None:
         _require(self.estimator in ("cge", "rge"), f"zo_ae_ds.estimator='{self.estimator}' must be cge or rge")
         _require(self.q >= 1 and self.mu > 0, f"zo_ae_ds needs q >= 1 and mu > 0, got q={self.q}, mu={self.mu}")
-        _require(min(self.latent_channels, self.width, self.ae_epochs) >= 1, "zo_ae_ds.latent_channels, width and ae_epochs must be >= 1")
+        _require(min(self.latent_channels, self.width, self.ae_epochs, self.patience) >= 1,
+                 "zo_ae_ds.latent_channels, width, ae_epochs and patience must be >= 1")
+        _require(0 < self.holdout < 1, f"zo_ae_ds.holdout={self.holdout} must be in (0, 1)")
 
 
 @dataclass
@@ -365,8 +395,13 @@ class CertifyConfig(TrainConfig):
         _require(self.eval_limit >= 1, f"eval_limit={self.eval_limit} must be >= 1")
         _require(self.finetune_limit is None or self.finetune_limit >= 1, f"finetune_limit={self.finetune_limit} must be >= 1")
         _require(
-            self.method != "fo_ds" or self.classifier.output != "label",
-            "method=fo_ds backpropagates through the classifier's output; classifier.output=label has no gradient",
+            self.method == "mse" or self.classifier.output != "label",
+            f"method={self.method} trains on the black box's scores, and classifier.output=label gives none (a 0-1 loss "
+            "is flat, so every ZO difference is 0); use output=logits or probs, or method=mse to certify with labels only",
+        )
+        _require(
+            self.method != "fo_ds" or self.classifier.kind != "http",
+            "method=fo_ds backpropagates through the classifier, and classifier=http can only be queried",
         )
         _require(
             self.sparsity.method != "grasp",
@@ -374,7 +409,26 @@ class CertifyConfig(TrainConfig):
         )
 
 
-SCHEMAS: dict[str, type] = {"classify": ClassifyConfig, "pde": PdeConfig, "certify": CertifyConfig}
+@dataclass
+class ServeConfig:
+    """`deepzero-task serve`: a local classifier (callable or TorchScript) behind the HTTP wire format."""
+
+    classifier: CertifyClassifierConfig = field(default_factory=CertifyClassifierConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    request_log: str | None = None  # one JSON line per request (null: <run dir>/requests.jsonl)
+    device: str = "cpu"
+    threads: int | None = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.classifier.kind in ("callable", "torchscript"),
+                 f"serve needs a local classifier (classifier=callable or torchscript), got kind '{self.classifier.kind}'")
+        _require(0 <= self.port <= 65535, f"port={self.port} must be in [0, 65535]")
+        _require(self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1 or null")
+
+
+SCHEMAS: dict[str, type] = {"classify": ClassifyConfig, "pde": PdeConfig, "certify": CertifyConfig, "serve": ServeConfig}
 
 
 @contextlib.contextmanager

@@ -159,3 +159,31 @@ def test_wrapped_callable_runs_without_grad(timeout: float | None) -> None:
     with torch.enable_grad():
         BlackBoxClassifier(spy, timeout=timeout)(_batch())
     assert grad_enabled == [False]
+
+
+def test_label_and_probability_black_boxes_are_reduced_and_validated() -> None:
+    model, x = _model().eval(), _batch()
+    logits = model(x).detach()
+    labels = BlackBoxClassifier(lambda z: model(z).argmax(1), output="label", provides="label", num_classes=5)(x)
+    assert torch.equal(labels, logits.argmax(1))
+    probs_box = BlackBoxClassifier(lambda z: model(z).softmax(1), output="label", provides="probs")
+    assert torch.equal(probs_box(x), logits.argmax(1))
+    with pytest.raises(ValueError, match="returns label; output=probs cannot be computed from it"):
+        BlackBoxClassifier(model, output="probs", provides="label")
+    with pytest.raises(BlackBoxError, match="labels outside"):
+        BlackBoxClassifier(lambda z: torch.full((len(z),), 5), output="label", provides="label", num_classes=5)(x)
+    with pytest.raises(BlackBoxError, match="expected integer labels of shape"):
+        BlackBoxClassifier(lambda z: torch.zeros(len(z)), output="label", provides="label")(x)
+    with pytest.raises(BlackBoxError, match="negative or do not sum to 1"):
+        BlackBoxClassifier(lambda z: torch.ones(len(z), 5), output="probs", provides="probs")(x)
+
+
+def test_a_hung_black_box_times_out_in_a_daemon_thread() -> None:
+    release = threading.Event()
+    bb = BlackBoxClassifier(lambda z: release.wait(30), name="stuck", timeout=0.05)
+    try:
+        with pytest.raises(BlackBoxError, match="black box 'stuck' timed out"):
+            bb(_batch())
+        assert all(t.daemon for t in threading.enumerate() if t.name == "blackbox stuck")
+    finally:
+        release.set()

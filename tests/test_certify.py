@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
+from deepzero_apps.blackbox_loss import DenoiserLoss, ImageQueries, WhiteBox, stability
 from deepzero_apps.cli import main
 from deepzero_apps.engine import CGE, FirstOrder, StagedObjective
 from deepzero_apps.models import create_model
-from deepzero_apps.tasks.certify import DenoiserLoss, ImageQueries, NoisyInputs, WhiteBox, stability
+from deepzero_apps.tasks.certify_data import NoisyInputs
 from deepzero_apps.tasks.certify_zoae import AEObjective, autoencoder, latent_estimator
 
 TINY = [
@@ -111,14 +112,12 @@ def test_latent_cge_matches_autograd_of_the_latent_loss():
     assert objective.counter.queries == z[0].numel() + 1
 
 
-@pytest.mark.parametrize("output", ["probs", "label"])
-def test_stability_from_probabilities_and_labels(output):
+def test_stability_from_probabilities_equals_logits_and_labels_are_refused():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     target = torch.tensor([0, 0])
-    if output == "probs":
-        assert torch.isclose(stability(logits.softmax(1), target, "probs"), stability(logits, target, "logits"))
-    else:
-        assert stability(logits.argmax(1), target, "label") == 0.5
+    assert torch.isclose(stability(logits.softmax(1), target, "probs"), stability(logits, target, "logits"))
+    with pytest.raises(ValueError, match="needs logits or probs"):
+        stability(logits.argmax(1), target, "label")
 
 
 def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
@@ -134,6 +133,9 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
         assert summary["certify"]["examples"] == 4
         if mode in ("deepzero", "zo_ae_ds"):
             assert summary["train"]["stopped"] == "query budget" and 0 < summary["train"]["queries"] <= 1500
+        if mode == "zo_ae_ds":
+            ae = summary["train"]["autoencoder"]
+            assert ae["heldout_recon_mse"] > 0 and {"noisy_acc", "mse"} <= set(ae["pipeline"]) & set(ae["denoiser"])
             assert (run_dir / "learning_curve.png").exists()
         runs.append(str(run_dir))
     assert (tmp_path / "deepzero" / "ratios.json").exists()
@@ -157,7 +159,15 @@ def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):
     ("override", "needle"),
     [
         ("method=zo", "method='zo'"),
-        ("method=fo_ds classifier.output=label", "no gradient"),
+        ("method=fo_ds classifier.output=label", "classifier.output=label gives none"),
+        ("method=deepzero classifier.output=label", "method=deepzero trains on the black box's scores"),
+        ("method=zo_ae_ds classifier.output=label", "or method=mse to certify with labels only"),
+        ("classifier=http classifier.url=ftp://x", "classifier.url=http(s)://"),
+        ("classifier=http classifier.url=http://127.0.0.1:9 method=fo_ds", "classifier=http can only be queried"),
+        ("classifier=torchscript classifier.path=/nonexistent.pt", "'/nonexistent.pt' does not exist"),
+        ("classifier=callable", "classifier.target=IMPORT.PATH"),
+        ("classifier.timeout=0", "classifier.timeout=0.0 must be a positive"),
+        ("zo_ae_ds.holdout=1", "zo_ae_ds.holdout=1.0 must be in (0, 1)"),
         ("sparsity.method=grasp", "gradients through the black box"),
         ("sigma=0", "sigma=0.0 must be > 0"),
         ("classifier.output=soft", "classifier.output='soft'"),
@@ -167,3 +177,43 @@ def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, needle
     assert main(["certify", f"hydra.run.dir={tmp_path}", *override.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_resolved_secrets_never_reach_run_files(tmp_path, capsys, monkeypatch):
+    """`${oc.env:...}` values are used but never written: stage.json keeps the interpolation and a hash."""
+    secret = "s3cr3t-7f9a2c"
+    monkeypatch.setenv("DZ_TEST_SECRET", secret)
+    overrides = [*TINY, "mode=mse", "data.root=${oc.env:DZ_TEST_SECRET}",
+                 "classifier.headers={Authorization:'Bearer ${oc.env:DZ_TEST_SECRET}'}"]
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *overrides]) == 0
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name == "stage.json" for p in files)
+    leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    stamp = json.loads((tmp_path / "run" / "pretrain" / "stage.json").read_text())
+    assert stamp["data"]["root"] == "${oc.env:DZ_TEST_SECRET}"
+    monkeypatch.setenv("DZ_TEST_SECRET", "another-value")  # a changed value still invalidates the cache
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *overrides]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_autoencoder_stops_when_held_out_reconstruction_stops_improving_and_keeps_the_best():
+    from omegaconf import OmegaConf
+
+    from deepzero_apps.tasks.certify_stages import _fit_autoencoder
+
+    cfg = OmegaConf.create({"seed": 0, "sigma": 0.25, "device": "cpu", "pretrain": {"batch_size": 16, "lr": 1e-2},
+                            "zo_ae_ds": {"holdout": 0.25, "patience": 2, "ae_epochs": 40}})
+    encoder, decoder = autoencoder(1, 2, 4)
+    ae = nn.Sequential(encoder, decoder)
+    x = torch.rand(64, 1, 8, 8)
+    report = _fit_autoencoder(cfg, x, nn.Identity(), ae)
+    history = report["history"]
+    best = min(history)
+    assert report["heldout_recon_mse"] == best and report["best_epoch"] == history.index(best) + 1
+    assert report["heldout_images"] == 16
+    if report["stopped"] == "no improvement":  # it stopped `patience` epochs after its best
+        assert len(history) == report["best_epoch"] + 2 and min(history[-2:]) >= best
+    frozen = OmegaConf.merge(cfg, {"pretrain": {"lr": 0.0}, "zo_ae_ds": {"patience": 1}})
+    still = _fit_autoencoder(frozen, x, nn.Identity(), nn.Sequential(*autoencoder(1, 2, 4)))
+    assert still["epochs"] == 2 and still["stopped"] == "no improvement"  # lr 0: nothing improves after epoch 1

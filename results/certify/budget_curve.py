@@ -1,0 +1,108 @@
+"""Issue #16 item 5: does fine-tuning through the black box pay, and from what query budget?
+
+Runs `deepzero-task certify experiment=certify_budget_curve` for every (sigma, budget, mode) and the
+MSE-only start per sigma, sharing the cached classifier, denoiser and autoencoder stages; then tabulates
+certified accuracy at r = 0.25 and a paired exact sign test of each run against MSE-only over the same
+certified images (those certified at r >= 0.25 by one run and not the other).
+
+    python results/certify/budget_curve.py --data-root /tmp/cifar10 --root runs/certify_budget --run
+    python results/certify/budget_curve.py --smoke --root /tmp/budget_smoke --run   # digits, minutes
+
+Finished runs (a summary.json) are skipped, so an interrupted sweep continues. Writes
+`<root>/budget_curve.md` and `.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from scipy.stats import binomtest
+
+from deepzero_apps.smoothing import load_certification
+
+RADIUS = 0.25
+FULL = {"sigmas": (0.25, 0.5), "budgets": (100_000, 300_000, 1_000_000, 3_000_000),
+        "modes": ("deepzero", "zo_ae_ds", "fo_ds")}
+SMOKE = {"sigmas": (0.25,), "budgets": (1_500, 3_000), "modes": ("deepzero", "zo_ae_ds", "fo_ds")}
+SMOKE_OVERRIDES = [
+    "data.train_limit=64", "data.test_limit=40", "eval_limit=40", "classifier.epochs=1", "pretrain.epochs=1",
+    "zo_ae_ds.ae_epochs=2", "zo_ae_ds.latent_channels=1", "denoiser.depth=3", "denoiser.width=4", "epochs=50",
+    "sparsity.q=4", "sparsity.samples_per_class=2", "certify.limit=10", "certify.n0=8", "certify.n=32",
+]  # fmt: skip
+
+
+def runs(plan: dict) -> list[tuple[str, float, int]]:
+    """(mode, sigma, budget) for every run; budget 0 is the MSE-only start."""
+    out = [("mse", s, 0) for s in plan["sigmas"]]
+    return out + [(m, s, b) for s in plan["sigmas"] for b in plan["budgets"] for m in plan["modes"]]
+
+
+def run_dir(root: Path, mode: str, sigma: float, budget: int) -> Path:
+    return root / f"sigma{sigma}" / (mode if mode == "mse" else f"{mode}_{budget}")
+
+
+def command(root: Path, mode: str, sigma: float, budget: int, smoke: bool, data_root: str | None) -> list[str]:
+    cache = root / f"sigma{sigma}" / "cache"
+    base = SMOKE_OVERRIDES if smoke else ["experiment=certify_budget_curve", f"data.root={data_root}"]
+    return ["deepzero-task", "certify", *base, f"mode={mode}", f"sigma={sigma}", "progress=false", "threads=1",
+            f"classifier.cache_dir={root / 'classifier'}", f"pretrain.cache_dir={cache / 'pretrain'}",
+            f"zo_ae_ds.cache_dir={cache / 'autoencoder'}", f"hydra.run.dir={run_dir(root, mode, sigma, budget)}",
+            *([f"query_budget={budget}"] if budget else [])]
+
+
+def certified(path: Path) -> dict[int, bool]:
+    return {r.idx: bool(r.correct) and r.radius >= RADIUS for r in load_certification(path / "certify.tsv")}
+
+
+def report(root: Path, plan: dict) -> list[dict]:
+    rows = []
+    for mode, sigma, budget in runs(plan):
+        d = run_dir(root, mode, sigma, budget)
+        if not (d / "summary.json").exists():
+            continue
+        ours, start = certified(d), certified(run_dir(root, "mse", sigma, 0))
+        assert ours.keys() == start.keys(), f"{d}: not the same certified images as MSE-only"
+        only_ours = sum(ours[i] and not start[i] for i in ours)
+        only_start = sum(start[i] and not ours[i] for i in ours)
+        p = binomtest(only_ours, only_ours + only_start).pvalue if only_ours + only_start else 1.0
+        summary = json.loads((d / "summary.json").read_text())
+        rows.append({"sigma": sigma, "mode": mode, "budget": budget, "train_queries": summary["train"]["queries"],
+                     "images": len(ours), "certified_at_r": sum(ours.values()) / len(ours),
+                     "mse_certified_at_r": sum(start.values()) / len(start), "only_this": only_ours,
+                     "only_mse": only_start, "sign_test_p": p})
+    lines = [f"| sigma | mode | budget | train queries | certified at r = {RADIUS} | MSE-only | only this / only MSE | p (sign test) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['sigma']} | {r['mode']} | {r['budget']:,} | {r['train_queries']:,} | {r['certified_at_r']:.1%} | "
+              f"{r['mse_certified_at_r']:.1%} | {r['only_this']} / {r['only_mse']} | {r['sign_test_p']:.3g} |" for r in rows]
+    (root / "budget_curve.md").write_text("\n".join(lines) + "\n")
+    (root / "budget_curve.json").write_text(json.dumps(rows, indent=2))
+    print("\n".join(lines))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--data-root", help="an ImageFolder CIFAR-10 tree (unpack_cifar10.py)")
+    parser.add_argument("--smoke", action="store_true", help="digits, tiny budgets: checks the pipeline only")
+    parser.add_argument("--run", action="store_true", help="run the missing runs before reporting")
+    args = parser.parse_args()
+    plan = SMOKE if args.smoke else FULL
+    if not args.smoke and not args.data_root:
+        parser.error("--data-root is required without --smoke")
+    if args.run:
+        for mode, sigma, budget in runs(plan):
+            if not (run_dir(args.root, mode, sigma, budget) / "summary.json").exists():
+                cmd = command(args.root, mode, sigma, budget, args.smoke, args.data_root)
+                print("+", " ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True)
+    report(args.root, plan)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""certify's first-order stages, each cached in its own directory: the classifier that becomes the black
+box, the denoiser's MSE pretraining, and ZO-AE-DS's autoencoder.
+
+A stage directory holds `stage.json`, what the stage was trained with: the config as written (an
+interpolation such as ``${oc.env:KEY}`` stays text, its value is never written) and a SHA-256 of the
+resolved values, so a changed value still invalidates the cache. Another configuration is refused
+instead of silently reusing stale weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from deepzero_apps.checkpoint import atomic_write, load_checkpoint
+from deepzero_apps.classifiers import describe, load_classifier
+from deepzero_apps.data import DataBundle
+from deepzero_apps.engine import FirstOrder, Objective, StagedObjective
+from deepzero_apps.errors import ConfigError, RunError, one_line
+from deepzero_apps.models.build import build_model
+from deepzero_apps.tasks.certify_data import NoisyInputs, Standardize
+from deepzero_apps.tasks.certify_zoae import autoencoder
+from deepzero_apps.trainer import Trainer, TrainerConfig
+
+
+def fingerprint(**parts: Any) -> dict[str, Any]:
+    """A stage's identity for `stage.json`: config nodes unresolved, plus a hash of their resolved values."""
+
+    def plain(value: Any, resolve: bool) -> Any:
+        return OmegaConf.to_container(value, resolve=resolve) if isinstance(value, DictConfig) else value
+
+    resolved = json.dumps({k: plain(v, True) for k, v in parts.items()}, sort_keys=True, default=str)
+    written = {k: plain(v, False) for k, v in parts.items()}
+    return json.loads(json.dumps({**written, "resolved_sha256": hashlib.sha256(resolved.encode()).hexdigest()},
+                                 sort_keys=True, default=str))
+
+
+def claim_stage(stage_dir: Path, stamp: dict[str, Any], title: str) -> None:
+    """Write `stage.json` into a new stage directory, or check that an existing one was trained the same way."""
+    path = stage_dir / "stage.json"
+    if not path.exists():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps(stamp, indent=2, sort_keys=True).encode()))
+    elif json.loads(path.read_text()) != stamp:
+        raise ConfigError(f"{stage_dir} holds a '{title}' stage trained with another configuration; "
+                          "delete it or point the stage's cache_dir elsewhere")
+
+
+def cache_dir(path: str | None, out_dir: Path, name: str) -> Path:
+    return Path(path) if path else out_dir / name
+
+
+def fit_stage(
+    stage_dir: Path,
+    stamp: dict[str, Any],
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    train_set: Dataset,
+    evaluate: Callable[[], dict[str, float]],
+    cfg: DictConfig,
+    epochs: int,
+    batch_size: int,
+    title: str,
+    scheduler: Callable[..., Any] | None = None,
+    extra_state: dict[str, Any] | None = None,
+) -> dict:
+    """Train a white-box stage first-order in `stage_dir`, or reuse the finished run found there.
+
+    The stage always resumes its own checkpoint, so a finished stage is a cache and an interrupted
+    one continues.
+    """
+    claim_stage(stage_dir, stamp, title)
+    trainer = Trainer(
+        objective, FirstOrder(), optimizer, train_set, evaluate, stage_dir,
+        TrainerConfig(epochs=epochs, batch_size=batch_size, seed=cfg.seed, resume=True, log_every=cfg.log_every,
+                      progress=cfg.progress),
+        scheduler_factory=scheduler, device=cfg.device, extra_state=extra_state, title=title,
+    )
+    summary = trainer.fit()
+    (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: Any, batch_size: int, device: str) -> dict[str, float]:
+    """Test accuracy of a white-box classifier on an in-memory dataset (eval mode)."""
+    model.eval()
+    x, y = dataset.tensors
+    correct = sum(int((model(xb.to(device)).argmax(1) == yb.to(device)).sum())
+                  for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    return {"test_acc": correct / len(y)}
+
+
+def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tensor], out_dir: Path) -> tuple[Any, dict]:
+    """Stage 1: the classifier that becomes the black box, mapping [0, 1] images to logits (or to what an
+    HTTP server returns).
+
+    `classifier=callable|torchscript|http` is the user's own; with `classifier=train` `model` is
+    loaded from `classifier.checkpoint` or trained first-order here and cached in `classifier.cache_dir`.
+    """
+    ccfg = cfg.classifier
+    if ccfg.kind != "train":
+        return load_classifier(ccfg, cfg.device), describe(ccfg)
+    model = build_model(cfg.model, "model", in_channels=data.in_channels, num_classes=data.num_classes,
+                        in_features=data.in_channels * data.image_size**2).to(cfg.device)
+    standardize = Standardize(*norm).to(cfg.device)
+    classifier = nn.Sequential(standardize, model)
+
+    def evaluate() -> dict[str, float]:
+        return accuracy(classifier, data.test, cfg.eval_batch_size, cfg.device)
+
+    if ccfg.checkpoint is not None:
+        state = load_checkpoint(ccfg.checkpoint, map_location=cfg.device)
+        try:
+            model.load_state_dict(state.get("model", state))
+        except RuntimeError as exc:
+            raise ConfigError(f"classifier.checkpoint={ccfg.checkpoint} does not fit model: {one_line(exc)[:300]}") from exc
+        return classifier.eval(), {**describe(ccfg), **evaluate()}
+    stage_dir = cache_dir(ccfg.cache_dir, out_dir, "classifier")
+    stamp = fingerprint(data=cfg.data, model=cfg.model, seed=cfg.seed, epochs=ccfg.epochs, batch_size=ccfg.batch_size,
+                        lr=ccfg.lr)
+    objective = StagedObjective(model, lambda logits, b: F.cross_entropy(logits, b[1]), inputs=lambda b: standardize(b[0]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=ccfg.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    summary = fit_stage(stage_dir, stamp, objective, optimizer, data.train, evaluate, cfg, ccfg.epochs,
+                        ccfg.batch_size, "classifier", scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR))
+    return classifier.eval(), {**describe(ccfg), "source": str(stage_dir), **summary["eval"]}
+
+
+def build_denoiser(cfg: DictConfig, channels: int) -> nn.Module:
+    """The denoiser from its `_target_` (DnCNN by default), with `channels` filled from the data."""
+    return build_model(cfg.denoiser, "denoiser", channels=channels).to(cfg.device)
+
+
+def pretrain_denoiser(cfg: DictConfig, data: DataBundle, denoiser: nn.Module,
+                      metrics: Callable[[nn.Module], dict], out_dir: Path) -> None:
+    """Stage 2: the denoiser trained first-order on MSE to the clean image (no classifier query)."""
+    pre, noisy = cfg.pretrain, NoisyInputs(cfg.sigma, cfg.seed)
+    fit_stage(cache_dir(pre.cache_dir, out_dir, "pretrain"),
+              fingerprint(data=cfg.data, denoiser=cfg.denoiser, sigma=cfg.sigma, seed=cfg.seed, epochs=pre.epochs,
+                          batch_size=pre.batch_size, lr=pre.lr),
+              StagedObjective(denoiser, lambda out, b: F.mse_loss(out, b[0]), inputs=noisy),
+              torch.optim.Adam(denoiser.parameters(), lr=pre.lr), data.train, lambda: metrics(denoiser), cfg,
+              pre.epochs, pre.batch_size, "denoiser pretraining", extra_state={"noise": noisy})
+
+
+def pretrain_autoencoder(cfg: DictConfig, data: DataBundle, denoiser: nn.Module,
+                         metrics: Callable[[nn.Module], dict], out_dir: Path) -> tuple[nn.Module, nn.Module, dict]:
+    """ZO-AE-DS's autoencoder, trained first-order to rebuild clean images from denoised ones (no queries)
+    until its reconstruction stops improving.
+
+    A fair baseline needs a converged autoencoder: `holdout` of the training images are held out
+    with one fixed noise draw, and training stops after `patience` epochs without a lower held-out
+    MSE (at most `ae_epochs`); the best epoch's weights are kept. Returns the encoder, the decoder and
+    a report: held-out reconstruction MSE, and the pipeline's noisy accuracy beside the bare denoiser's.
+    """
+    zcfg = cfg.zo_ae_ds
+    if data.image_size % 4:
+        raise ConfigError(f"zo_ae_ds needs an image size divisible by 4, got {data.image_size}")
+    encoder, decoder = (m.to(cfg.device) for m in autoencoder(data.in_channels, zcfg.latent_channels, zcfg.width))
+    ae = nn.Sequential(encoder, decoder)
+    stage_dir = cache_dir(zcfg.cache_dir, out_dir, "autoencoder")
+    claim_stage(stage_dir, fingerprint(
+        data=cfg.data, denoiser=cfg.denoiser, sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.pretrain.batch_size,
+        lr=cfg.pretrain.lr, pretrain_epochs=cfg.pretrain.epochs,
+        autoencoder={k: zcfg[k] for k in ("latent_channels", "width", "ae_epochs", "patience", "holdout")},
+    ), "autoencoder")
+    weights, report_file = stage_dir / "autoencoder.pt", stage_dir / "summary.json"
+    if weights.exists() and report_file.exists():
+        ae.load_state_dict(load_checkpoint(weights, map_location=cfg.device))
+        return encoder, decoder, json.loads(report_file.read_text())
+    report = _fit_autoencoder(cfg, data.train.tensors[0], denoiser, ae)
+    report["pipeline"] = metrics(nn.Sequential(denoiser, encoder, decoder))
+    report["denoiser"] = metrics(denoiser)
+    atomic_write(weights, lambda f: torch.save(ae.state_dict(), f))
+    atomic_write(report_file, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    return encoder, decoder, report
+
+
+def _fit_autoencoder(cfg: DictConfig, x: Tensor, denoiser: nn.Module, ae: nn.Module) -> dict[str, Any]:
+    """Adam on MSE(ae(denoiser(x + noise)), x) with early stopping on the held-out split; keeps the best weights."""
+    zcfg, pre = cfg.zo_ae_ds, cfg.pretrain
+    gen = torch.Generator().manual_seed(cfg.seed + 104_729)
+    order = torch.randperm(len(x), generator=gen)
+    n_hold = max(1, round(zcfg.holdout * len(x)))
+    held, train = x[order[:n_hold]].to(cfg.device), x[order[n_hold:]].to(cfg.device)
+    held_noisy = held + cfg.sigma * torch.randn(held.shape, generator=gen).to(held)
+    with torch.no_grad():
+        held_in = torch.cat([denoiser(b) for b in held_noisy.split(pre.batch_size)])
+    optimizer = torch.optim.Adam(ae.parameters(), lr=pre.lr)
+    history: list[float] = []
+    best, best_state = float("inf"), None
+    for _ in range(zcfg.ae_epochs):
+        ae.train()
+        for idx in torch.randperm(len(train), generator=gen).split(pre.batch_size):
+            clean = train[idx]
+            with torch.no_grad():
+                denoised = denoiser(clean + cfg.sigma * torch.randn(clean.shape, generator=gen).to(clean))
+            optimizer.zero_grad()
+            F.mse_loss(ae(denoised), clean).backward()
+            optimizer.step()
+        ae.eval()
+        with torch.no_grad():
+            mse = float(sum(F.mse_loss(ae(b), c, reduction="sum") for b, c in
+                            zip(held_in.split(pre.batch_size), held.split(pre.batch_size))) / held.numel())
+        history.append(mse)
+        if mse < best:
+            best, best_state = mse, {k: v.clone() for k, v in ae.state_dict().items()}
+        elif len(history) - 1 - history.index(best) >= zcfg.patience:
+            break
+    if best_state is None:
+        raise RunError(f"zo_ae_ds: the autoencoder's held-out MSE is not finite ({history[-1]}); lower pretrain.lr")
+    ae.load_state_dict(best_state)
+    ae.eval()
+    return {"epochs": len(history), "best_epoch": history.index(best) + 1, "heldout_recon_mse": best,
+            "heldout_images": n_hold, "history": history,
+            "stopped": "no improvement" if len(history) < zcfg.ae_epochs else "ae_epochs"}

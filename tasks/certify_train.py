@@ -1,0 +1,112 @@
+"""certify's fine-tuning: the denoiser trained through the black box by one `method`.
+
+``deepzero`` (sparse CGE over the denoiser's parameters with feature reuse), ``zo_ae_ds`` (ZO on an
+autoencoder's latent, `certify_zoae`), ``fo_ds`` (backprop through the classifier: the white-box upper
+bound). Queries are images sent to the classifier, counted the same way in every method.
+
+The generic wiring (estimator, optimizer, scheduler, sampler with the shared ratio-reuse rule,
+TrainerConfig, metric loggers) comes from the adapter layer every app shares (`deepzero_apps.adapter`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from deepzero_apps.adapter import (
+    build_estimator,
+    build_optimizer,
+    build_sampler,
+    build_scheduler,
+    trainer_config,
+)
+from deepzero_apps.blackbox_loss import DenoiserLoss, ImageQueries, WhiteBox, labels_of, stability
+from deepzero_apps.classifiers import black_box
+from deepzero_apps.data import DataBundle, LabeledTensorDataset, balanced_subset
+from deepzero_apps.engine import FirstOrder, Objective, StagedObjective, is_main
+from deepzero_apps.loggers import build_logger
+from deepzero_apps.remote import HTTPClassifier
+from deepzero_apps.tasks.certify_data import NoisyInputs
+from deepzero_apps.tasks.certify_stages import pretrain_autoencoder
+from deepzero_apps.tasks.certify_zoae import AEObjective, latent_estimator
+from deepzero_apps.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, denoiser: nn.Module,
+              metrics: Callable[[nn.Module], dict], out_dir: Path) -> tuple[nn.Module, dict]:
+    """Fine-tune the denoiser by `cfg.method`; returns the certified pipeline and the trainer summary."""
+    # Fine-tuning, scoring and the autoencoder all see the denoiser as certification will: BatchNorm keeps
+    # the pretrained statistics (and no forward pass here may move them).
+    denoiser.eval()
+    kind = cfg.classifier.output
+    blackbox = black_box(classifier, cfg.classifier, data.num_classes, cfg.eval_batch_size)
+    x, _ = balanced_subset(data.train, cfg.finetune_limit, cfg.seed).tensors
+    train_set = LabeledTensorDataset(x, labels_of(blackbox, x.to(cfg.device), cfg.eval_batch_size).cpu())
+    noisy = NoisyInputs(cfg.sigma, cfg.seed)
+    extra: dict[str, Any] = {"blackbox": blackbox, "noise": noisy}
+    if isinstance(classifier, HTTPClassifier):
+        extra["http"] = classifier  # its retry counters survive a resume like the budget
+    loss = DenoiserLoss(blackbox, kind, cfg.mse_weight, cfg.stab_weight)
+    sampler, pipeline, report = None, denoiser, {}
+    if cfg.method == "fo_ds":
+        extra["whitebox"] = WhiteBox(classifier, kind)
+        objective: Objective = StagedObjective(denoiser, DenoiserLoss(extra["whitebox"], kind, cfg.mse_weight,
+                                                                      cfg.stab_weight), inputs=noisy)
+        estimator: Any = FirstOrder()
+    elif cfg.method == "deepzero":
+        objective = StagedObjective(denoiser, loss, inputs=noisy)
+        estimator = build_estimator(cfg, objective.coords.dim)
+        sampler = build_sampler(cfg, objective, out_dir, cfg.denoiser.get("name", "denoiser"),
+                                lambda out, y: stability(blackbox(out), y, kind), partial(scoring_batch, cfg, data))
+    else:
+        encoder, decoder, report = pretrain_autoencoder(cfg, data, denoiser, metrics, out_dir)
+        log.info(f"certify: zo_ae_ds autoencoder: {report['epochs']} epochs (best {report['best_epoch']}), held-out "
+              f"reconstruction MSE {report['heldout_recon_mse']:.5f}; noisy accuracy {report['pipeline']['noisy_acc']:.3f} "
+              f"through it vs {report['denoiser']['noisy_acc']:.3f} for the bare denoiser")
+
+        def per_image(z: Tensor, target: Tensor) -> Tensor:
+            return cfg.stab_weight * stability(blackbox(decoder(z)), target, kind, reduction="none")
+
+        zcfg = cfg.zo_ae_ds
+        objective = AEObjective(denoiser, encoder, decoder, per_image, noisy, cfg.mse_weight,
+                                latent_estimator(zcfg.estimator, zcfg.q, zcfg.mu, cfg.seed))
+        estimator = FirstOrder()  # exact through the white box, ZO through the black box (a zo_function)
+        extra["latent"] = objective.latent  # its call count seeds RGE's directions: replayed on resume
+        pipeline = nn.Sequential(denoiser, encoder, decoder)
+    objective.counter = ImageQueries([s for s in (blackbox, extra.get("whitebox")) if s is not None])
+    params = [b.param for b in objective.coords.blocks]
+    trainer = Trainer(
+        objective, estimator, build_optimizer(cfg, params), train_set, evaluate=lambda: metrics(pipeline),
+        out_dir=out_dir, config=trainer_config(typed), scheduler_factory=build_scheduler(cfg), sampler=sampler,
+        sinks=build_logger(cfg.logger, out_dir), device=cfg.device, extra_state=extra,
+        title=f"certify {cfg.data.name} method={cfg.method}",
+    )
+    if is_main():
+        per_step = (sampler.num_coords if sampler is not None else objective.coords.dim) + 1
+        if cfg.method == "zo_ae_ds":
+            per_step = objective.latent.queries_per_call(encoder(x[:1].to(cfg.device))[0].numel())
+        log.info(f"certify: method={cfg.method}, {objective.coords.dim:,} trainable parameters, "
+              + ("backprop through the classifier" if cfg.method == "fo_ds" else f"{per_step:,} queries of the batch per step")
+              + f", query budget {typed.query_budget or 'none'}, output {out_dir}")
+    summary = trainer.fit()
+    if isinstance(classifier, HTTPClassifier):
+        summary["http"] = classifier.state_dict()
+    if report:
+        summary["autoencoder"] = report
+    return pipeline.eval(), summary
+
+
+def scoring_batch(cfg: DictConfig, data: DataBundle) -> tuple[Tensor, Tensor]:
+    """ZO-GraSP scores the denoiser on noisy training images (a fixed draw); scoring queries the black box."""
+    x, y = data.train.tensors
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    return (x + cfg.sigma * noise).to(cfg.device), y.to(cfg.device)

@@ -1,0 +1,168 @@
+"""Remote black boxes: certify through a real `deepzero-task serve` process (FastAPI + uvicorn) on 127.0.0.1.
+
+Against the in-process black box (same TorchScript file, same seed) the certified table is the same;
+the server's request log counts exactly the images the run was charged for; a server killed mid-run
+stops the run with one line, and the resumed run ends as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from deepzero_apps.cli import main
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RUN = [
+    "data.train_limit=64", "data.test_limit=40", "eval_limit=40", "pretrain.epochs=1", "denoiser.depth=3",
+    "denoiser.width=4", "epochs=50", "batch_size=8", "query_budget=2500", "sparsity.q=4",
+    "sparsity.samples_per_class=2", "certify.limit=6", "certify.n0=8", "certify.n=64", "progress=false",
+    "estimator.evaluator=reuse", "checkpoint_every=1", "log_every=1", "mode=deepzero",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A TorchScript digits classifier ([0, 1] images -> logits), trained first-order for a second."""
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(digits.target)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("model") / "digits.pt"
+    torch.jit.script(model.eval()).save(str(path))
+    return path
+
+
+class Server:
+    """`deepzero-task serve` in a subprocess; `start` waits until /health answers."""
+
+    def __init__(self, model: Path, port: int, log: Path):
+        self.model, self.port, self.log, self.proc = model, port, log, None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/predict"
+
+    def start(self) -> Server:
+        cmd = [sys.executable, "-m", "deepzero_apps.cli", "serve", "classifier=torchscript",
+               f"classifier.path={self.model}", f"port={self.port}", f"request_log={self.log}",
+               f"hydra.run.dir={self.log.parent / 'serve_run'}"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        raise TimeoutError("the server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def images(self) -> int:
+        rows = [json.loads(line) for line in self.log.read_text().splitlines()]
+        return sum(r["images"] for r in rows if r["status"] == 200)
+
+
+@pytest.fixture(scope="module")
+def runs(model_file, tmp_path_factory):
+    """One in-process run and one through the server (uninterrupted), sharing the pretrained denoiser."""
+    root = tmp_path_factory.mktemp("runs")
+    cache = f"pretrain.cache_dir={root / 'pretrain'}"
+    assert main(["certify", f"hydra.run.dir={root / 'local'}", *RUN, cache, "classifier=torchscript",
+                 f"classifier.path={model_file}"]) == 0
+    server = Server(model_file, free_port(), root / "requests.jsonl").start()
+    try:
+        assert main(["certify", f"hydra.run.dir={root / 'http'}", *RUN, cache, "classifier=http",
+                     f"classifier.url={server.url}", "classifier.max_batch=1024"]) == 0
+        images = server.images()
+    finally:
+        server.kill()
+    return root, cache, images, server.url
+
+
+def table(run_dir: Path) -> list[list[str]]:
+    """The certified rows without their wall time."""
+    rows = [line.split("\t") for line in (run_dir / "certify.tsv").read_text().splitlines()]
+    keep = [i for i, h in enumerate(rows[0]) if h != "time"]
+    return [[r[i] for i in keep] for r in rows]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_http_black_box_certifies_like_the_in_process_one_and_the_server_counts_the_budget(runs):
+    root, _, server_images, url = runs
+    local, http = summary(root / "local"), summary(root / "http")
+    assert table(root / "http") == table(root / "local")
+    assert http["certify"]["certified_accuracy"] == local["certify"]["certified_accuracy"]
+    assert http["train"]["queries"] == local["train"]["queries"] >= 2500
+    assert http["train"]["http"] == {"retries": 0, "retried_images": 0}
+    charged = http["train"]["queries"] + http["eval_queries"] + http["certify"]["queries"]
+    assert server_images == charged
+    assert http["classifier"] == {"kind": "http", "output": "logits", "source": url}
+
+
+def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, model_file):
+    root, cache, _, _ = runs
+    server = Server(model_file, free_port(), root / "requests_killed.jsonl").start()
+    run_dir = root / "killed"
+    cmd = [sys.executable, "-m", "deepzero_apps.cli", "certify", f"hydra.run.dir={run_dir}", *RUN, cache,
+           "classifier=http", f"classifier.url={server.url}", "classifier.max_batch=1024", "classifier.retries=1",
+           "classifier.backoff=0.05"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run_dir / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.kill()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        server.kill()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    line = err.strip().splitlines()[-1]
+    assert f"black box at {server.url} failed after 2 attempts; last error: Connect" in line, err
+    assert "Traceback" not in err
+    server = Server(model_file, server.port, server.log).start()
+    try:
+        assert main(["certify", f"hydra.run.dir={run_dir}", *RUN, cache, "classifier=http",
+                     f"classifier.url={server.url}", "classifier.max_batch=1024", "resume=true"]) == 0
+    finally:
+        server.kill()
+    assert table(run_dir) == table(root / "http")
+    assert summary(run_dir)["train"]["queries"] == summary(root / "http")["train"]["queries"]
