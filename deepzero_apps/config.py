@@ -515,7 +515,7 @@ def start_run(cfg: DictConfig, app: str | type) -> tuple[Any, Path]:
     typed = validate(cfg, app)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     lock_run_dir(out_dir)
-    check_resume(out_dir, cfg, allow_changes=typed.resume_allow_changes)
+    check_resume(out_dir, cfg, allow_changes=getattr(typed, "resume_allow_changes", False))
     if typed.threads is not None:
         torch.set_num_threads(typed.threads)
     torch.manual_seed(cfg.seed)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from deepzero_apps.apps import App
 from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
 from deepzero_apps.classifiers import black_box, describe, load_classifier
-from deepzero_apps.apps import App
 from deepzero_apps.config import ServeConfig, start_run
 from deepzero_apps.errors import ConfigError
 from deepzero_apps.remote import NPY, OUTPUT_HEADER, decode, encode
