@@ -183,7 +183,7 @@ def test_resolved_secrets_never_reach_run_files(tmp_path, capsys, monkeypatch):
     """`${oc.env:...}` values are used but never written: stage.json keeps the interpolation and a hash."""
     secret = "s3cr3t-7f9a2c"
     monkeypatch.setenv("DZ_TEST_SECRET", secret)
-    overrides = [*TINY, "mode=mse", "data.root=${oc.env:DZ_TEST_SECRET}",
+    overrides = [*TINY, "method=mse", "data.root=${oc.env:DZ_TEST_SECRET}",
                  "classifier.headers={Authorization:'Bearer ${oc.env:DZ_TEST_SECRET}'}"]
     assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *overrides]) == 0
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]

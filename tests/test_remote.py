@@ -33,7 +33,7 @@ RUN = [
     "data.train_limit=64", "data.test_limit=40", "eval_limit=40", "pretrain.epochs=1", "denoiser.depth=3",
     "denoiser.width=4", "epochs=50", "batch_size=8", "query_budget=2500", "sparsity.q=4",
     "sparsity.samples_per_class=2", "certify.limit=6", "certify.n0=8", "certify.n=64", "progress=false",
-    "estimator.evaluator=reuse", "checkpoint_every=1", "log_every=1", "mode=deepzero",
+    "estimator.evaluator=reuse", "checkpoint_every=1", "log_every=1", "method=deepzero",
 ]  # fmt: skip
 
 

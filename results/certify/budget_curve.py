@@ -48,7 +48,7 @@ def run_dir(root: Path, mode: str, sigma: float, budget: int) -> Path:
 def command(root: Path, mode: str, sigma: float, budget: int, smoke: bool, data_root: str | None) -> list[str]:
     cache = root / f"sigma{sigma}" / "cache"
     base = SMOKE_OVERRIDES if smoke else ["experiment=certify_budget_curve", f"data.root={data_root}"]
-    return ["deepzero-task", "certify", *base, f"mode={mode}", f"sigma={sigma}", "progress=false", "threads=1",
+    return ["deepzero-task", "certify", *base, f"method={mode}", f"sigma={sigma}", "progress=false", "threads=1",
             f"classifier.cache_dir={root / 'classifier'}", f"pretrain.cache_dir={cache / 'pretrain'}",
             f"zo_ae_ds.cache_dir={cache / 'autoencoder'}", f"hydra.run.dir={run_dir(root, mode, sigma, budget)}",
             *([f"query_budget={budget}"] if budget else [])]
