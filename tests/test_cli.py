@@ -152,10 +152,9 @@ def test_bad_configuration_of_other_apps_is_one_line_exit_2(tmp_path, capsys, ap
 
 
 def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # --debug sets it to 1 (for Hydra too); undone at teardown
     with pytest.raises(ConfigError, match="seed=-1"):
         main(["classify", "--debug", f"hydra.run.dir={tmp_path}", "seed=-1"])
-    monkeypatch.delenv("HYDRA_FULL_ERROR")  # --debug set it for Hydra too
 
 
 def test_builtin_apps_are_discovered():
