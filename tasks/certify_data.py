@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deepzero_apps.data import DataBundle, LabeledTensorDataset, build_datasets
 from deepzero_apps.data.classification import CIFAR10_MEAN, CIFAR10_STD
+from deepzero_apps.data.images import per_channel
 from deepzero_apps.errors import ConfigError
 
 
@@ -40,14 +41,15 @@ def pixel_data(data_cfg: DictConfig, seed: int) -> tuple[DataBundle, tuple[Tenso
     try:
         bundle = build_datasets(
             data_cfg.name, data_cfg.root, train_limit=data_cfg.train_limit, test_limit=data_cfg.test_limit,
-            seed=seed, **({"mean": zeros, "std": ones} if data_cfg.name == "imagefolder" else {}),
+            seed=seed, image_size=data_cfg.image_size, channels=data_cfg.channels,
+            **({"mean": zeros, "std": ones} if data_cfg.name == "imagefolder" else {}),
         )
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from exc
     (train_x, train_y), (test_x, test_y) = _tensors(bundle.train), _tensors(bundle.test)
     c = bundle.in_channels
     if data_cfg.name in ("cifar10", "imagefolder"):
-        mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+        mean, std = (torch.tensor(per_channel(v, c, "statistics")) for v in (CIFAR10_MEAN, CIFAR10_STD))
         if data_cfg.name == "cifar10":
             train_x, test_x = (x * std.view(1, c, 1, 1) + mean.view(1, c, 1, 1) for x in (train_x, test_x))
     else:

@@ -112,7 +112,7 @@ def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tens
     if ccfg.kind != "train":
         return load_classifier(ccfg, cfg.device), describe(ccfg)
     model = build_model(cfg.model, "model", in_channels=data.in_channels, num_classes=data.num_classes,
-                        in_features=data.in_channels * data.image_size**2).to(cfg.device)
+                        in_features=data.in_features).to(cfg.device)
     standardize = Standardize(*norm).to(cfg.device)
     classifier = nn.Sequential(standardize, model)
 

@@ -7,15 +7,12 @@ reuse applies), the estimator / optimizer / scheduler from Hydra `_target_`s, an
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -28,41 +25,13 @@ from deepzero_apps.adapter import (
 )
 from deepzero_apps.apps import App
 from deepzero_apps.config import ClassifyConfig, ConfigError, start_run
-from deepzero_apps.data import DataBundle, build_datasets
+from deepzero_apps.data import build_datasets
 from deepzero_apps.engine import StagedObjective, is_main
-from deepzero_apps.errors import one_line
 from deepzero_apps.loggers import build_logger
-from deepzero_apps.models import get_factory
+from deepzero_apps.models.build import build_model
 from deepzero_apps.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-def build_model(model_cfg: DictConfig, data: DataBundle) -> nn.Module:
-    """Instantiate the model, filling the sizes its factory asks for from the data."""
-    spec = OmegaConf.to_container(model_cfg, resolve=True)
-    target = spec.get("_target_", "")
-    try:
-        factory = get_factory(spec["name"]) if target.endswith("create_model") else _resolve(target)
-        params = inspect.signature(factory).parameters
-    except (ValueError, ImportError) as exc:
-        raise ConfigError(f"model: {one_line(exc)}") from exc
-    sizes = {
-        "in_channels": data.in_channels,
-        "num_classes": data.num_classes,
-        "in_features": data.in_features,
-    }
-    fill = {k: v for k, v in sizes.items() if k in params and k not in spec}
-    try:
-        return instantiate(model_cfg, **fill)
-    except Exception as exc:  # hydra wraps the factory's own error
-        raise ConfigError(f"model: {one_line(exc)}") from exc
-
-
-def _resolve(target: str) -> Any:
-    from hydra.utils import get_method
-
-    return get_method(target)
 
 
 def cross_entropy(logits: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -109,7 +78,8 @@ def run(cfg: DictConfig) -> dict:
         )
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from exc
-    model = build_model(cfg.model, data).to(cfg.device)
+    model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
+                        in_features=data.in_features).to(cfg.device)
     objective = StagedObjective(model, cross_entropy)
     estimator = build_estimator(cfg, objective.coords.dim, first_order=cfg.mode == "fo")
 
