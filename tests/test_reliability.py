@@ -258,7 +258,7 @@ def test_bad_configuration_exits_2_before_any_work(tmp_path, capsys, override, n
     assert needle in err and len(err.splitlines()) == 1, err
     assert "Traceback" not in err
     left = {p.name for p in tmp_path.iterdir()} if tmp_path.exists() else set()
-    assert all(name == ".hydra" or name.endswith(".log") for name in left), left
+    assert all(name in (".hydra", ".lock", "run_config.yaml") or name.endswith(".log") for name in left), left
 
 
 def test_nan_in_the_first_query_is_reported_at_step_0(tmp_path, capsys, importable_tests):
