@@ -39,6 +39,7 @@ def load_run(path: Path) -> dict:
         # forward-equivalents of one training step (epochs 2..n: the first epoch's record also holds the scoring)
         "fe_step": (last["forward_equivalents"] - first["forward_equivalents"]) / steps if steps else 0.0,
         "curve": [(r["queries"], r["eval"]["test_acc"]) for r in epochs],
+        "ratios": json.loads((path / "ratios.json").read_text())["ratios"] if (path / "ratios.json").exists() else {},
     }
 
 
@@ -90,6 +91,17 @@ def rows(runs: dict, cells: list[tuple[str, tuple]], ref: tuple | None, ref_name
     return out
 
 
+def ratio_rows(runs: dict, cells: list[tuple[str, tuple]]) -> list[str]:
+    """One row per scorer: the fraction of each conv/linear weight whose gradient is skipped."""
+    layers = next((list(r["ratios"]) for _, c in cells for r in runs.get(c, []) if r["ratios"]), [])
+    out = ["| scorer | " + " | ".join(layers) + " |", "|---|" + "---|" * len(layers)]
+    for label, cell in cells:
+        rs = [r for r in runs.get(cell, []) if r["ratios"]]
+        if rs:
+            out.append(f"| {label} | " + " | ".join(f"{statistics.mean(r['ratios'][n] for r in rs):.3f}" for n in layers) + " |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path)
@@ -116,6 +128,8 @@ def main() -> None:
     lines = []
     for title, (cells, ref, ref_name) in tables.items():
         lines += [f"### {title}", "", *rows(runs, cells, ref, ref_name), ""]
+    lines += ["### Layer-wise pruning ratios at 90 % (mean over seeds)", "",
+              *ratio_rows(runs, tables["Scorer ablation at 90 % sparsity (mask redrawn every 5 epochs)"][0]), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tables.md").write_text("\n".join(lines))
     print("\n".join(lines))
