@@ -5,7 +5,8 @@ The runs evaluate each epoch on a small test subset to stay cheap on a shared CP
 once and writes RUN/full_test.json ({"test_acc", "test_loss", "n"}) beside each run's summary.json, skipping runs
 that already have one. The model is rebuilt from the run's own .hydra/config.yaml.
 
-usage: sparsity_full_test.py ROOT RUN_DIR [RUN_DIR ...]   (ROOT: the ImageFolder tree the runs trained on)
+usage: sparsity_full_test.py ROOT RUN_DIR [RUN_DIR ...] [--cache FILE]   (ROOT: the tree the runs trained on;
+       --cache: keep the decoded test set in FILE, outside the repository, for the next call)
 """
 
 from __future__ import annotations
@@ -39,13 +40,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root")
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--cache", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     todo = [r for r in args.runs if (r / "summary.json").exists() and not (r / "full_test.json").exists()]
     if not todo:
         return
     data = build_datasets("imagefolder", args.root)
-    x, y = (torch.cat(t) for t in zip(*DataLoader(data.test, batch_size=1000)))
+    if args.cache is not None and args.cache.exists():
+        x, y = torch.load(args.cache, weights_only=True)
+    else:
+        x, y = (torch.cat(t) for t in zip(*DataLoader(data.test, batch_size=1000)))
+        if args.cache is not None:
+            torch.save((x, y), args.cache)
     for run in todo:
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
         spec = OmegaConf.to_container(cfg.model, resolve=True)

@@ -44,7 +44,7 @@ refs_lane() {
 
 report() {  # final weights on the whole test set, small per-run files into results/sparsity/runs, tables + plot
   local runs=("$out"/*/)
-  nice -n 10 "$bin/python" "$repo/scripts/sparsity_full_test.py" "$root" "${runs[@]}"
+  nice -n 10 "$bin/python" "$repo/scripts/sparsity_full_test.py" "$root" "${runs[@]}" --cache "$out/test_set.pt"
   for r in "${runs[@]}"; do
     [ -f "$r/summary.json" ] || continue
     local dst="$here/runs/$(basename "$r")"; mkdir -p "$dst"
