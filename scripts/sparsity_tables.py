@@ -6,7 +6,7 @@ full_test.json (scripts/sparsity_full_test.py) and, for sparse runs, ratios.json
 config, not from folder names. Writes tables.md (scorer ablation, sparsity sweep, resampling, references; mean ±
 sd over seeds and paired differences by seed) and sweep.png (test accuracy against queries).
 
-usage: sparsity_tables.py RUNS --out DIR
+usage: sparsity_tables.py RESULTS/sparsity/per_run --out DIR
 """
 
 from __future__ import annotations

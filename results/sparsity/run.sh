@@ -42,17 +42,17 @@ refs_lane() {
   for s in 0 1 2; do run dense_s$s sparsity=dense sparsity.sparsity=0; done
 }
 
-report() {  # final weights on the whole test set, small per-run files into results/sparsity/runs, tables + plot
+report() {  # final weights on the whole test set, small per-run files into results/sparsity/per_run, tables + plot
   local runs=("$out"/*/)
   nice -n 10 "$bin/python" "$repo/scripts/sparsity_full_test.py" "$root" "${runs[@]}" --cache "$out/test_set.pt"
   for r in "${runs[@]}"; do
     [ -f "$r/summary.json" ] || continue
-    local dst="$here/runs/$(basename "$r")"; mkdir -p "$dst"
+    local dst="$here/per_run/$(basename "$r")"; mkdir -p "$dst"
     cp "$r/summary.json" "$r/metrics.jsonl" "$r/full_test.json" "$dst/"
     cp "$r/.hydra/config.yaml" "$dst/config.yaml"
     [ -f "$r/ratios.json" ] && cp "$r/ratios.json" "$dst/"
   done
-  "$bin/python" "$repo/scripts/sparsity_tables.py" "$here/runs" --out "$here"
+  "$bin/python" "$repo/scripts/sparsity_tables.py" "$here/per_run" --out "$here"
 }
 
 case "${3:-both}" in
