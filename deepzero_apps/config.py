@@ -64,10 +64,10 @@ class DataConfig:
 
 @dataclass
 class SparsityConfig:
-    method: str = "dense"  # dense | zo_grasp | grasp | random
+    method: str = "dense"  # dense | zo_grasp | grasp | random | uniform
     sparsity: float = 0.0
     ratios: str | None = None  # a saved layer-wise pruning ratio file (.json/.yaml); overrides method
-    mask_interval: int = 5  # epochs between redraws: 5 as the official code; 1 = Algorithm 1 of the paper
+    mask_interval: int | None = 5  # epochs between redraws: 5 as the official code; 1 = Algorithm 1 of the paper; null: one fixed set
     ordering: str = "magnitude"  # magnitude: keep largest |score| (official code) | signed: GraSP's ranking
     dense_unscored: bool = True  # biases and BatchNorm estimated densely
     q: int = 192
@@ -75,10 +75,11 @@ class SparsityConfig:
     samples_per_class: int = 25
 
     def __post_init__(self) -> None:
-        methods = ("dense", "zo_grasp", "grasp", "random")
+        methods = ("dense", "zo_grasp", "grasp", "random", "uniform")
         _require(self.method in methods, f"sparsity.method='{self.method}' is unknown; choose from: {', '.join(methods)}")
         _require(0.0 <= self.sparsity < 1.0, f"sparsity.sparsity={self.sparsity} must be in [0, 1)")
-        _require(self.mask_interval >= 1, f"sparsity.mask_interval={self.mask_interval} must be >= 1")
+        _require(self.mask_interval is None or self.mask_interval >= 1,
+                 f"sparsity.mask_interval={self.mask_interval} must be >= 1 (or null: never redrawn)")
         _require(self.ordering in ("magnitude", "signed"), f"sparsity.ordering='{self.ordering}' must be magnitude or signed")
         _require(self.ratios is None or Path(self.ratios).is_file(), f"sparsity.ratios='{self.ratios}' does not exist")
         _require(self.mu > 0, f"sparsity.mu={self.mu} must be > 0")

@@ -45,7 +45,7 @@ VALID = {
     "data.test_limit": optional_int,
     "data.augment": flag,
     "sparsity.sparsity": st.floats(0.0, 0.99).map(repr),
-    "sparsity.mask_interval": positive_int,
+    "sparsity.mask_interval": optional_int,
     "sparsity.ordering": st.sampled_from(["magnitude", "signed"]),
     "sparsity.dense_unscored": flag,
     "sparsity.mu": positive_float,

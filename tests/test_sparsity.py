@@ -21,6 +21,7 @@ from deepzero_apps.engine import (
     prunable_weights,
     random_scores,
     save_ratios,
+    uniform_ratios,
     zo_grasp_scores,
 )
 
@@ -96,6 +97,20 @@ def test_only_conv_and_linear_weights_are_scored():
     )
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.8, 0.9, 0.99])
+def test_uniform_gives_every_layer_the_global_ratio_without_scoring(sparsity):
+    model = tiny_cnn()
+    ratios = compute_ratios("uniform", model, sparsity=sparsity)  # no loss, no data: nothing is scored
+    assert ratios == uniform_ratios(model, sparsity) == {n: sparsity for n in prunable_weights(model)}
+    obj = objective(model)
+    sampler = SparseCoordinateSampler(obj.coords, ratios, dense_unscored=False)
+    assert sampler.sizes == {
+        b.name: round((1 - sparsity) * b.numel) if b.name in ratios else 0 for b in obj.coords.blocks
+    }
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.0"):
+        uniform_ratios(model, 1.0)
+
+
 # ---------------------------------------------------------------- coordinate sampler
 
 
@@ -129,6 +144,18 @@ def test_sets_are_fixed_within_an_interval_and_redrawn_at_the_next():
     assert not torch.equal(other_seed.coords(0), e0)
     every_epoch = SparseCoordinateSampler(obj.coords, sampler.ratios, mask_interval=1, seed=1)
     assert not torch.equal(every_epoch.coords(0), every_epoch.coords(1))
+
+
+def test_a_fixed_mask_is_the_first_set_for_every_epoch_and_survives_resume():
+    _, obj, fixed = sampler_setup(mask_interval=None, seed=1)
+    _, _, every5 = sampler_setup(mask_interval=5, seed=1)
+    first = fixed.coords(0)
+    assert torch.equal(first, every5.coords(0))  # the same draw as a resampled run's first interval
+    assert all(torch.equal(fixed.coords(e), first) for e in (1, 4, 5, 17, 1000))
+    assert not torch.equal(every5.coords(5), first)
+    state = fixed.state_dict()
+    assert state["mask_interval"] is None
+    assert torch.equal(SparseCoordinateSampler.from_state_dict(obj.coords, state).coords(42), first)
 
 
 def test_dense_unscored_includes_or_drops_tensors_without_a_ratio():

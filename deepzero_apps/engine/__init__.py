@@ -13,6 +13,7 @@ from .pruning import (
     layer_ratios,
     prunable_weights,
     random_scores,
+    uniform_ratios,
     zo_grasp_scores,
 )
 from .queries import QueryBudgetExceeded, QueryCounter
@@ -44,6 +45,7 @@ __all__ = [
     "load_ratios",
     "prunable_weights",
     "random_scores",
+    "uniform_ratios",
     "save_ratios",
     "zo_grasp_scores",
     "BatchedEvaluator",

@@ -26,7 +26,7 @@ from .queries import QueryCounter
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Ordering = Literal["magnitude", "signed"]
-Method = Literal["zo_grasp", "grasp", "random"]
+Method = Literal["zo_grasp", "grasp", "random", "uniform"]
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -140,6 +140,12 @@ def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+def uniform_ratios(model: nn.Module, sparsity: float) -> dict[str, float]:
+    """The same ratio for every conv/linear weight: the no-scorer baseline the scored LPRs must beat."""
+    sparsity = _check_sparsity(sparsity)
+    return {name: sparsity for name in prunable_weights(model)}
+
+
 def _check_sparsity(sparsity: float) -> float:
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -192,9 +198,12 @@ def compute_ratios(
 ) -> dict[str, float]:
     """Score `model` with `method` and turn the scores into an LPR (one call for configs and the CLI).
 
-    q, mu and counter are ZO-GraSP's, samples_per_class both GraSPs'; "random" needs no loss or data.
+    q, mu and counter are ZO-GraSP's, samples_per_class both GraSPs'; "random" and "uniform" need no
+    loss or data ("uniform" has no scores: every layer gets `sparsity` itself).
     """
     _check_sparsity(sparsity)
+    if method == "uniform":
+        return uniform_ratios(model, sparsity)
     if method == "random":
         scores = random_scores(model, seed)
     elif method in ("zo_grasp", "grasp"):
@@ -207,5 +216,5 @@ def compute_ratios(
         else:
             scores = grasp_scores(model, loss_fn, data, samples_per_class=samples_per_class)
     else:
-        raise ValueError(f"unknown pruning method '{method}'; choose zo_grasp, grasp or random")
+        raise ValueError(f"unknown pruning method '{method}'; choose zo_grasp, grasp, random or uniform")
     return layer_ratios(scores, sparsity, ordering)

@@ -3,7 +3,8 @@
 The model stays dense; only the gradient is sparse. Each epoch interval, every scored tensor gets a
 fresh uniformly random subset of its coordinates, sized by its layer-wise pruning ratio (LPR, from
 `pruning`); the trainer passes `sampler.coords(epoch)` as `coords=` to the estimator. The subset is a
-pure function of (seed, epoch // mask_interval), so a resumed run redraws the same sets.
+pure function of (seed, epoch // mask_interval), so a resumed run redraws the same sets;
+mask_interval=None keeps the first set for the whole run (a fixed mask, the no-resampling ablation).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class SparseCoordinateSampler:
 
     A tensor with pruning ratio r contributes round((1 - r) * numel) coordinates. Tensors without a
     ratio (biases, BatchNorm) are estimated densely if `dense_unscored`, else not at all.
-    mask_interval=5 follows the official code; 1 is Algorithm 1 of the paper (a new set every epoch).
+    mask_interval=5 follows the official code; 1 is Algorithm 1 of the paper (a new set every epoch);
+    None never redraws (one fixed set, drawn as the first interval's).
     """
 
     def __init__(
@@ -62,7 +64,7 @@ class SparseCoordinateSampler:
         view: CoordinateView,
         ratios: Mapping[str, float],
         *,
-        mask_interval: int = 5,
+        mask_interval: int | None = 5,
         seed: int = 0,
         dense_unscored: bool = True,
     ):
@@ -73,14 +75,14 @@ class SparseCoordinateSampler:
         bad = {n: r for n, r in ratios.items() if not 0.0 <= r <= 1.0}
         if bad:
             raise ValueError(f"pruning ratios must be in [0, 1], got {bad}")
-        if mask_interval < 1:
+        if mask_interval is not None and mask_interval < 1:
             raise ValueError(f"mask_interval must be >= 1, got {mask_interval}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.view = view
         self.ratios = {n: float(r) for n, r in ratios.items()}
         self.mask_interval, self.seed, self.dense_unscored = (
-            int(mask_interval),
+            None if mask_interval is None else int(mask_interval),
             int(seed),
             bool(dense_unscored),
         )
@@ -97,7 +99,7 @@ class SparseCoordinateSampler:
         """Sorted global coordinate indices to estimate during `epoch`."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        period = epoch // self.mask_interval
+        period = 0 if self.mask_interval is None else epoch // self.mask_interval
         if self._cached is None or self._cached[0] != period:
             self._cached = (period, self._draw(period))
         return self._cached[1].clone()
