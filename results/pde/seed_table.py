@@ -2,7 +2,7 @@
 
     python results/pde/seed_table.py runs/pde/phiflow_wake
 
-reads every ROOT/<method>/seed_<k>/eval.json (the run directories of configs/experiment/pde_*.yaml)
+reads every ROOT/<method>/seed_<k>/eval.json (the run directories of configs/pde/experiment/pde_*.yaml)
 and prints one markdown row per method, with the number of seeds and the SRC baseline they share.
 """
 
