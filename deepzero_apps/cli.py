@@ -105,10 +105,17 @@ def config_groups(app: App, searchpath: Sequence[str]) -> dict[str, list[str]]:
                 f.name.removesuffix(".yaml") for f in group.iterdir() if f.name.endswith(".yaml")
             )
     store = ConfigStore.instance()
-    for name in store.list(""):
-        if name != "hydra" and store.get_type(name) == ObjectType.GROUP:
-            groups.setdefault(name, set()).update(o.removesuffix(".yaml") for o in store.list(name))
+    for name in _STORED_GROUPS.get(app.name, ()):
+        groups.setdefault(name, set()).update(o.removesuffix(".yaml") for o in store.list(name))
     return {g: sorted(options) for g, options in sorted(groups.items()) if options}
+
+
+_STORED_GROUPS: dict[str, set[str]] = {}  # ConfigStore groups each app's `register_configs` added
+
+
+def _store_groups() -> set[str]:
+    store = ConfigStore.instance()
+    return {n for n in store.list("") if n != "hydra" and store.get_type(n) == ObjectType.GROUP}
 
 
 def prepare(app: App) -> None:
@@ -122,7 +129,9 @@ def prepare(app: App) -> None:
         replace=True,
     )
     if app.register_configs is not None:
+        before = _store_groups()
         app.register_configs()
+        _STORED_GROUPS.setdefault(app.name, set()).update(_store_groups() - before)
 
 
 @contextlib.contextmanager
@@ -266,9 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_app(app, rest)
     except (UsageError, ConfigError) as exc:
+        if debug_requested() and not isinstance(exc, UsageError):
+            raise
         print(f"deepzero-task {name}: error: {one_line(exc)}", file=sys.stderr)
         return USAGE_ERROR
     except RunError as exc:  # e.g. the run directory is locked by another process
+        if debug_requested():
+            raise
         print(f"deepzero-task {name}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the run started: nothing written yet

@@ -141,7 +141,7 @@ def test_cuda_without_a_gpu_is_one_line_exit_2(tmp_path, capsys):
     ("app", "override", "needle"),
     [
         ("pde", "data.cache_dir=/proc/nope", "data.cache_dir='/proc/nope'"),
-        ("certify", "data.train_limit=40 classifier.callable={_target_:os.getcwd}", "os.getcwd returned a str"),
+        ("certify", "data.train_limit=40 classifier=callable classifier.target=os.getcwd", "os.getcwd returned str, not a callable"),
         ("certify", "sparsity=grasp", "gradients through the black box"),
     ],
 )
@@ -158,15 +158,17 @@ def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
 
 
 def test_builtin_apps_are_discovered():
-    assert set(builtin_apps()) == {"classify", "certify", "pde"}
+    assert set(builtin_apps()) == {"classify", "certify", "pde", "serve"}
 
 
 @pytest.mark.parametrize(
     ("app", "groups", "foreign"),
     [
         ("classify", ["data:", "model:", "sparsity:", "logger:", "experiment: cge_vs_rge"], ["denoiser:", "solver:"]),
-        ("certify", ["denoiser: dncnn", "experiment: certify_cifar10"], ["solver:", "cge_vs_rge"]),
-        ("pde", ["solver: burgers, wake", "experiment: pde_burgers, pde_wake"], ["data:", "denoiser:", "model:"]),
+        ("certify", ["denoiser: dncnn", "experiment: certify_budget_curve, certify_cifar10",
+                     "classifier: callable, http, torchscript, train"], ["solver:", "cge_vs_rge"]),
+        ("pde", ["solver: burgers, external, phiflow_wake, wake", "experiment: pde_burgers, pde_phiflow_wake, pde_wake"],
+         ["data:", "denoiser:", "model:", "classifier:"]),
     ],
 )
 def test_help_shows_only_the_apps_groups(capsys, app, groups, foreign):
