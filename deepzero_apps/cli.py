@@ -146,6 +146,27 @@ def initialized(app: App) -> Iterator[None]:
             yield
 
 
+def app_searchpath(app: App) -> list[str]:
+    """The `hydra.searchpath` of the app's primary config: where its shared groups come from."""
+    primary = OmegaConf.load(_config_root(app.config_dir).joinpath(f"{app.name}.yaml").open())
+    return list(OmegaConf.select(primary, "hydra.searchpath", default=[]))
+
+
+def keep_app_searchpath(app: App, argv: Sequence[str]) -> list[str]:
+    """A user's `hydra.searchpath=[...]` adds to the app's search path instead of replacing it (the
+    app's shared groups live there)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("hydra.searchpath="):
+            (override,) = OverridesParser.create().parse_overrides([arg])
+            user = override.value()
+            user = [str(p) for p in (user if isinstance(user, list) else [user])]
+            paths = [*user, *(p for p in app_searchpath(app) if p not in user)]
+            arg = f"hydra.searchpath=[{','.join(quoted(p) for p in paths)}]"
+        out.append(arg)
+    return out
+
+
 def config_dir_overrides(app: App, config_dir: str | None) -> list[str]:
     """`--config-dir DIR` for the pre-validation's compose: DIR goes first on the app's search path,
     as `hydra.main` puts it for the run itself."""
@@ -154,8 +175,7 @@ def config_dir_overrides(app: App, config_dir: str | None) -> list[str]:
     path = os.path.abspath(config_dir)
     if not os.path.isdir(path):
         raise UsageError(f"--config-dir '{config_dir}' is not a directory")
-    primary = OmegaConf.load(_config_root(app.config_dir).joinpath(f"{app.name}.yaml").open())
-    searchpath = [f"file://{path}", *OmegaConf.select(primary, "hydra.searchpath", default=[])]
+    searchpath = [f"file://{path}", *app_searchpath(app)]
     return [f"hydra.searchpath=[{','.join(quoted(p) for p in searchpath)}]"]
 
 
@@ -220,7 +240,7 @@ def renamed(app: App, argv: Sequence[str]) -> list[str]:
 
 
 def run_app(app: App, argv: Sequence[str]) -> int:
-    argv = renamed(app, argv)
+    argv = keep_app_searchpath(app, renamed(app, argv))
     args, _ = hydra_args().parse_known_args(list(argv))
     wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.version)
     argv = list(argv)

@@ -28,11 +28,14 @@ from .errors import ConfigError, RunError
 LOCK = ".lock"
 RUN_CONFIG = "run_config.yaml"
 CHECKPOINT = "checkpoint.pt"
-# Top-level keys a resume may change: progress display, threads, logging/checkpoint cadence,
-# evaluation batch size, the budget and the non-finite policy. Everything else changes the run.
+# Keys a resume may change: progress display, threads, logging/checkpoint cadence, evaluation batch
+# size, the budget, the non-finite policy, and how a remote black box is reached (timeouts, retries,
+# rate limit, request size: the answers are the same). Everything else changes the run.
 RESUME_MAY_CHANGE = frozenset({
     "resume", "resume_allow_changes", "progress", "threads", "log_every", "checkpoint_every",
     "eval_batch_size", "query_budget", "on_nonfinite", "max_skipped_fraction",
+    "classifier.timeout", "classifier.retries", "classifier.backoff", "classifier.rate_limit",
+    "classifier.max_batch",
 })
 
 _held: dict[str, int] = {}  # resolved run directory -> file descriptor holding its lock
@@ -111,7 +114,8 @@ def config_changes(saved: DictConfig, requested: DictConfig) -> list[str]:
     return [
         f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}"
         for k in sorted(old.keys() | new.keys())
-        if k.split(".", 1)[0] not in RESUME_MAY_CHANGE and old.get(k, missing) != new.get(k, missing)
+        if k.split(".", 1)[0] not in RESUME_MAY_CHANGE and k not in RESUME_MAY_CHANGE
+        and old.get(k, missing) != new.get(k, missing)
     ]
 
 

@@ -129,7 +129,7 @@ def test_http_black_box_certifies_like_the_in_process_one_and_the_server_counts_
     local, http = summary(root / "local"), summary(root / "http")
     assert table(root / "http") == table(root / "local")
     assert http["certify"]["certified_accuracy"] == local["certify"]["certified_accuracy"]
-    assert http["train"]["queries"] == local["train"]["queries"] >= 2500
+    assert 0 < http["train"]["queries"] == local["train"]["queries"] <= 2500  # the budget is checked before a step
     assert http["train"]["http"] == {"retries": 0, "retried_images": 0}
     charged = http["train"]["queries"] + http["eval_queries"] + http["certify"]["queries"]
     assert server_images == charged
