@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .errors import RunError
+from .errors import RunError, one_line
 
 __all__ = ["BlackBoxClassifier", "BlackBoxError", "OutputKind", "OUTPUT_KINDS"]
 
@@ -36,11 +36,6 @@ OUTPUT_KINDS: tuple[str, ...] = ("logits", "probs", "label")
 
 class BlackBoxError(RunError):
     """A black-box query was misused or the black box itself failed."""
-
-
-def _one_line(text: str) -> str:
-    """Collapse whitespace so that a wrapped error message stays on one line."""
-    return " ".join(text.split())
 
 
 class BlackBoxClassifier:
@@ -162,7 +157,7 @@ class BlackBoxClassifier:
             raise
         except Exception as err:
             raise BlackBoxError(
-                f"black box {self.name!r} failed: {type(err).__name__}: {_one_line(str(err))}"
+                f"black box {self.name!r} failed: {type(err).__name__}: {one_line(str(err))}"
             ) from err
 
     def _invoke_timed(self, x: Tensor) -> object:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from deepzero_apps.errors import RunError
+from deepzero_apps.errors import RunError, one_line
 
 __all__ = ["Grid", "Solver", "SolverError", "check_state", "block_mean", "block_repeat", "require"]
 
@@ -40,10 +40,6 @@ def require(ok: bool, message: str) -> None:
     """A solver's parameter check: ``ValueError`` (a one-line config error in the CLI) unless ``ok``."""
     if not ok:
         raise ValueError(message)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 @dataclass(frozen=True)
@@ -125,7 +121,7 @@ def check_state(
     try:
         arr = np.asarray(state, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise SolverError(_one_line(f"{where}: {what} is not a float array ({exc})")) from None
+        raise SolverError(one_line(f"{where}: {what} is not a float array ({exc})")) from None
     if expected_shape is not None and tuple(arr.shape) != tuple(int(s) for s in expected_shape):
         raise SolverError(
             f"{where}: {what} has shape {tuple(arr.shape)}, expected {tuple(int(s) for s in expected_shape)}"
