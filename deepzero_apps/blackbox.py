@@ -58,6 +58,10 @@ class BlackBoxClassifier:
         timeout: seconds allowed for each invocation of the wrapped callable (one chunk). The
             callable then runs in a worker thread; Python cannot kill a thread, so a timed-out call
             keeps running in the background while :class:`BlackBoxError` is raised.
+
+    ``limit`` (attribute, default ``None``): the most images ever sent. A call that would go past it
+    raises :class:`BlackBoxError` before sending anything, so a paid budget is a hard cap even for
+    queries spent outside a training loop's own check (labelling, pruning scores).
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class BlackBoxClassifier:
         self.timeout = timeout
         self.queries = 0
         self.calls = 0
+        self.limit: int | None = None
         if isinstance(model_or_callable, nn.Module):
             model_or_callable.eval()
 
@@ -120,8 +125,13 @@ class BlackBoxClassifier:
                 f"black box {self.name!r} expects a floating-point batch (N, C, H, W), "
                 f"got dtype {x.dtype} and shape {tuple(x.shape)}"
             )
-        self.calls += 1
         n = x.shape[0]
+        if self.limit is not None and self.queries + n > self.limit:
+            raise BlackBoxError(
+                f"black box {self.name!r}: sending {n} more images would exceed its query limit of {self.limit:,} "
+                f"({self.queries:,} sent); nothing was sent"
+            )
+        self.calls += 1
         chunks = x.split(self.batch_size) if n > 0 else (x,)
         out = torch.cat([self._query_chunk(chunk) for chunk in chunks]) if n > 0 else self._query_chunk(x)
         if self.output == self.provides:

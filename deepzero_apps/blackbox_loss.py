@@ -64,12 +64,19 @@ class ImageQueries:
     (restored on resume through the trainer's `extra_state`). Forward-equivalents stay the engine's.
     """
 
-    def __init__(self, sources: Sequence[Any]):
+    def __init__(self, sources: Sequence[Any], calls_per_loss_query: int = 1):
         self.sources, self.loss_queries, self.forward_equivalents = list(sources), 0, 0.0
+        self.calls_per_loss_query = calls_per_loss_query  # classifier calls on the batch per engine loss query
 
     @property
     def queries(self) -> int:
         return sum(s.queries for s in self.sources)
+
+    def step_cost(self, loss_queries: int, batch: Any) -> int:
+        """Images a step of `loss_queries` engine queries will send: each query classifies the whole batch
+        `calls_per_loss_query` times (ZO-AE-DS: once per latent query), so budgets are checked before it."""
+        images = len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        return loss_queries * self.calls_per_loss_query * images
 
     def add(self, queries: int, forward_equivalents: float) -> None:
         self.loss_queries += queries

@@ -114,6 +114,7 @@ class TrainConfig:
     query_budget: int | None = None  # stop cleanly after this many loss queries
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends)
     log_every: int = 10
+    eval_every: int = 0  # steps between held-out evaluations logged to metrics.jsonl (0: at epoch ends only)
     on_nonfinite: str = "stop"  # stop | skip
     max_skipped_fraction: float = 0.1  # on_nonfinite=skip fails the run beyond this fraction of its steps
     progress: bool = True  # tqdm progress bars
@@ -137,6 +138,7 @@ class TrainConfig:
         _require(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32 - 1]")
         _require(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         _require(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        _require(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")
         _require(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size} must be >= 1")
         _check_device(self.device)
 

@@ -32,7 +32,7 @@ CHECKPOINT = "checkpoint.pt"
 # size, the budget, the non-finite policy, and how a remote black box is reached (timeouts, retries,
 # rate limit, request size: the answers are the same). Everything else changes the run.
 RESUME_MAY_CHANGE = frozenset({
-    "resume", "resume_allow_changes", "progress", "threads", "log_every", "checkpoint_every",
+    "resume", "resume_allow_changes", "progress", "threads", "log_every", "eval_every", "checkpoint_every",
     "eval_batch_size", "query_budget", "on_nonfinite", "max_skipped_fraction",
     "classifier.timeout", "classifier.retries", "classifier.backoff", "classifier.rate_limit",
     "classifier.max_batch",

@@ -67,6 +67,7 @@ class TrainerConfig:
     query_budget: int | None = None
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     log_every: int = 10
+    eval_every: int = 0  # steps between held-out evaluations (learning curves); 0 = at epoch ends only
     on_nonfinite: str = "stop"  # or "skip": restore the pre-step state and go on
     max_skipped_fraction: float = 0.1  # skip fails the run once more than this fraction of all steps is skipped
     resume: bool = False
@@ -317,12 +318,16 @@ class Trainer:
             self.scheduler.step()
         return None if what else loss
 
-    def _step_cost(self, coords: torch.Tensor | None) -> int:
-        """Queries the next step will spend: the estimator's own count when it knows it in the
-        counter's unit (CGE, RGE, first order), else the previous step's measured cost."""
+    def _step_cost(self, coords: torch.Tensor | None, batch: Any) -> int:
+        """Queries the next step will spend, known before it runs: the estimator's count (CGE, RGE, first
+        order), converted by the counter when it counts another unit (`step_cost(loss_queries, batch)`,
+        e.g. images); else the previous step's measured cost."""
         per_step = getattr(self.estimator, "queries_per_step", None)
-        if callable(per_step) and type(self.objective.counter) is QueryCounter:
-            return per_step(self.objective.coords.dim if coords is None else len(coords))
+        counter = self.objective.counter
+        convert = getattr(counter, "step_cost", None)
+        if callable(per_step) and (type(counter) is QueryCounter or callable(convert)):
+            queries = per_step(self.objective.coords.dim if coords is None else len(coords))
+            return queries if type(counter) is QueryCounter else convert(queries, batch)
         return self.last_step_cost
 
     def _budget_allows(self, cost: int) -> bool:
@@ -368,7 +373,7 @@ class Trainer:
             leave=False,
         )
         for batch in bar:
-            if not self._budget_allows(self._step_cost(coords)):
+            if not self._budget_allows(self._step_cost(coords, batch)):
                 self.stopped = "query budget"
                 break
             queries = self.objective.counter.queries
@@ -384,6 +389,11 @@ class Trainer:
                 if self.global_step % self.cfg.log_every == 0:
                     self._log({"kind": "train", "step": self.global_step, "epoch": epoch, "loss": loss,
                                "lr": self.optimizer.param_groups[0]["lr"], "queries": self.objective.counter.queries})
+            if self.cfg.eval_every and self.global_step % self.cfg.eval_every == 0 and self.main:
+                self.elapsed += time.perf_counter() - start  # evaluation is not training time
+                self._log({"kind": "eval", "step": self.global_step, "epoch": epoch, "eval": self.evaluate(),
+                           "queries": self.objective.counter.queries, "wall_s": self.elapsed})
+                start = time.perf_counter()
             if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                 self.elapsed += time.perf_counter() - start
                 start = time.perf_counter()

@@ -49,6 +49,7 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
     denoiser.eval()
     kind = cfg.classifier.output
     blackbox = black_box(classifier, cfg.classifier, data.num_classes, cfg.eval_batch_size)
+    blackbox.limit = typed.query_budget  # a hard cap also for labelling and ZO-GraSP scoring before training
     x, _ = balanced_subset(data.train, cfg.finetune_limit, cfg.seed).tensors
     train_set = LabeledTensorDataset(x, labels_of(blackbox, x.to(cfg.device), cfg.eval_batch_size).cpu())
     noisy = NoisyInputs(cfg.sigma, cfg.seed)
@@ -56,7 +57,7 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
     if isinstance(classifier, HTTPClassifier):
         extra["http"] = classifier  # its retry counters survive a resume like the budget
     loss = DenoiserLoss(blackbox, kind, cfg.mse_weight, cfg.stab_weight)
-    sampler, pipeline, report = None, denoiser, {}
+    sampler, pipeline, report, calls = None, denoiser, {}, 1  # calls: classifier calls per loss query
     if cfg.method == "fo_ds":
         extra["whitebox"] = WhiteBox(classifier, kind)
         objective: Objective = StagedObjective(denoiser, DenoiserLoss(extra["whitebox"], kind, cfg.mse_weight,
@@ -82,7 +83,9 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
         estimator = FirstOrder()  # exact through the white box, ZO through the black box (a zo_function)
         extra["latent"] = objective.latent  # its call count seeds RGE's directions: replayed on resume
         pipeline = nn.Sequential(denoiser, encoder, decoder)
-    objective.counter = ImageQueries([s for s in (blackbox, extra.get("whitebox")) if s is not None])
+        with torch.no_grad():
+            calls = objective.latent.queries_per_call(encoder(x[:1].to(cfg.device))[0].numel())
+    objective.counter = ImageQueries([s for s in (blackbox, extra.get("whitebox")) if s is not None], calls)
     params = [b.param for b in objective.coords.blocks]
     trainer = Trainer(
         objective, estimator, build_optimizer(cfg, params), train_set, evaluate=lambda: metrics(pipeline),
@@ -91,9 +94,8 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
         title=f"certify {cfg.data.name} method={cfg.method}",
     )
     if is_main():
-        per_step = (sampler.num_coords if sampler is not None else objective.coords.dim) + 1
-        if cfg.method == "zo_ae_ds":
-            per_step = objective.latent.queries_per_call(encoder(x[:1].to(cfg.device))[0].numel())
+        dim = sampler.num_coords if sampler is not None else objective.coords.dim
+        per_step = calls * estimator.queries_per_step(dim)
         log.info(f"certify: method={cfg.method}, {objective.coords.dim:,} trainable parameters, "
               + ("backprop through the classifier" if cfg.method == "fo_ds" else f"{per_step:,} queries of the batch per step")
               + f", query budget {typed.query_budget or 'none'}, output {out_dir}")

@@ -120,6 +120,23 @@ def test_stability_from_probabilities_equals_logits_and_labels_are_refused():
         stability(logits.argmax(1), target, "label")
 
 
+@pytest.mark.parametrize("method", ["deepzero", "zo_ae_ds", "fo_ds"])
+@pytest.mark.parametrize("budget", [100, 700])
+def test_query_budget_is_never_exceeded_not_even_by_the_first_step(tmp_path, capsys, method, budget):
+    # 64 training images are labelled first (64 queries); a ZO step costs (queries per step) x 8 images, known
+    # before it runs, so a step that would cross the budget is not taken, the first one included.
+    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain", "zo_ae_ds")]
+    args = [*TINY, *cache, f"method={method}", f"query_budget={budget}", "certify.limit=1", "certify.n=8"]
+    code = main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *args])
+    if method == "deepzero" and budget == 100:  # ZO-GraSP scoring (200 images) cannot fit: refused before sending
+        err = capsys.readouterr().err
+        assert code == 1 and "would exceed its query limit of 100" in err and "nothing was sent" in err, err
+        return
+    assert code == 0
+    train = json.loads((tmp_path / "run" / "summary.json").read_text())["train"]
+    assert train["stopped"] == "query budget" and 64 <= train["queries"] <= budget, train
+
+
 def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
     cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain", "zo_ae_ds")]
     runs = []

@@ -75,6 +75,17 @@ def test_zo_sol_decreases_its_rollout_loss(tmp_path, cache):
     assert losses[-1] < 0.85 * losses[0] and min(losses) == losses[-1], losses
 
 
+def test_eval_every_logs_a_held_out_learning_curve(tmp_path, cache):
+    # 2 sims x 3 windows / batch 2 = 3 steps: one held-out evaluation after each, the last one the final result.
+    assert run(tmp_path, cache, "method=fo_sol", "eval_every=1") == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    final = json.loads((tmp_path / "eval.json").read_text())["mae"]
+    assert evals[-1]["eval"]["test_mae"] == pytest.approx(final, rel=1e-12)
+    assert len({r["eval"]["test_mae"] for r in evals}) == 3  # the net changes between evaluations
+
+
 def test_reference_simulations_are_cached_and_reused(tmp_path, capsys):
     cache = str(tmp_path / "cache")
     assert run(tmp_path / "a", cache, "method=src") == 0
