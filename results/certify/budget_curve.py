@@ -90,8 +90,12 @@ def main() -> int:
     parser.add_argument("--data-root", help="an ImageFolder CIFAR-10 tree (unpack_cifar10.py)")
     parser.add_argument("--smoke", action="store_true", help="digits, tiny budgets: checks the pipeline only")
     parser.add_argument("--run", action="store_true", help="run the missing runs before reporting")
+    parser.add_argument("--sigmas", type=float, nargs="+", help="a subset of the plan's noise levels")
+    parser.add_argument("--budgets", type=int, nargs="+", help="a subset of the plan's query budgets")
+    parser.add_argument("--modes", nargs="+", help="a subset of the plan's fine-tuning modes")
     args = parser.parse_args()
-    plan = SMOKE if args.smoke else FULL
+    plan = dict(SMOKE if args.smoke else FULL)
+    plan.update({k: tuple(v) for k, v in [("sigmas", args.sigmas), ("budgets", args.budgets), ("modes", args.modes)] if v})
     if not args.smoke and not args.data_root:
         parser.error("--data-root is required without --smoke")
     if args.run:

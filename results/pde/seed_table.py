@@ -2,8 +2,8 @@
 
     python results/pde/seed_table.py runs/pde/phiflow_wake
 
-reads every ROOT/<method>/seed_<k>/eval.json (the run directories of configs/pde/experiment/pde_*.yaml)
-and prints one markdown row per method, with the number of seeds and the SRC baseline they share.
+reads every ROOT/<cell>/seed_<k>/eval.json (and ROOT/<cell>/eval.json of a deterministic cell such as
+SRC; results/pde/sweep.py lays runs out so) and prints one markdown row per cell.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 
 def table(root: Path) -> str:
     runs: dict[str, list[dict]] = {}
+    for path in sorted(root.glob("*/eval.json")):  # deterministic cells (SRC): one run
+        runs.setdefault(path.parent.name, []).append(json.loads(path.read_text()))
     for path in sorted(root.glob("*/seed_*/eval.json")):
         runs.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
     if not runs:
@@ -24,8 +26,8 @@ def table(root: Path) -> str:
     for method, results in runs.items():
         cells = []
         for values in ([r["mae"] for r in results], [r["mae_over_time"][-1] for r in results]):
-            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-            cells.append(f"{statistics.mean(values):.4f} ± {sd:.4f}")
+            mean = statistics.mean(values)
+            cells.append(f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}")
         lines.append(f"| {results[0]['label']} ({method}) | {len(results)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
