@@ -26,8 +26,9 @@ from torch import nn
 
 from deepzero_apps.apps import App
 from deepzero_apps.classifiers import black_box
-from deepzero_apps.config import CertifyConfig, start_run
+from deepzero_apps.config import start_run
 from deepzero_apps.engine import is_main
+from deepzero_apps.tasks.certify_config import CertifyConfig
 from deepzero_apps.tasks.certify_data import pixel_data
 from deepzero_apps.tasks.certify_report import certify_pipeline, compare_runs, denoising_metrics
 from deepzero_apps.tasks.certify_stages import build_classifier, build_denoiser, pretrain_denoiser
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    typed, out_dir = start_run(cfg, "certify")
+    typed, out_dir = start_run(cfg, CertifyConfig)
     if cfg.compare:
         return compare_runs(cfg.compare, out_dir)
     data, norm = pixel_data(cfg.data, cfg.seed)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -24,7 +26,7 @@ from deepzero_apps.adapter import (
     trainer_config,
 )
 from deepzero_apps.apps import App
-from deepzero_apps.config import ClassifyConfig, ConfigError, start_run
+from deepzero_apps.config import ConfigError, DataConfig, SparsityConfig, TrainConfig, start_run
 from deepzero_apps.data import build_datasets
 from deepzero_apps.engine import StagedObjective, is_main
 from deepzero_apps.loggers import build_logger
@@ -32,6 +34,20 @@ from deepzero_apps.models.build import build_model
 from deepzero_apps.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassifyConfig(TrainConfig):
+    """classify's schema: the shared training keys plus data, model and the ZO wiring."""
+
+    epochs: int = 4  # ZO on digits reaches >90% test accuracy in 4 epochs (88 steps)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING
+    estimator: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = None
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+
 
 
 def cross_entropy(logits: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -70,7 +86,7 @@ def balanced_examples(dataset, per_class: int, num_classes: int, seed: int) -> t
 
 
 def run(cfg: DictConfig) -> dict:
-    typed, out_dir = start_run(cfg, "classify")
+    typed, out_dir = start_run(cfg, ClassifyConfig)
     try:
         data = build_datasets(
             cfg.data.name, cfg.data.root, train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit,

@@ -43,7 +43,7 @@ from deepzero_apps.adapter import (
 )
 from deepzero_apps.apps import App
 from deepzero_apps.checkpoint import load_checkpoint
-from deepzero_apps.config import ConfigError, PdeConfig, start_run
+from deepzero_apps.config import ConfigError, start_run
 from deepzero_apps.engine import (
     FirstOrder,
     Objective,
@@ -55,6 +55,7 @@ from deepzero_apps.engine import (
 from deepzero_apps.errors import one_line
 from deepzero_apps.loggers import build_logger
 from deepzero_apps.solvers import SolverError, list_solvers, register_solver_configs
+from deepzero_apps.tasks.pde_config import PdeConfig
 from deepzero_apps.tasks.pde_data import SolverPair, Stepper, build_solvers, reference_data, split_seeds
 from deepzero_apps.trainer import CHECKPOINT, Trainer
 
@@ -328,7 +329,7 @@ def plot_snapshots(rows: dict[str, np.ndarray], channels: Sequence[str], png: Pa
 
 # ---- the app -----------------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict:
-    typed, out_dir = start_run(cfg, "pde")
+    typed, out_dir = start_run(cfg, PdeConfig)
     out_dir.mkdir(parents=True, exist_ok=True)
     d, label = cfg.data, LABELS[cfg.method]
     log.info(f"pde: registered solvers: {', '.join(list_solvers())}; using '{cfg.solver.name}'")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from omegaconf import DictConfig
 
 from deepzero_apps.apps import App
 from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
-from deepzero_apps.classifiers import black_box, describe, load_classifier
-from deepzero_apps.config import ServeConfig, start_run
+from deepzero_apps.classifiers import ClassifierConfig, black_box, describe, load_classifier
+from deepzero_apps.config import require, start_run
 from deepzero_apps.errors import ConfigError
 from deepzero_apps.remote import NPY, OUTPUT_HEADER, decode, encode
 
@@ -33,6 +34,26 @@ except ImportError:  # the optional `serve` extra
     FastAPI = None
 
 NEEDS_EXTRA = "deepzero-task serve needs FastAPI and uvicorn: pip install 'deepzero-apps[serve]'"
+
+
+@dataclass
+class ServeConfig:
+    """`deepzero-task serve`: a local classifier (callable or TorchScript) behind the HTTP wire format."""
+
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    request_log: str | None = None  # one JSON line per request (null: <run dir>/requests.jsonl)
+    device: str = "cpu"
+    threads: int | None = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.classifier.kind in ("callable", "torchscript"),
+                 f"serve needs a local classifier (classifier=callable or torchscript), got kind '{self.classifier.kind}'")
+        require(0 <= self.port <= 65535, f"port={self.port} must be in [0, 65535]")
+        require(self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1 or null")
+
 
 
 def create_app(blackbox: BlackBoxClassifier, request_log: Path) -> Any:
@@ -73,7 +94,7 @@ def create_app(blackbox: BlackBoxClassifier, request_log: Path) -> Any:
 
 
 def run(cfg: DictConfig) -> dict:
-    typed, out_dir = start_run(cfg, "serve")
+    typed, out_dir = start_run(cfg, ServeConfig)
     try:
         import uvicorn
     except ImportError as exc:

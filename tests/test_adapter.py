@@ -11,9 +11,10 @@ from torch import nn
 
 from deepzero_apps.adapter import RATIOS, build_sampler, trainer_config
 from deepzero_apps.cli import main
-from deepzero_apps.config import ClassifyConfig, SparsityConfig
+from deepzero_apps.config import SparsityConfig
 from deepzero_apps.engine import StagedObjective
 from deepzero_apps.models import create_model
+from deepzero_apps.tasks.classify import ClassifyConfig
 from deepzero_apps.trainer import TrainerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

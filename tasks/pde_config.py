@@ -1,0 +1,119 @@
+"""`deepzero-task pde`'s schema: the solver pair, the reference data and the method (docs/solvers.md)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+from deepzero_apps.config import SparsityConfig, TrainConfig, require
+from deepzero_apps.errors import ConfigError
+from deepzero_apps.solvers import check_solver_config, get_solver_class
+
+
+@dataclass
+class PdeSolverConfig:
+    """A registered solver (`list_solvers()`) built twice: `params` shared, `reference`/`source` per grid."""
+
+    name: str = "burgers"
+    params: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            check_solver_config(self.name, {"params": self.params, "reference": self.reference, "source": self.source})
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"solver.name: {exc}" if "solver." not in str(exc) else str(exc)) from exc
+
+
+@dataclass
+class PdeDataConfig:
+    """Reference simulations: seeds 0.. for training, test_seed_start.. held out; `warmup_steps` discarded,
+    then `steps` kept (cached in `cache_dir`)."""
+
+    train_sims: int = 8
+    test_sims: int = 4
+    test_seed_start: int = 1000
+    steps: int = 32
+    warmup_steps: int = 0
+    cache_dir: str = "data/pde"
+
+    def __post_init__(self) -> None:
+        require(self.train_sims >= 1, f"data.train_sims={self.train_sims} must be >= 1")
+        require(self.test_sims >= 1, f"data.test_sims={self.test_sims} must be >= 1")
+        require(
+            self.test_seed_start >= self.train_sims,
+            f"data.test_seed_start={self.test_seed_start} must be >= data.train_sims={self.train_sims} "
+            "(test simulations are held out)",
+        )
+        require(self.steps >= 1, f"data.steps={self.steps} must be >= 1")
+        require(self.warmup_steps >= 0, f"data.warmup_steps={self.warmup_steps} must be >= 0")
+        require(_writable(Path(self.cache_dir)), f"data.cache_dir='{self.cache_dir}' cannot be created or written")
+
+
+def _writable(path: Path) -> bool:
+    """`path` is a directory a file can be created in, or could be made one (probed with a temporary
+    directory in its nearest existing parent, removed at once); the run would otherwise fail late."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        with tempfile.TemporaryDirectory(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+PDE_METHODS = ("src", "non", "zo_sol", "fo_sol")
+
+
+@dataclass
+class PdeConfig(TrainConfig):
+    """Solver-in-the-Loop; `method` picks the training, and the trainer's `mode` follows from it (not set)."""
+
+    mode: str | None = None
+    method: str = "zo_sol"  # src: uncorrected solver | non: supervised one-step pairs (FO) | zo_sol | fo_sol
+    epochs: int = 1
+    batch_size: int = 2  # rollout windows (or one-step pairs for non) per step
+    unroll: int = 4  # solver steps per training rollout (zo_sol, fo_sol)
+    eval_steps: int | None = None  # rollout length on the test simulations (null: data.steps)
+    init_from: str | None = None  # start from another run's weights (its checkpoint.pt or run directory)
+    solver: PdeSolverConfig = field(default_factory=PdeSolverConfig)
+    data: PdeDataConfig = field(default_factory=PdeDataConfig)
+    model: Any = MISSING
+    estimator: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = None
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+
+    def __post_init__(self) -> None:
+
+        methods = ", ".join(PDE_METHODS)
+        require(self.method in PDE_METHODS, f"method='{self.method}' is unknown; choose from: {methods}")
+        require(self.mode is None, f"mode='{self.mode}' is not used by pde; set method (one of: {methods})")
+        self.mode = "zo" if self.method == "zo_sol" else "fo"
+        super().__post_init__()
+        steps = self.data.steps
+        require(1 <= self.unroll <= steps, f"unroll={self.unroll} must be in [1, data.steps={steps}]")
+        require(
+            self.eval_steps is None or 1 <= self.eval_steps <= steps,
+            f"eval_steps={self.eval_steps} must be in [1, data.steps={steps}]",
+        )
+        require(
+            self.sparsity.ratios is not None or self.sparsity.method in ("dense", "random"),
+            f"sparsity.method='{self.sparsity.method}' scores need class labels; pde supports dense or "
+            "random (or sparsity.ratios=FILE)",
+        )
+        found = self.init_from is None or Path(self.init_from).exists()
+        require(found, f"init_from='{self.init_from}' does not exist")
+        twin = getattr(get_solver_class(self.solver.name), "torch_twin", None)
+        require(
+            self.method != "fo_sol" or callable(twin),
+            f"method=fo_sol needs a differentiable torch twin of the solver and '{self.solver.name}' has "
+            "none (burgers and phiflow_wake have one); use method=zo_sol",
+        )
+
