@@ -10,7 +10,10 @@ CGE over a random 10% of each conv weight plus all biases, mu = 1e-4) with ZO-SO
              vectors per vmapped network call, one vectorized solver call on all K x B states;
   ranks:     the batched path under `ShardedEvaluator` on --ranks gloo processes (1 thread each);
 and the wall time of one full ZO-SOL step (base query + all coordinate queries + gradient) for the
-loop and the batched path, plus where the batched path's time goes (solver vs the rest).
+loop and the batched path, plus where the batched path's time goes (solver vs the rest). For the ranks,
+`why` says where a shortfall goes: one rank's share timed alone (the ideal split), the shares timed in
+independent processes at the same time (what the machine's cores give parallel work, no communication),
+and the remainder (broadcast and all-reduce).
 Then one line `classify_allocator` with the default `deepzero-task classify` wall time with and without
 the allocator setting (DEEPZERO_MALLOC_TUNING=0), runs alternated. ResNet-20 engine vs reuse with the
 CLI's settings: `benchmarks/cge_throughput.py --models resnet20 --ranks 1`.
@@ -161,6 +164,38 @@ def _rank_worker(r: int, world: int, port: int, name: str, reps: int, queue) -> 
         dist.destroy_process_group()
 
 
+def _shard_worker(r: int, world: int, name: str, reps: int, barrier, queue) -> None:
+    """One of `world` independent processes (no communication) timing the batched path on its equal
+    share of the coordinates, all starting together: what the machine gives parallel work."""
+    torch.set_num_threads(1)
+    tune_malloc()
+    obj, batch, coords = problem(name, loop=False)
+    mine = torch.sort(coords).values.tensor_split(world)[r]
+    ev = StackedEvaluator()
+    with torch.no_grad():
+        _, ctx = ev.base(obj, batch)
+        ev.coordinate_losses(obj, batch, ctx, mine, MU)
+        best = float("inf")
+        for _ in range(reps):
+            barrier.wait()
+            t0 = time.perf_counter()
+            ev.coordinate_losses(obj, batch, ctx, mine, MU)
+            best = min(best, time.perf_counter() - t0)
+    queue.put(best)
+
+
+def concurrent_shard_seconds(name: str, world: int, reps: int) -> float:
+    """Slowest of `world` simultaneous, independent shard timings (see `_shard_worker`)."""
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(world), ctx.SimpleQueue()
+    procs = [ctx.Process(target=_shard_worker, args=(r, world, name, reps, barrier, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    return max(queue.get() for _ in procs)
+
+
 def ranks_seconds(name: str, world: int, reps: int) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,6 +213,9 @@ def bench(name: str, world: int, reps: int) -> dict:
     t_loop = time_queries(ReferenceEvaluator(), loop_obj, batch, coords)
     t_batched = time_queries(StackedEvaluator(), obj, batch, coords, reps)
     t_ranks = ranks_seconds(name, world, reps) if world > 1 else None
+    if world > 1:  # where a 2-rank shortfall goes: the work split, the machine, or the communication
+        t_share = time_queries(StackedEvaluator(), obj, batch, torch.sort(coords).values.tensor_split(world)[0], reps)
+        t_concurrent = concurrent_shard_seconds(name, world, reps)
     step_loop = step_seconds(ReferenceEvaluator(), loop_obj, batch, coords)
     step_batched = step_seconds(StackedEvaluator(), obj, batch, coords)
     in_solver = solver_share(obj, lambda: step_seconds(StackedEvaluator(), obj, batch, coords))
@@ -204,6 +242,19 @@ def bench(name: str, world: int, reps: int) -> dict:
     if t_ranks is not None:
         out["queries_per_s"][f"{world}_ranks"] = round(n / t_ranks, 1)
         out[f"speedup_{world}_ranks_vs_1"] = round(t_batched / t_ranks, 2)
+        split, machine = t_batched / t_share, t_batched / t_concurrent
+        out[f"{world}_ranks_breakdown"] = {
+            "one_share_alone_seconds": round(t_share, 4),
+            "ideal_speedup_from_the_split": round(split, 2),  # 1 process: all queries / one rank's share
+            "shares_run_concurrently_seconds": round(t_concurrent, 4),
+            "machine_ceiling_speedup": round(machine, 2),  # the shares in independent processes at once
+            "communication_seconds": round(t_ranks - t_concurrent, 4),  # the rest: broadcast, all-reduce
+        }
+        out["why"] = (
+            f"{world} ranks reach {t_batched / t_ranks:.2f}x; {world} independent processes running the same shares "
+            f"at the same time reach {machine:.2f}x (alone, one share is {split:.2f}x faster than all of them), "
+            f"communication adds {1e3 * (t_ranks - t_concurrent):.0f} ms per call"
+        )
     return out
 
 
