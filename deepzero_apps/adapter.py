@@ -27,6 +27,7 @@ from .engine import (
     load_ratios,
     save_ratios,
 )
+from .engine.distributed import shard_over_ranks
 from .errors import ConfigError, RunError, one_line
 from .rundir import release_run_dirs
 from .trainer import CHECKPOINT, TrainerConfig
@@ -47,13 +48,17 @@ def build(node: Any, what: str, *args: Any, **kwargs: Any) -> Any:
 
 def build_estimator(cfg: DictConfig, dim: int, first_order: bool = False) -> Any:
     """The ZO estimator of `cfg.estimator` for `dim` coordinates, or backprop for the first-order baselines.
-    More random directions than coordinates is refused: CGE gets the exact ZO gradient with `dim`."""
+    More random directions than coordinates is refused: CGE gets the exact ZO gradient with `dim`.
+    Under torchrun its evaluator is wrapped to split the queries over the ranks (`shard_over_ranks`),
+    here where the estimator is built, not behind the user's back in the Trainer."""
     if first_order:
         return FirstOrder()
     q = cfg.estimator.get("q")
     if isinstance(q, int) and q > dim:
         raise ConfigError(f"estimator.q={q} exceeds the model's {dim:,} coordinates (q <= d; estimator=cge takes d + 1)")
-    return build(cfg.estimator, "estimator")
+    estimator = build(cfg.estimator, "estimator")
+    shard_over_ranks(estimator)
+    return estimator
 
 
 def build_optimizer(cfg: DictConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -34,7 +34,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .engine import Objective
-from .engine.distributed import all_reduce_sum, barrier, is_main, shard_over_ranks
+from .engine.distributed import all_reduce_sum, barrier, is_main
 from .engine.queries import QueryCounter
 from .errors import ConfigError, RunError
 from .plotting import plot_learning_curve
@@ -120,7 +120,6 @@ class Trainer:
         self.stopped = ""  # "query budget" once the budget stopped the run
         self.last_eval: dict[str, float] | None = None
         self.main = is_main()
-        shard_over_ranks(estimator)
 
     # ---- data --------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> torch.Tensor:
