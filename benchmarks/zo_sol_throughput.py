@@ -253,7 +253,7 @@ def bench(name: str, world: int, reps: int) -> dict:
         out["why"] = (
             f"{world} ranks reach {t_batched / t_ranks:.2f}x; {world} independent processes running the same shares "
             f"at the same time reach {machine:.2f}x (alone, one share is {split:.2f}x faster than all of them), "
-            f"communication adds {1e3 * (t_ranks - t_concurrent):.0f} ms per call"
+            f"the rest (broadcast, all-reduce, timing noise) is {1e3 * (t_ranks - t_concurrent):+.0f} ms per call"
         )
     return out
 

@@ -182,27 +182,28 @@ def config_dir_overrides(app: App, config_dir: str | None) -> list[str]:
 def check_overrides(app: App | str, overrides: Sequence[str], multirun: bool = False) -> DictConfig:
     """Compose and validate the config the way the run will; raise UsageError naming the problem.
     Returns the composed config."""
-    app = _app(app)
+    return compose_checked(_app(app), overrides, multirun)[0]
+
+
+def compose_checked(app: App, overrides: Sequence[str], multirun: bool = False) -> tuple[DictConfig, str]:
+    """One composition before the run: the validated config and the run directory Hydra will create
+    (`${now:...}` resolved now, so the directory locked is the one used)."""
     prepare(app)
     try:
         with initialized(app):
-            cfg = hydra.compose(app.name, overrides=_first_of_sweeps(overrides) if multirun else list(overrides))
+            full = hydra.compose(app.name, overrides=_first_of_sweeps(overrides) if multirun else list(overrides),
+                                 return_hydra_config=True)
+            directory = str(OmegaConf.select(full, "hydra.run.dir"))
+        cfg = OmegaConf.masked_copy(full, [key for key in full if key != "hydra"])
         validate(cfg, app.schema)
     except (HydraException, OmegaConfBaseException, ValueError, OverflowError) as exc:  # ValueError: ConfigError too
         if debug_requested():
             raise
         raise UsageError(one_line(exc)) from exc
-    return cfg
+    return cfg, directory
 
 
-def run_dir(app: App, overrides: Sequence[str]) -> str:
-    """The run directory Hydra will create for these overrides, `${now:...}` resolved now."""
-    with initialized(app):
-        cfg = hydra.compose(app.name, overrides=list(overrides), return_hydra_config=True)
-    return str(OmegaConf.select(cfg, "hydra.run.dir"))
-
-
-def join_ranks(app: App, cfg: DictConfig, overrides: Sequence[str], multirun: bool) -> list[str]:
+def join_ranks(cfg: DictConfig, directory: str, multirun: bool) -> list[str]:
     """Under torchrun: join the process group and return the extra overrides of this rank. All ranks
     write to rank 0's run directory (its `${now:...}` is broadcast, so ranks starting a second apart
     agree), and only rank 0 writes Hydra's files and logs there; the Trainer lets rank 0 alone log,
@@ -210,7 +211,7 @@ def join_ranks(app: App, cfg: DictConfig, overrides: Sequence[str], multirun: bo
     if multirun:
         raise UsageError("-m/--multirun does not run under torchrun; launch one torchrun per run")
     init_distributed(cfg.device)
-    shared = [run_dir(app, overrides) if is_main() else None]
+    shared = [directory if is_main() else None]
     dist.broadcast_object_list(shared, src=0)
     extra = [f"hydra.run.dir={shared[0]}"]
     if not is_main():
@@ -246,15 +247,15 @@ def run_app(app: App, argv: Sequence[str]) -> int:
     argv = list(argv)
     if wants_run:
         overrides = [*config_dir_overrides(app, args.config_dir), *args.overrides]
-        cfg = check_overrides(app, overrides, multirun=args.multirun)
-        directory = None
+        cfg, directory = compose_checked(app, overrides, multirun=args.multirun)
         if launched_by_torchrun():
-            extra = join_ranks(app, cfg, overrides, args.multirun)
+            extra = join_ranks(cfg, directory, args.multirun)
             argv += extra
             directory = extra[0].split("=", 1)[1]
         elif not args.multirun:  # `${now:...}` resolved once: the directory locked is the one Hydra uses
-            directory = run_dir(app, overrides)
             argv.append(f"hydra.run.dir={quoted(directory)}")
+        else:
+            directory = None  # multirun jobs lock in start_run
         if directory is not None and is_main():  # lock before Hydra writes (multirun jobs lock in start_run)
             lock_run_dir(directory)
             argv += hydra_overrides(directory, bool(cfg.get("resume", False)))
