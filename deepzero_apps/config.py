@@ -20,14 +20,14 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError, one_line
 from .rundir import check_resume, lock_run_dir
@@ -146,6 +146,17 @@ class TrainConfig:
         _check_device(self.device)
 
 
+
+
+@dataclass
+class ZOTrainConfig(TrainConfig):
+    """TrainConfig plus the groups every training app composes (open `_target_` dicts, and sparsity)."""
+
+    model: Any = MISSING
+    estimator: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = None
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from deepzero_apps.classifiers import ClassifierConfig
-from deepzero_apps.config import DataConfig, SparsityConfig, TrainConfig, require
+from deepzero_apps.config import DataConfig, ZOTrainConfig, require
 
 CERTIFY_METHODS = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
 
@@ -65,7 +65,7 @@ class SmoothingConfig:
 
 
 @dataclass
-class CertifyConfig(TrainConfig):
+class CertifyConfig(ZOTrainConfig):
     """Denoised smoothing through a black box; `method` picks how the denoiser is fine-tuned."""
 
     method: str = "deepzero"  # deepzero (sparse CGE) | zo_ae_ds (ZO on an AE latent) | fo_ds (white-box bound) | mse
@@ -81,12 +81,7 @@ class CertifyConfig(TrainConfig):
     finetune_limit: int | None = None  # class-balanced training images for fine-tuning (null: all)
     compare: list[str] | None = None  # finished run dirs: plot and tabulate them instead of running
     data: DataConfig = field(default_factory=DataConfig)
-    model: Any = MISSING  # the classifier's architecture
-    denoiser: Any = MISSING
-    estimator: Any = MISSING
-    optimizer: Any = MISSING
-    scheduler: Any = None
-    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    denoiser: Any = MISSING  # (`model` is the classifier's architecture when classifier=train)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     pretrain: DenoiserPretrainConfig = field(default_factory=DenoiserPretrainConfig)
     zo_ae_ds: ZOAEDSConfig = field(default_factory=ZOAEDSConfig)

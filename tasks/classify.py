@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,7 +25,7 @@ from deepzero_apps.adapter import (
     trainer_config,
 )
 from deepzero_apps.apps import App
-from deepzero_apps.config import ConfigError, DataConfig, SparsityConfig, TrainConfig, start_run
+from deepzero_apps.config import ConfigError, DataConfig, ZOTrainConfig, start_run
 from deepzero_apps.data import build_datasets
 from deepzero_apps.engine import StagedObjective, is_main
 from deepzero_apps.loggers import build_logger
@@ -37,16 +36,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ClassifyConfig(TrainConfig):
+class ClassifyConfig(ZOTrainConfig):
     """classify's schema: the shared training keys plus data, model and the ZO wiring."""
 
     epochs: int = 4  # ZO on digits reaches >90% test accuracy in 4 epochs (88 steps)
     data: DataConfig = field(default_factory=DataConfig)
-    model: Any = MISSING
-    estimator: Any = MISSING
-    optimizer: Any = MISSING
-    scheduler: Any = None
-    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
 
 

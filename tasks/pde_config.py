@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
-
-from deepzero_apps.config import SparsityConfig, TrainConfig, require
+from deepzero_apps.config import ZOTrainConfig, require
 from deepzero_apps.errors import ConfigError
 from deepzero_apps.solvers import check_solver_config, get_solver_class
 
@@ -72,7 +70,7 @@ PDE_METHODS = ("src", "non", "zo_sol", "fo_sol")
 
 
 @dataclass
-class PdeConfig(TrainConfig):
+class PdeConfig(ZOTrainConfig):
     """Solver-in-the-Loop; `method` picks the training, and the trainer's `mode` follows from it (not set)."""
 
     mode: str | None = None
@@ -84,14 +82,8 @@ class PdeConfig(TrainConfig):
     init_from: str | None = None  # start from another run's weights (its checkpoint.pt or run directory)
     solver: PdeSolverConfig = field(default_factory=PdeSolverConfig)
     data: PdeDataConfig = field(default_factory=PdeDataConfig)
-    model: Any = MISSING
-    estimator: Any = MISSING
-    optimizer: Any = MISSING
-    scheduler: Any = None
-    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
     def __post_init__(self) -> None:
-
         methods = ", ".join(PDE_METHODS)
         require(self.method in PDE_METHODS, f"method='{self.method}' is unknown; choose from: {methods}")
         require(self.mode is None, f"mode='{self.mode}' is not used by pde; set method (one of: {methods})")
