@@ -22,13 +22,16 @@ def table(root: Path) -> str:
         runs.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
     if not runs:
         raise SystemExit(f"no {root}/<method>/seed_<k>/eval.json found")
-    lines = ["| method | seeds | held-out MAE (mean ± sd) | final-step MAE (mean ± sd) |", "|---|---|---|---|"]
-    for method, results in runs.items():
+    lines = ["| method | seeds | held-out MAE (mean ± sd) | final-step MAE (mean ± sd) | held-out MAE per seed |",
+             "|---|---|---|---|---|"]
+    order = ["src", "non", "zo_sol", "zo_sol_scratch", "fo_sol", "fo_sol_scratch"]
+    for method, results in sorted(runs.items(), key=lambda kv: (order + [kv[0]]).index(kv[0])):
         cells = []
         for values in ([r["mae"] for r in results], [r["mae_over_time"][-1] for r in results]):
             mean = statistics.mean(values)
             cells.append(f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}")
-        lines.append(f"| {results[0]['label']} ({method}) | {len(results)} | {cells[0]} | {cells[1]} |")
+        per_seed = " / ".join(f"{r['mae']:.4f}" for r in results)
+        lines.append(f"| {results[0]['label']} ({method}) | {len(results)} | {cells[0]} | {cells[1]} | {per_seed} |")
     return "\n".join(lines)
 
 
