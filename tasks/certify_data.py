@@ -38,14 +38,11 @@ def pixel_data(data_cfg: DictConfig, seed: int) -> tuple[DataBundle, tuple[Tenso
     if data_cfg.augment:
         raise ConfigError("data.augment=true is not supported by certify (images are kept in memory in pixel space)")
     zeros, ones = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    try:
-        bundle = build_datasets(
-            data_cfg.name, data_cfg.root, train_limit=data_cfg.train_limit, test_limit=data_cfg.test_limit,
-            seed=seed, image_size=data_cfg.image_size, channels=data_cfg.channels,
-            **({"mean": zeros, "std": ones} if data_cfg.name == "imagefolder" else {}),
-        )
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
+    bundle = build_datasets(  # a dataset not on disk: FileNotFoundError, exit 2 at the error boundary
+        data_cfg.name, data_cfg.root, train_limit=data_cfg.train_limit, test_limit=data_cfg.test_limit,
+        seed=seed, image_size=data_cfg.image_size, channels=data_cfg.channels,
+        **({"mean": zeros, "std": ones} if data_cfg.name == "imagefolder" else {}),
+    )
     (train_x, train_y), (test_x, test_y) = _tensors(bundle.train), _tensors(bundle.test)
     c = bundle.in_channels
     if data_cfg.name in ("cifar10", "imagefolder"):

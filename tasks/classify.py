@@ -25,7 +25,7 @@ from deepzero_apps.adapter import (
     trainer_config,
 )
 from deepzero_apps.apps import App
-from deepzero_apps.config import ConfigError, DataConfig, ZOTrainConfig, start_run
+from deepzero_apps.config import DataConfig, ZOTrainConfig, start_run
 from deepzero_apps.data import build_datasets
 from deepzero_apps.engine import StagedObjective, is_main
 from deepzero_apps.loggers import build_logger
@@ -81,13 +81,10 @@ def balanced_examples(dataset, per_class: int, num_classes: int, seed: int) -> t
 
 def run(cfg: DictConfig) -> dict:
     typed, out_dir = start_run(cfg, ClassifyConfig)
-    try:
-        data = build_datasets(
-            cfg.data.name, cfg.data.root, train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit,
-            augment=cfg.data.augment, seed=cfg.seed, image_size=cfg.data.image_size, channels=cfg.data.channels,
-        )
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
+    data = build_datasets(  # a dataset not on disk: FileNotFoundError, exit 2 at the error boundary
+        cfg.data.name, cfg.data.root, train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit,
+        augment=cfg.data.augment, seed=cfg.seed, image_size=cfg.data.image_size, channels=cfg.data.channels,
+    )
     model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         in_features=data.in_features).to(cfg.device)
     objective = StagedObjective(model, cross_entropy)
