@@ -27,6 +27,7 @@ from torch import nn
 from deepzero_apps.apps import App
 from deepzero_apps.classifiers import black_box
 from deepzero_apps.config import start_run
+from deepzero_apps.data import balanced_subset
 from deepzero_apps.engine import is_main
 from deepzero_apps.tasks.certify_config import CertifyConfig
 from deepzero_apps.tasks.certify_data import pixel_data
@@ -43,7 +44,8 @@ def run(cfg: DictConfig) -> dict:
         return compare_runs(cfg.compare, out_dir)
     data, norm = pixel_data(cfg.data, cfg.seed)
     classifier, clf_info = build_classifier(cfg, data, norm, out_dir)
-    eval_x, eval_y = (t[: cfg.eval_limit] for t in data.test.tensors)
+    # Class-balanced: an image folder's test set is sorted by class, so its first images are one or two classes.
+    eval_x, eval_y = balanced_subset(data.test, cfg.eval_limit, cfg.seed).tensors
     eval_box = black_box(classifier, cfg.classifier, data.num_classes, cfg.eval_batch_size, output="label")
 
     def metrics(pipeline: nn.Module) -> dict[str, float]:

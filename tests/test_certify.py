@@ -120,6 +120,24 @@ def test_stability_from_probabilities_equals_logits_and_labels_are_refused():
         stability(logits.argmax(1), target, "label")
 
 
+def test_denoising_metrics_use_a_class_balanced_test_subset(tmp_path, monkeypatch):
+    # An image folder's test set is sorted by class: its first eval_limit images would be one or two classes.
+    import deepzero_apps.tasks.certify as certify_app
+
+    seen = []
+    real = certify_app.denoising_metrics
+
+    def spy(pipeline, blackbox, x, y, *args):
+        seen.append(y.clone())
+        return real(pipeline, blackbox, x, y, *args)
+
+    monkeypatch.setattr(certify_app, "denoising_metrics", spy)
+    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain", "zo_ae_ds")]
+    args = [*TINY, *cache, "method=mse", "eval_limit=20", "certify.limit=1", "certify.n=8"]
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *args]) == 0
+    assert seen and all(torch.bincount(y, minlength=10).tolist() == [2] * 10 for y in seen)
+
+
 @pytest.mark.parametrize("method", ["deepzero", "zo_ae_ds", "fo_ds"])
 @pytest.mark.parametrize("budget", [100, 700])
 def test_query_budget_is_never_exceeded_not_even_by_the_first_step(tmp_path, capsys, method, budget):
