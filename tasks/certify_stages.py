@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -31,6 +32,8 @@ from deepzero_apps.models.build import build_model
 from deepzero_apps.tasks.certify_data import NoisyInputs, Standardize
 from deepzero_apps.tasks.certify_zoae import autoencoder
 from deepzero_apps.trainer import Trainer, TrainerConfig
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint(**parts: Any) -> dict[str, Any]:
@@ -213,6 +216,7 @@ def _fit_autoencoder(cfg: DictConfig, x: Tensor, denoiser: nn.Module, ae: nn.Mod
             mse = float(sum(F.mse_loss(ae(b), c, reduction="sum") for b, c in
                             zip(held_in.split(pre.batch_size), held.split(pre.batch_size))) / held.numel())
         history.append(mse)
+        log.info(f"certify: zo_ae_ds autoencoder epoch {len(history)}: held-out reconstruction MSE {mse:.5f}")
         if mse < best:
             best, best_state = mse, {k: v.clone() for k, v in ae.state_dict().items()}
         elif len(history) - 1 - history.index(best) >= zcfg.patience:
