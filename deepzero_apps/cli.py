@@ -121,7 +121,11 @@ def _store_groups() -> set[str]:
 def prepare(app: App) -> None:
     """What composing this app needs first: its schema in the ConfigStore, its own config hook, and
     the resolvers its `--help` shows (a header naming the app, its groups)."""
-    ConfigStore.instance().store(name=f"{app.name}_schema", node=app.schema)
+    store = ConfigStore.instance()
+    store.store(name=f"{app.name}_schema", node=app.schema)
+    for group in ("help", "job_logging"):  # every app's (`override hydra/help: deepzero`), shared groups or not
+        yaml = resources.files("deepzero_apps.configs").joinpath(f"hydra/{group}/deepzero.yaml")
+        store.store(group=f"hydra/{group}", name="deepzero", node=OmegaConf.load(yaml.open()), provider="deepzero")
     OmegaConf.register_new_resolver("deepzero_app", lambda: f"deepzero-task {app.name}: {app.summary}", replace=True)
     OmegaConf.register_new_resolver(
         "deepzero_groups",

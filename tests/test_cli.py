@@ -169,6 +169,7 @@ def test_builtin_apps_are_discovered():
                      "classifier: callable, http, torchscript, train"], ["solver:", "cge_vs_rge"]),
         ("pde", ["solver: burgers, external, phiflow_wake, wake", "experiment: pde_burgers, pde_phiflow_wake, pde_wake"],
          ["data:", "denoiser:", "model:", "classifier:"]),
+        ("serve", ["classifier: callable, http, torchscript, train"], ["data:", "estimator:", "solver:", "denoiser:"]),
     ],
 )
 def test_help_shows_only_the_apps_groups(capsys, app, groups, foreign):
