@@ -66,18 +66,24 @@ def cells(problem: dict, seed: int, root: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
+# Cell by cell over the seeds, cheapest and most needed first (NON before the runs warm-started from it),
+# so a sweep cut short has every seed of the cells it reached.
+PRIORITY = ["src", "non", "zo_sol", "fo_sol", "fo_sol_scratch", "zo_sol_scratch"]
+
+
 def run_all(name: str, root: Path, seeds: list[int]) -> None:
     problem = PROBLEMS[name]
-    for seed in seeds:
-        for cell, overrides in cells(problem, seed, root):
-            out = root / cell
-            if (out / "eval.json").exists():
-                continue
-            cmd = ["deepzero-task", "pde", f"experiment={problem['experiment']}", *problem["conditions"],
-                   *overrides, f"seed={seed}", "progress=false", "threads=1",
-                   f"data.cache_dir={root.parent / 'cache'}", f"hydra.run.dir={out}"]
-            print("+", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+    todo = [run for seed in seeds for run in cells(problem, seed, root)]
+    for cell, overrides in sorted(todo, key=lambda run: PRIORITY.index(run[0].split("/")[0])):
+        out = root / cell
+        if (out / "eval.json").exists():
+            continue
+        seed = int(cell.rsplit("_", 1)[1]) if "/seed_" in cell else 0
+        cmd = ["deepzero-task", "pde", f"experiment={problem['experiment']}", *problem["conditions"],
+               *overrides, f"seed={seed}", "progress=false", "threads=1",
+               f"data.cache_dir={root.parent / 'cache'}", f"hydra.run.dir={out}"]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
 
 
 def learning_curves(root: Path, png: Path) -> None:
