@@ -319,8 +319,9 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
     try:
         wait_for_checkpoint(proc, tmp_path, 2)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        code = proc.wait(timeout=120)
         err = proc.stderr.read().strip()
+        assert code == 130, err
     finally:
         proc.kill()
         proc.wait()
