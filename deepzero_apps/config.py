@@ -148,6 +148,14 @@ class TrainConfig:
 
 
 
+def method_mode(app: str, method: str, mode: str | None, methods: tuple[str, ...], first_order: tuple[str, ...]) -> str:
+    """The trainer's zo|fo `mode` of an app that names a `method` instead; `mode` itself is refused."""
+    names = ", ".join(methods)
+    require(method in methods, f"method='{method}' is unknown; choose from: {names}")
+    require(mode is None, f"mode='{mode}' is not used by {app}; set method (one of: {names})")
+    return "fo" if method in first_order else "zo"
+
+
 @dataclass
 class ZOTrainConfig(TrainConfig):
     """TrainConfig plus the groups every training app composes (open `_target_` dicts, and sparsity)."""

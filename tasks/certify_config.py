@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from deepzero_apps.classifiers import ClassifierConfig
-from deepzero_apps.config import DataConfig, ZOTrainConfig, require
+from deepzero_apps.config import DataConfig, ZOTrainConfig, method_mode, require
 
 CERTIFY_METHODS = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
 
@@ -88,10 +88,7 @@ class CertifyConfig(ZOTrainConfig):
     certify: SmoothingConfig = field(default_factory=SmoothingConfig)
 
     def __post_init__(self) -> None:
-        methods = ", ".join(CERTIFY_METHODS)
-        require(self.method in CERTIFY_METHODS, f"method='{self.method}' is unknown; choose from: {methods}")
-        require(self.mode is None, f"mode='{self.mode}' is not a certify setting; use method (one of: {methods})")
-        self.mode = "fo" if self.method == "fo_ds" else "zo"
+        self.mode = method_mode("certify", self.method, self.mode, CERTIFY_METHODS, first_order=("fo_ds",))
         super().__post_init__()
         require(self.sigma > 0, f"sigma={self.sigma} must be > 0")
         require(self.mse_weight >= 0 and self.stab_weight > 0, "need mse_weight >= 0 and stab_weight > 0 (Stab drives the queries)")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deepzero_apps.config import ZOTrainConfig, require
+from deepzero_apps.config import ZOTrainConfig, method_mode, require
 from deepzero_apps.errors import ConfigError
 from deepzero_apps.solvers import check_solver_config, get_solver_class
 
@@ -84,10 +84,7 @@ class PdeConfig(ZOTrainConfig):
     data: PdeDataConfig = field(default_factory=PdeDataConfig)
 
     def __post_init__(self) -> None:
-        methods = ", ".join(PDE_METHODS)
-        require(self.method in PDE_METHODS, f"method='{self.method}' is unknown; choose from: {methods}")
-        require(self.mode is None, f"mode='{self.mode}' is not used by pde; set method (one of: {methods})")
-        self.mode = "zo" if self.method == "zo_sol" else "fo"
+        self.mode = method_mode("pde", self.method, self.mode, PDE_METHODS, first_order=("src", "non", "fo_sol"))
         super().__post_init__()
         steps = self.data.steps
         require(1 <= self.unroll <= steps, f"unroll={self.unroll} must be in [1, data.steps={steps}]")
