@@ -109,13 +109,15 @@ def problem(
     return obj, (torch.tensor([3, 6]), torch.tensor([10, 40])), coords
 
 
-def time_queries(ev, obj, batch, coords, reps: int = 1) -> float:
-    """Best seconds of one coordinate_losses call over `reps` (after one untimed call)."""
+def time_queries(ev, obj, batch, coords, reps: int = 1, start: Callable[[], object] = lambda: None) -> float:
+    """Best seconds of one coordinate_losses call over `reps` (after one untimed call); `start()` runs
+    before each timed call (a barrier, so concurrent processes time the same moments)."""
     with torch.no_grad():
         _, ctx = ev.base(obj, batch)
         ev.coordinate_losses(obj, batch, ctx, coords, MU)
         best = float("inf")
         for _ in range(reps):
+            start()
             t0 = time.perf_counter()
             ev.coordinate_losses(obj, batch, ctx, coords, MU)
             best = min(best, time.perf_counter() - t0)
@@ -171,17 +173,7 @@ def _shard_worker(r: int, world: int, name: str, reps: int, barrier, queue) -> N
     tune_malloc()
     obj, batch, coords = problem(name, loop=False)
     mine = torch.sort(coords).values.tensor_split(world)[r]
-    ev = StackedEvaluator()
-    with torch.no_grad():
-        _, ctx = ev.base(obj, batch)
-        ev.coordinate_losses(obj, batch, ctx, mine, MU)
-        best = float("inf")
-        for _ in range(reps):
-            barrier.wait()
-            t0 = time.perf_counter()
-            ev.coordinate_losses(obj, batch, ctx, mine, MU)
-            best = min(best, time.perf_counter() - t0)
-    queue.put(best)
+    queue.put(time_queries(StackedEvaluator(), obj, batch, mine, reps, start=barrier.wait))
 
 
 def concurrent_shard_seconds(name: str, world: int, reps: int) -> float:

@@ -44,11 +44,9 @@ def pipeline_of(cfg, run: Path, channels: int) -> nn.Module:
         return denoiser.eval()
     z = cfg.zo_ae_ds
     encoder, decoder = autoencoder(channels, z.latent_channels, z.width)
-    nn.Sequential(denoiser, encoder).load_state_dict(state)
-    nn.Sequential(encoder, decoder).load_state_dict(
-        {k: v for k, v in load_checkpoint(Path(z.cache_dir) / "autoencoder.pt").items() if k.startswith("1.")}
-        | {f"0.{k}": v for k, v in encoder.state_dict().items()}
-    )
+    nn.Sequential(denoiser, encoder).load_state_dict(state)  # the fine-tuned encoder; the decoder stays frozen
+    ae = load_checkpoint(Path(z.cache_dir) / "autoencoder.pt")  # Sequential(encoder, decoder)
+    decoder.load_state_dict({k.removeprefix("1."): v for k, v in ae.items() if k.startswith("1.")})
     return nn.Sequential(denoiser, encoder, decoder).eval()
 
 

@@ -73,12 +73,11 @@ PRIORITY = ["src", "non", "zo_sol", "fo_sol", "fo_sol_scratch", "zo_sol_scratch"
 
 def run_all(name: str, root: Path, seeds: list[int]) -> None:
     problem = PROBLEMS[name]
-    todo = [run for seed in seeds for run in cells(problem, seed, root)]
-    for cell, overrides in sorted(todo, key=lambda run: PRIORITY.index(run[0].split("/")[0])):
+    todo = [(seed, cell, overrides) for seed in seeds for cell, overrides in cells(problem, seed, root)]
+    for seed, cell, overrides in sorted(todo, key=lambda run: PRIORITY.index(run[1].split("/")[0])):
         out = root / cell
         if (out / "eval.json").exists():
             continue
-        seed = int(cell.rsplit("_", 1)[1]) if "/seed_" in cell else 0
         cmd = ["deepzero-task", "pde", f"experiment={problem['experiment']}", *problem["conditions"],
                *overrides, f"seed={seed}", "progress=false", "threads=1",
                f"data.cache_dir={root.parent / 'cache'}", f"hydra.run.dir={out}"]
