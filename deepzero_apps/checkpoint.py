@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +27,33 @@ class CheckpointError(ConfigError):
     """A checkpoint file that cannot be read: truncated, empty, random bytes, a directory, unreadable."""
 
 
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then deliver it
+    to whatever handler was there. torch.save turns a KeyboardInterrupt raised inside its writer into a
+    RuntimeError, so an interrupt must never land in the middle of a write. Main thread only (where Python
+    runs signal handlers); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        signal.raise_signal(signal.SIGINT)
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call `write(file_object)` on a temp file next to `path`, fsync, then rename onto `path`."""
-    path = Path(path)
+    """Call `write(file_object)` on a temp file next to `path`, fsync, then rename onto `path`; a Ctrl-C
+    meanwhile lands after the rename."""
+    with interrupts_deferred():
+        _atomic_write(Path(path), write)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

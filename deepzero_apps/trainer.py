@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .checkpoint import (
     atomic_write,
+    interrupts_deferred,
     load_checkpoint,
     remove_stale_temps,
     rng_state,
@@ -199,11 +200,12 @@ class Trainer:
     def _save(self) -> None:
         if not self.main:
             return
-        try:
-            save_checkpoint(self.checkpoint_path, self.state_dict())
-        except OSError as exc:
-            raise RunError(f"cannot write {self.checkpoint_path}: {exc.strerror or exc}; {self._on_disk()}") from exc
-        self.saved_step = self.global_step
+        with interrupts_deferred():  # a Ctrl-C during the write stops the run with this checkpoint named
+            try:
+                save_checkpoint(self.checkpoint_path, self.state_dict())
+            except OSError as exc:
+                raise RunError(f"cannot write {self.checkpoint_path}: {exc.strerror or exc}; {self._on_disk()}") from exc
+            self.saved_step = self.global_step
 
     def _restore_or_start(self) -> None:
         exists = self.checkpoint_path.exists()

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from deepzero_apps.checkpoint import load_checkpoint, save_checkpoint
+import deepzero_apps.trainer as trainer_module
+from deepzero_apps.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from deepzero_apps.cli import main
 from deepzero_apps.models import create_model
 
@@ -328,6 +329,37 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
         proc.stderr.close()
     assert len(err.splitlines()) == 1 and "interrupted" in err and "last checkpoint on disk" in err, err
     assert load_checkpoint(tmp_path / "checkpoint.pt")["global_step"] >= 2
+    assert temp_files(tmp_path) == []
+
+
+class InterruptingFile:
+    """A file whose third write gets a real SIGINT, i.e. Ctrl-C pressed while torch.save is writing."""
+
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            signal.raise_signal(signal.SIGINT)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def test_ctrl_c_inside_a_checkpoint_write_lands_after_it(tmp_path, capsys, monkeypatch):
+    """torch.save turns a KeyboardInterrupt raised inside its writer into a RuntimeError (a traceback,
+    exit 1): the interrupt waits for the write, then stops the run naming the checkpoint just written."""
+
+    def save_interrupted(path, state):
+        atomic_write(path, lambda f: torch.save(state, InterruptingFile(f)))
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_interrupted)
+    assert run(tmp_path, *RANDOMIZED, "epochs=2", "checkpoint_every=1") == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "(step 1)" in err, err
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["global_step"] == 1
     assert temp_files(tmp_path) == []
 
 
