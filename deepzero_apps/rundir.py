@@ -77,6 +77,13 @@ def lock_run_dir(directory: str | os.PathLike) -> None:
     _held[key] = fd
 
 
+def release_run_dir(directory: str | os.PathLike) -> None:
+    """Drop this process's lock on `directory` before the run ends (a finished stage others may share)."""
+    fd = _held.pop(str(Path(directory).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def release_run_dirs() -> None:
     """Drop every lock this process holds (the end of a run, or of a multirun job)."""
     while _held:

@@ -29,6 +29,7 @@ from deepzero_apps.data import DataBundle
 from deepzero_apps.engine import FirstOrder, Objective, StagedObjective
 from deepzero_apps.errors import ConfigError, RunError, one_line
 from deepzero_apps.models.build import build_model
+from deepzero_apps.rundir import lock_run_dir, release_run_dir
 from deepzero_apps.tasks.certify_data import NoisyInputs, Standardize
 from deepzero_apps.tasks.certify_zoae import autoencoder
 from deepzero_apps.trainer import Trainer, TrainerConfig
@@ -89,8 +90,11 @@ def fit_stage(
                       progress=cfg.progress),
         scheduler_factory=scheduler, device=cfg.device, extra_state=extra_state, title=title,
     )
-    summary = trainer.fit()
-    (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        summary = trainer.fit()
+        atomic_write(stage_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    finally:
+        release_run_dir(stage_dir)  # a finished stage is a cache: concurrent runs may share it
     return summary
 
 
@@ -178,14 +182,18 @@ def pretrain_autoencoder(cfg: DictConfig, data: DataBundle, denoiser: nn.Module,
         autoencoder={k: zcfg[k] for k in ("latent_channels", "width", "ae_epochs", "patience", "holdout")},
     ), "autoencoder")
     weights, report_file = stage_dir / "autoencoder.pt", stage_dir / "summary.json"
-    if weights.exists() and report_file.exists():
-        ae.load_state_dict(load_checkpoint(weights, map_location=cfg.device))
-        return encoder, decoder, json.loads(report_file.read_text())
-    report = _fit_autoencoder(cfg, data.train.tensors[0], denoiser, ae)
-    report["pipeline"] = metrics(nn.Sequential(denoiser, encoder, decoder))
-    report["denoiser"] = metrics(denoiser)
-    atomic_write(weights, lambda f: torch.save(ae.state_dict(), f))
-    atomic_write(report_file, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    lock_run_dir(stage_dir)  # one process trains it; released once it is on disk, for others to share
+    try:
+        if weights.exists() and report_file.exists():
+            ae.load_state_dict(load_checkpoint(weights, map_location=cfg.device))
+            return encoder, decoder, json.loads(report_file.read_text())
+        report = _fit_autoencoder(cfg, data.train.tensors[0], denoiser, ae)
+        report["pipeline"] = metrics(nn.Sequential(denoiser, encoder, decoder))
+        report["denoiser"] = metrics(denoiser)
+        atomic_write(weights, lambda f: torch.save(ae.state_dict(), f))
+        atomic_write(report_file, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    finally:
+        release_run_dir(stage_dir)
     return encoder, decoder, report
 
 

@@ -1,6 +1,9 @@
 """certify: the black box stays query-only, every mode trains, and the CLI certifies end to end."""
 
+import fcntl
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +14,10 @@ from deepzero_apps.blackbox_loss import DenoiserLoss, ImageQueries, WhiteBox, st
 from deepzero_apps.cli import main
 from deepzero_apps.engine import CGE, FirstOrder, StagedObjective
 from deepzero_apps.models import create_model
+from deepzero_apps.rundir import LOCK
 from deepzero_apps.tasks.certify_data import NoisyInputs
 from deepzero_apps.tasks.certify_zoae import AEObjective, autoencoder, latent_estimator
+from deepzero_apps.trainer import Trainer
 
 TINY = [
     "data.train_limit=64", "data.test_limit=40", "eval_limit=40", "classifier.epochs=1", "pretrain.epochs=1",
@@ -252,3 +257,32 @@ def test_autoencoder_stops_when_held_out_reconstruction_stops_improving_and_keep
     frozen = OmegaConf.merge(cfg, {"pretrain": {"lr": 0.0}, "zo_ae_ds": {"patience": 1}})
     still = _fit_autoencoder(frozen, x, nn.Identity(), nn.Sequential(*autoencoder(1, 2, 4)))
     assert still["epochs"] == 2 and still["stopped"] == "no improvement"  # lr 0: nothing improves after epoch 1
+
+
+def test_finished_stages_are_released_for_concurrent_runs_to_share(tmp_path, monkeypatch):
+    """A cached classifier, denoiser or autoencoder is locked only while it trains: a second run may
+    read it while the first is still fine-tuning (it was refused as 'in use by another run')."""
+    cache = {k: tmp_path / "cache" / k for k in ("classifier", "pretrain", "zo_ae_ds")}
+    free_when_training_starts: dict[str, bool] = {}
+
+    def lockable(directory: Path) -> bool:
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    real_fit = Trainer.fit
+
+    def fit(self):
+        if Path(self.out_dir).resolve() == (tmp_path / "run").resolve():  # the fine-tuning itself: every stage is done by now
+            free_when_training_starts.update({k: lockable(d) for k, d in cache.items()})
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    overrides = [f"{k}.cache_dir={d}" for k, d in cache.items()]
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *TINY, *overrides, "method=zo_ae_ds"]) == 0
+    assert free_when_training_starts == {"classifier": True, "pretrain": True, "zo_ae_ds": True}
