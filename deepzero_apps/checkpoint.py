@@ -7,6 +7,7 @@ then renamed over the old one: a kill at any moment leaves either the old or the
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -51,6 +52,15 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     meanwhile lands after the rename."""
     with interrupts_deferred():
         _atomic_write(Path(path), write)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """A result file (summary, table, config) written whole or not at all: sweeps treat its presence as done."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, **dumps))
 
 
 def _atomic_write(path: Path, write: Any) -> None:

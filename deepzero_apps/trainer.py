@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .checkpoint import (
-    atomic_write,
+    atomic_write_text,
     interrupts_deferred,
     load_checkpoint,
     remove_stale_temps,
@@ -255,7 +255,7 @@ class Trainer:
         self.metrics_rows = len(kept)
         if kept != lines:
             try:
-                atomic_write(path, lambda f: f.write("".join(kept).encode()))
+                atomic_write_text(path, "".join(kept))
             except OSError as exc:
                 raise RunError(f"cannot rewrite {path}: {exc.strerror or exc}") from exc
 

@@ -18,13 +18,13 @@ Cohen et al. and Salman et al.):
 
 from __future__ import annotations
 
-import json
 import logging
 
 from omegaconf import DictConfig
 from torch import nn
 
 from deepzero_apps.apps import App
+from deepzero_apps.checkpoint import atomic_write_json
 from deepzero_apps.classifiers import black_box
 from deepzero_apps.config import start_run
 from deepzero_apps.data import balanced_subset
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     summary = {"mode": cfg.method, "method": cfg.method, "data": cfg.data.name, "sigma": cfg.sigma, "classifier": clf_info, "train": train,
                "eval_queries": eval_box.queries, "certify": cert}
     if is_main():
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(out_dir / "summary.json", summary)
         acc = " ".join(f"r={r}:{a:.3f}" for r, a in cert["certified_accuracy"].items())
         log.info(f"certify done: method={cfg.method} train_queries={train['queries']:,} certified {acc} output={out_dir}")
     return summary

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from deepzero_apps.blackbox import BlackBoxClassifier
 from deepzero_apps.blackbox_loss import labels_of
+from deepzero_apps.checkpoint import atomic_write_json, atomic_write_text
 from deepzero_apps.classifiers import black_box
 from deepzero_apps.data import DataBundle, balanced_subset
 from deepzero_apps.errors import ConfigError, one_line
@@ -57,7 +58,7 @@ def certify_pipeline(cfg: DictConfig, data: DataBundle, classifier: Any, pipelin
     result = {"certified_accuracy": {str(r): a for r, a in accuracy.items()}, "examples": len(rows),
               "n0": ccfg.n0, "n": ccfg.n, "alpha": ccfg.alpha, "sigma": cfg.sigma, "queries": blackbox.queries,
               "wall_s": sum(r.time for r in rows)}
-    (out_dir / "certified_accuracy.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out_dir / "certified_accuracy.json", result)
     plot_curves({cfg.method: rows}, out_dir / "certified_accuracy.png", title=f"{cfg.data.name}, sigma={cfg.sigma}")
     return result
 
@@ -79,10 +80,10 @@ def compare_runs(run_dirs: Sequence[str], out_dir: Path) -> dict:
     plot_curves(curves, out_dir / "compare.png", title="certified accuracy")
     header = list(table[0])
     csv_lines = [",".join(header)] + [",".join(str(row[h]) for h in header) for row in table]
-    (out_dir / "compare.csv").write_text("\n".join(csv_lines) + "\n")
+    atomic_write_text(out_dir / "compare.csv", "\n".join(csv_lines) + "\n")
     md = ["| " + " | ".join(header[:-1]) + " |", "|" + "---|" * (len(header) - 1)]
     md += ["| " + " | ".join(f"{row[h]:.1%}" if h.startswith("r=") else f"{row[h]:,}" if isinstance(row[h], int)
                              else str(row[h]) for h in header[:-1]) + " |" for row in table]
-    (out_dir / "compare.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out_dir / "compare.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return {"compare": table}

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from deepzero_apps.checkpoint import atomic_write, load_checkpoint
+from deepzero_apps.checkpoint import atomic_write, atomic_write_json, load_checkpoint
 from deepzero_apps.classifiers import describe, load_classifier
 from deepzero_apps.data import DataBundle
 from deepzero_apps.engine import FirstOrder, Objective, StagedObjective
@@ -54,7 +54,7 @@ def claim_stage(stage_dir: Path, stamp: dict[str, Any], title: str) -> None:
     path = stage_dir / "stage.json"
     if not path.exists():
         stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: f.write(json.dumps(stamp, indent=2, sort_keys=True).encode()))
+        atomic_write_json(path, stamp, sort_keys=True)
     elif json.loads(path.read_text()) != stamp:
         raise ConfigError(f"{stage_dir} holds a '{title}' stage trained with another configuration; "
                           "delete it or point the stage's cache_dir elsewhere")
@@ -92,7 +92,7 @@ def fit_stage(
     )
     try:
         summary = trainer.fit()
-        atomic_write(stage_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        atomic_write_json(stage_dir / "summary.json", summary)
     finally:
         release_run_dir(stage_dir)  # a finished stage is a cache: concurrent runs may share it
     return summary
@@ -191,7 +191,7 @@ def pretrain_autoencoder(cfg: DictConfig, data: DataBundle, denoiser: nn.Module,
         report["pipeline"] = metrics(nn.Sequential(denoiser, encoder, decoder))
         report["denoiser"] = metrics(denoiser)
         atomic_write(weights, lambda f: torch.save(ae.state_dict(), f))
-        atomic_write(report_file, lambda f: f.write(json.dumps(report, indent=2).encode()))
+        atomic_write_json(report_file, report)
     finally:
         release_run_dir(stage_dir)
     return encoder, decoder, report

@@ -7,7 +7,6 @@ reuse applies), the estimator / optimizer / scheduler from Hydra `_target_`s, an
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from deepzero_apps.adapter import (
     trainer_config,
 )
 from deepzero_apps.apps import App
+from deepzero_apps.checkpoint import atomic_write_json
 from deepzero_apps.config import DataConfig, ZOTrainConfig, start_run
 from deepzero_apps.data import build_datasets
 from deepzero_apps.engine import StagedObjective, is_main
@@ -111,7 +111,7 @@ def run(cfg: DictConfig) -> dict:
     summary = {**trainer.fit(), "parameters": objective.coords.dim, "mode": cfg.mode,
                "estimator": cfg.estimator._target_.rsplit(".", 1)[-1] if cfg.mode == "zo" else "FirstOrder"}
     if is_main():
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(out_dir / "summary.json", summary)
         ev = summary["eval"]
         log.info(f"classify done: test_acc={ev['test_acc']:.4f} queries={summary['queries']:,} "
               f"forward_equivalents={summary['forward_equivalents']:,.0f} steps={summary['steps']} "

@@ -42,7 +42,7 @@ from deepzero_apps.adapter import (
     trainer_config,
 )
 from deepzero_apps.apps import App
-from deepzero_apps.checkpoint import load_checkpoint
+from deepzero_apps.checkpoint import atomic_write_json, load_checkpoint
 from deepzero_apps.config import ConfigError, start_run
 from deepzero_apps.engine import (
     FirstOrder,
@@ -380,7 +380,7 @@ def run(cfg: DictConfig) -> dict:
         "train": {k: v for k, v in summary.items() if k != "eval"},
     }
     if is_main():
-        (out_dir / EVAL).write_text(json.dumps(result, indent=2))
+        atomic_write_json(out_dir / EVAL, result)
         curves = {"SRC": src_curve} if model is None else {"SRC": src_curve, label: curve}
         plot_errors(curves, out_dir / "error_over_time.png", f"{pair.name}: held-out simulations")
         rows = {"reference": test_refs[0, eval_steps].numpy(), "source": src[0, -1].numpy()}

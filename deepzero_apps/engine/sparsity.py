@@ -19,6 +19,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..checkpoint import atomic_write_text
 from .coords import CoordinateView
 from .pruning import prunable_weights
 
@@ -166,8 +167,7 @@ def save_ratios(path: str | Path, ratios: Mapping[str, float], meta: Mapping[str
         if _format(path) == "json"
         else yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write_text(path, text)
     return path
 
 
