@@ -8,8 +8,10 @@ certified images (those certified at r >= 0.25 by one run and not the other).
     python results/certify/budget_curve.py --data-root /tmp/cifar10 --root runs/certify_budget --run
     python results/certify/budget_curve.py --smoke --root /tmp/budget_smoke --run   # digits, minutes
 
-Finished runs (a summary.json) are skipped, so an interrupted sweep continues. Writes
-`<root>/budget_curve.md` and `.json`.
+Finished runs (a summary.json) are skipped, so an interrupted sweep continues. `--set KEY=VALUE ...`
+adds overrides to the fine-tuning runs (not to the MSE-only start they are compared with) and `--tag`
+names them apart, e.g. Stab+MSE fine-tuning: `--set mse_weight=1 --tag stabmse` writes
+`<mode>_<budget>_stabmse/`. Writes `<root>/budget_curve[_<tag>].md` and `.json`.
 """
 
 from __future__ import annotations
@@ -41,27 +43,28 @@ def runs(plan: dict) -> list[tuple[str, float, int]]:
     return out + [(m, s, b) for s in plan["sigmas"] for b in plan["budgets"] for m in plan["modes"]]
 
 
-def run_dir(root: Path, mode: str, sigma: float, budget: int) -> Path:
-    return root / f"sigma{sigma}" / (mode if mode == "mse" else f"{mode}_{budget}")
+def run_dir(root: Path, mode: str, sigma: float, budget: int, tag: str = "") -> Path:
+    return root / f"sigma{sigma}" / (mode if mode == "mse" else f"{mode}_{budget}" + (f"_{tag}" if tag else ""))
 
 
-def command(root: Path, mode: str, sigma: float, budget: int, smoke: bool, data_root: str | None) -> list[str]:
+def command(root: Path, mode: str, sigma: float, budget: int, smoke: bool, data_root: str | None, tag: str = "",
+            extra: tuple[str, ...] = ()) -> list[str]:
     cache = root / f"sigma{sigma}" / "cache"
     base = SMOKE_OVERRIDES if smoke else ["experiment=certify_budget_curve", f"data.root={data_root}"]
     return ["deepzero-task", "certify", *base, f"method={mode}", f"sigma={sigma}", "progress=false", "threads=1",
             f"classifier.cache_dir={root / 'classifier'}", f"pretrain.cache_dir={cache / 'pretrain'}",
-            f"zo_ae_ds.cache_dir={cache / 'autoencoder'}", f"hydra.run.dir={run_dir(root, mode, sigma, budget)}",
-            *([f"query_budget={budget}"] if budget else [])]
+            f"zo_ae_ds.cache_dir={cache / 'autoencoder'}", f"hydra.run.dir={run_dir(root, mode, sigma, budget, tag)}",
+            *([f"query_budget={budget}"] if budget else []), *(extra if mode != "mse" else ())]
 
 
 def certified(path: Path) -> dict[int, bool]:
     return {r.idx: bool(r.correct) and r.radius >= RADIUS for r in load_certification(path / "certify.tsv")}
 
 
-def report(root: Path, plan: dict) -> list[dict]:
+def report(root: Path, plan: dict, tag: str = "") -> list[dict]:
     rows = []
     for mode, sigma, budget in runs(plan):
-        d = run_dir(root, mode, sigma, budget)
+        d = run_dir(root, mode, sigma, budget, tag)
         if not (d / "summary.json").exists():
             continue
         ours, start = certified(d), certified(run_dir(root, "mse", sigma, 0))
@@ -78,8 +81,9 @@ def report(root: Path, plan: dict) -> list[dict]:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['sigma']} | {r['mode']} | {r['budget']:,} | {r['train_queries']:,} | {r['certified_at_r']:.1%} | "
               f"{r['mse_certified_at_r']:.1%} | {r['only_this']} / {r['only_mse']} | {r['sign_test_p']:.3g} |" for r in rows]
-    (root / "budget_curve.md").write_text("\n".join(lines) + "\n")
-    (root / "budget_curve.json").write_text(json.dumps(rows, indent=2))
+    name = "budget_curve" + (f"_{tag}" if tag else "")
+    (root / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (root / f"{name}.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
     return rows
 
@@ -93,18 +97,22 @@ def main() -> int:
     parser.add_argument("--sigmas", type=float, nargs="+", help="a subset of the plan's noise levels")
     parser.add_argument("--budgets", type=int, nargs="+", help="a subset of the plan's query budgets")
     parser.add_argument("--modes", nargs="+", help="a subset of the plan's fine-tuning modes")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the fine-tuning runs")
+    parser.add_argument("--tag", default="", help="names the runs made with --set (their directory suffix)")
     args = parser.parse_args()
     plan = dict(SMOKE if args.smoke else FULL)
     plan.update({k: tuple(v) for k, v in [("sigmas", args.sigmas), ("budgets", args.budgets), ("modes", args.modes)] if v})
     if not args.smoke and not args.data_root:
         parser.error("--data-root is required without --smoke")
+    if bool(args.set) != bool(args.tag):
+        parser.error("--set and --tag go together: runs with other overrides need their own directories")
     if args.run:
         for mode, sigma, budget in runs(plan):
-            if not (run_dir(args.root, mode, sigma, budget) / "summary.json").exists():
-                cmd = command(args.root, mode, sigma, budget, args.smoke, args.data_root)
+            if not (run_dir(args.root, mode, sigma, budget, args.tag) / "summary.json").exists():
+                cmd = command(args.root, mode, sigma, budget, args.smoke, args.data_root, args.tag, tuple(args.set))
                 print("+", " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
-    report(args.root, plan)
+    report(args.root, plan, args.tag)
     return 0
 
 
