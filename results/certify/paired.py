@@ -5,7 +5,7 @@ An image counts as certified at radius r when the smoothed prediction is correct
 (Cohen et al.'s table). For each pair of modes: images certified by one only, and the two-sided exact
 sign test on those discordant images (McNemar's exact test), the paired test a 100-image table needs.
 
-usage: python results/certify/paired.py [RUN_ROOT] [--radius 0.25] [--pairs deepzero:zo_ae_ds ...]
+usage: python results/certify/paired.py [RUN_ROOT] [--radius 0.25 ...] [--pairs deepzero:zo_ae_ds ...]
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ def certified(tsv: Path, radius: float) -> dict[int, bool]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", nargs="?", type=Path, default=Path(__file__).parent / "cifar10")
-    ap.add_argument("--radius", type=float, default=0.25)
+    ap.add_argument("--radius", type=float, nargs="+", default=[0.25])
     ap.add_argument("--pairs", nargs="+", default=["deepzero:zo_ae_ds", "deepzero:mse", "fo_ds:mse", "fo_ds_lr1e-4:mse"])
     args = ap.parse_args()
-    for pair in args.pairs:
+    for pair, radius in ((pair, radius) for pair in args.pairs for radius in args.radius):
         a, b = pair.split(":")
-        ca, cb = (certified(args.root / m / "certify.tsv", args.radius) for m in (a, b))
+        ca, cb = (certified(args.root / m / "certify.tsv", radius) for m in (a, b))
         if ca.keys() != cb.keys():
             raise SystemExit(f"{a} and {b} certified different images")
         only_a = sum(ca[i] and not cb[i] for i in ca)
         only_b = sum(cb[i] and not ca[i] for i in ca)
         p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-        print(json.dumps({"a": a, "b": b, "radius": args.radius, "images": len(ca), "certified_a": sum(ca.values()),
-                          "certified_b": sum(cb.values()), "only_a": only_a, "only_b": only_b, "sign_test_p": round(p, 4)}))
+        print(json.dumps({"a": a, "b": b, "radius": radius, "images": len(ca), "certified_a": sum(ca.values()),
+                          "certified_b": sum(cb.values()), "only_a": only_a, "only_b": only_b, "sign_test_p": float(f"{p:.3g}")}))
 
 
 if __name__ == "__main__":
