@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write_text
 from .engine.distributed import is_main
 from .errors import ConfigError, RunError
 
@@ -147,8 +147,7 @@ def check_resume(directory: str | os.PathLike, cfg: DictConfig, allow_changes: b
         if changes:
             print(f"resuming with changed config (resume_allow_changes=true): {'; '.join(changes)}")
         return
-    text = OmegaConf.to_yaml(cfg, resolve=False).encode()
     try:
-        atomic_write(path, lambda f: f.write(text))
+        atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=False))
     except OSError as exc:
         raise RunError(f"cannot write {path}: {exc.strerror}") from exc
