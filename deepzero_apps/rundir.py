@@ -45,11 +45,13 @@ class RunDirBusy(RunError):
     """Another live process holds the run directory's lock."""
 
 
-def lock_run_dir(directory: str | os.PathLike) -> None:
+def lock_run_dir(directory: str | os.PathLike, wait: bool = False) -> None:
     """Take `directory`'s exclusive lock for the rest of this run (idempotent; rank 0 only).
 
     Creates the directory; raises ConfigError if it cannot exist (a parent is a file), RunError if it
-    is not writable, RunDirBusy naming the holder's PID if another process holds it."""
+    is not writable. If another process holds it: RunDirBusy naming the holder's PID, or with `wait`
+    (a shared cache stage, which the holder is training or restoring) a line naming the holder and a
+    wait for it to let go."""
     if not is_main():
         return
     directory = Path(directory)
@@ -68,13 +70,24 @@ def lock_run_dir(directory: str | os.PathLike) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunDirBusy(
-            f"{directory} is in use by another run (PID {holder}); wait for it to end or pick another hydra.run.dir"
-        ) from None
+        if not wait:
+            os.close(fd)
+            raise RunDirBusy(
+                f"{directory} is in use by another run (PID {holder}); wait for it to end or pick another hydra.run.dir"
+            ) from None
+        _announce_wait(directory, holder)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C still interrupts the wait
+        except BaseException:
+            os.close(fd)
+            raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[key] = fd
+
+
+def _announce_wait(directory: Path, holder: str) -> None:
+    print(f"waiting for {directory}: in use by another run (PID {holder})", flush=True)
 
 
 def release_run_dir(directory: str | os.PathLike) -> None:

@@ -83,14 +83,15 @@ def fit_stage(
     The stage always resumes its own checkpoint, so a finished stage is a cache and an interrupted
     one continues.
     """
-    claim_stage(stage_dir, stamp, title)
-    trainer = Trainer(
-        objective, FirstOrder(), optimizer, train_set, evaluate, stage_dir,
-        TrainerConfig(epochs=epochs, batch_size=batch_size, seed=cfg.seed, resume=True, log_every=cfg.log_every,
-                      progress=cfg.progress),
-        scheduler_factory=scheduler, device=cfg.device, extra_state=extra_state, title=title,
-    )
+    lock_run_dir(stage_dir, wait=True)  # another run may be training it or reading it back: wait for that
     try:
+        claim_stage(stage_dir, stamp, title)
+        trainer = Trainer(
+            objective, FirstOrder(), optimizer, train_set, evaluate, stage_dir,
+            TrainerConfig(epochs=epochs, batch_size=batch_size, seed=cfg.seed, resume=True, log_every=cfg.log_every,
+                          progress=cfg.progress),
+            scheduler_factory=scheduler, device=cfg.device, extra_state=extra_state, title=title,
+        )
         summary = trainer.fit()
         atomic_write_json(stage_dir / "summary.json", summary)
     finally:
@@ -176,14 +177,14 @@ def pretrain_autoencoder(cfg: DictConfig, data: DataBundle, denoiser: nn.Module,
     encoder, decoder = (m.to(cfg.device) for m in autoencoder(data.in_channels, zcfg.latent_channels, zcfg.width))
     ae = nn.Sequential(encoder, decoder)
     stage_dir = cache_dir(zcfg.cache_dir, out_dir, "autoencoder")
-    claim_stage(stage_dir, fingerprint(
-        data=cfg.data, denoiser=cfg.denoiser, sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.pretrain.batch_size,
-        lr=cfg.pretrain.lr, pretrain_epochs=cfg.pretrain.epochs,
-        autoencoder={k: zcfg[k] for k in ("latent_channels", "width", "ae_epochs", "patience", "holdout")},
-    ), "autoencoder")
     weights, report_file = stage_dir / "autoencoder.pt", stage_dir / "summary.json"
-    lock_run_dir(stage_dir)  # one process trains it; released once it is on disk, for others to share
+    lock_run_dir(stage_dir, wait=True)  # one process trains it; released once it is on disk, for others to share
     try:
+        claim_stage(stage_dir, fingerprint(
+            data=cfg.data, denoiser=cfg.denoiser, sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.pretrain.batch_size,
+            lr=cfg.pretrain.lr, pretrain_epochs=cfg.pretrain.epochs,
+            autoencoder={k: zcfg[k] for k in ("latent_channels", "width", "ae_epochs", "patience", "holdout")},
+        ), "autoencoder")
         if weights.exists() and report_file.exists():
             ae.load_state_dict(load_checkpoint(weights, map_location=cfg.device))
             return encoder, decoder, json.loads(report_file.read_text())

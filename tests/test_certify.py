@@ -286,3 +286,31 @@ def test_finished_stages_are_released_for_concurrent_runs_to_share(tmp_path, mon
     overrides = [f"{k}.cache_dir={d}" for k, d in cache.items()]
     assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *TINY, *overrides, "method=zo_ae_ds"]) == 0
     assert free_when_training_starts == {"classifier": True, "pretrain": True, "zo_ae_ds": True}
+
+
+def test_a_stage_in_use_by_another_run_is_waited_for_not_refused(tmp_path, monkeypatch, capsys):
+    """Two runs started together on the same caches: the second waits while the first trains or reads
+    back a stage (it was refused 'in use by another run'), then reuses it."""
+    import deepzero_apps.rundir as rundir
+
+    cache = {k: tmp_path / "cache" / k for k in ("classifier", "pretrain", "zo_ae_ds")}
+    held = {}
+    for directory in cache.values():  # "another run" holds every stage's lock
+        directory.mkdir(parents=True)
+        held[directory.resolve()] = fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, b"4242\n", 0)
+    waited = []
+    announce = rundir._announce_wait
+
+    def announce_then_let_go(directory, holder):
+        announce(directory, holder)
+        waited.append(Path(directory).resolve())
+        os.close(held.pop(Path(directory).resolve()))  # the other run finishes with it
+
+    monkeypatch.setattr(rundir, "_announce_wait", announce_then_let_go)
+    overrides = [f"{k}.cache_dir={d}" for k, d in cache.items()]
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *TINY, *overrides, "method=zo_ae_ds"]) == 0
+    assert waited == [d.resolve() for d in cache.values()] and not held
+    out = capsys.readouterr().out
+    assert f"waiting for {cache['classifier']}: in use by another run (PID 4242)" in out, out
