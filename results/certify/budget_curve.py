@@ -24,6 +24,7 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
+from deepzero_apps.checkpoint import atomic_write_json, atomic_write_text
 from deepzero_apps.smoothing import load_certification
 
 RADIUS = 0.25
@@ -82,8 +83,8 @@ def report(root: Path, plan: dict, tag: str = "") -> list[dict]:
     lines += [f"| {r['sigma']} | {r['mode']} | {r['budget']:,} | {r['train_queries']:,} | {r['certified_at_r']:.1%} | "
               f"{r['mse_certified_at_r']:.1%} | {r['only_this']} / {r['only_mse']} | {r['sign_test_p']:.3g} |" for r in rows]
     name = "budget_curve" + (f"_{tag}" if tag else "")
-    (root / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (root / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_text(root / f"{name}.md", "\n".join(lines) + "\n")
+    atomic_write_json(root / f"{name}.json", rows)
     print("\n".join(lines))
     return rows
 
