@@ -16,14 +16,14 @@ backpropagates through the pressure solve, for ``fo_sol``); both solve to ``tole
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .base import MAX_COURANT, Grid, Solver, parse_resolution, require
+from .base import require
 from .burgers import smooth_random_field
+from .cylinder import CylinderFlow
 
 try:
     from phi import geom
@@ -40,24 +40,16 @@ PRESETS: dict[str, tuple[int, int]] = {"reference": (64, 128), "source": (16, 32
 DIMS = ["b", "vector", "y", "x"]
 
 
-class PhiflowWakeSolver(Solver):
+class PhiflowWakeSolver(CylinderFlow):
     """Incompressible flow past a cylinder in PhiFlow; channels ``("u", "v")`` at cell centres.
 
-    Args:
-        resolution: ``"reference"`` (128x64), ``"source"`` (32x16), an int ``nx`` or ``(ny, nx)``.
-        size: ``(Ly, Lx)``.
-        dt: time step.
-        re: Reynolds number (``U 2R / nu``) when :meth:`step` gets none.
-        re_range: ``(low, high)`` of the per-simulation Reynolds number (log-uniform).
-        inflow: inflow speed ``U``.
-        center, radius: cylinder centre ``(x, y)`` and radius.
-        perturbation: RMS of the smooth random initial perturbation that triggers shedding.
-        tolerance: relative and absolute tolerance of the pressure solve.
+    Parameters as :class:`CylinderFlow`'s (``"reference"`` is 128x64, ``"source"`` 32x16; the radius
+    must be > 0), plus ``tolerance``, the relative and absolute tolerance of the pressure solve.
     """
 
     name = "phiflow_wake"
-    channels = ("u", "v")
-    defaults = {"reference": {"resolution": "reference"}, "source": {"resolution": "source"}}
+    presets = PRESETS
+    staggered = False
 
     def __init__(
         self,
@@ -71,24 +63,11 @@ class PhiflowWakeSolver(Solver):
         radius: float = 10.0,
         perturbation: float = 0.1,
         tolerance: float = 1e-10,
-    ) -> None:
-        ly, lx = (float(s) for s in size)
-        require(min(ly, lx) > 0 and dt > 0 and inflow > 0, f"size={size}, dt={dt}, inflow={inflow} must be > 0")
-        require(re > 0 and 0 < re_range[0] <= re_range[1], f"re={re}, re_range={re_range} must be positive, low <= high")
-        require(radius > 0 and perturbation >= 0, f"radius={radius} must be > 0 and perturbation={perturbation} >= 0")
+    ) -> None:  # spelled out: the registry reads the parameters from this signature
+        require(radius > 0, f"radius={radius} must be > 0")
         require(0 < tolerance < 1e-3, f"tolerance={tolerance} must be in (0, 1e-3)")
-        shape = parse_resolution(resolution, PRESETS, aspect=ly / lx)
-        courant = dt * inflow * max(shape[0] / ly, shape[1] / lx)
-        require(
-            courant <= MAX_COURANT,
-            f"dt={dt} is beyond the stability limit: Courant number dt * inflow / dx = {courant:.3g} > "
-            f"{MAX_COURANT:g} on the {shape[0]}x{shape[1]} grid",
-        )
-        self.grid = Grid(shape=shape, size=(ly, lx), boundary="wake")
-        self.dt, self.re, self.inflow = float(dt), float(re), float(inflow)
-        self.re_range = (float(re_range[0]), float(re_range[1]))
-        self.center, self.radius = (float(center[0]), float(center[1])), float(radius)
-        self.perturbation, self.tolerance = float(perturbation), float(tolerance)
+        self.tolerance = float(tolerance)
+        super().__init__(resolution, size, dt, re, re_range, inflow, center, radius, perturbation)
 
     # -- the PhiFlow step, backend-agnostic -------------------------------------------------------------
     def _simulate(self, native: Any, re: Any, steps: int = 1, project_only: bool = False) -> Any:
@@ -122,15 +101,6 @@ class PhiflowWakeSolver(Solver):
             return (project(v) if project_only else v).values.native(DIMS)
 
     # -- Solver API ---------------------------------------------------------------------------------
-    def reynolds(self, seed: int) -> float:
-        """The Reynolds number of simulation ``seed`` (log-uniform in ``re_range``)."""
-        lo, hi = self.re_range
-        u = np.random.default_rng([int(seed), 2]).uniform()
-        return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
-
-    def conditions(self, seed: int, **params: Any) -> dict[str, Any]:
-        return {"re": self.reynolds(seed)}
-
     def initial_state(self, seed: int, **params: Any) -> np.ndarray:
         state = np.zeros(self.state_shape)
         state[0] = self.inflow
@@ -164,9 +134,7 @@ class PhiflowWakeSolver(Solver):
         return twin
 
     def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d.update(re_range=list(self.re_range), radius=self.radius, center=list(self.center), tolerance=self.tolerance)
-        return d
+        return {**super().describe(), "tolerance": self.tolerance}
 
 
 def _backend_of(native: Any):

@@ -32,8 +32,6 @@ along its own axis (a coarse divergence-free state prolongs to a fine divergence
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -43,8 +41,9 @@ from scipy.ndimage import map_coordinates
 from scipy.sparse.linalg import factorized
 from threadpoolctl import ThreadpoolController
 
-from .base import MAX_COURANT, Grid, Solver, SolverError, _ratio, _target_shape, parse_resolution, require
+from .base import Grid, Solver, SolverError, _ratio, _target_shape
 from .burgers import smooth_random_field
+from .cylinder import CylinderFlow
 
 __all__ = ["WakeSolver"]
 
@@ -62,59 +61,21 @@ def _blas_threads(n: int) -> Any:
 PRESETS: dict[str, tuple[int, int]] = {"reference": (128, 256), "source": (32, 64)}
 
 
-class WakeSolver(Solver):
-    """Incompressible flow past a cylinder on a staggered grid; channels ``("u", "v")``.
+class WakeSolver(CylinderFlow):
+    """Incompressible flow past a cylinder on a staggered grid, in numpy/scipy; channels ``("u", "v")``.
 
-    Args:
-        resolution: ``"reference"`` (256x128), ``"source"`` (64x32), an int ``nx`` (grid
-            ``nx/2 x nx`` for the default aspect) or ``(ny, nx)``.
-        size: ``(Ly, Lx)``.
-        dt: time step.
-        re: default Reynolds number (``U_in * 2 R / nu``) when :meth:`step` gets none.
-        re_range: ``(low, high)`` range of the per-seed Reynolds number (log-uniform).
-        inflow: inflow speed ``U_in``.
-        center, radius: cylinder centre ``(x, y)`` and radius; ``radius = 0`` removes it.
-        perturbation: RMS of the random initial perturbation.
+    Parameters as :class:`CylinderFlow`'s; ``"reference"`` is 256x128, ``"source"`` 64x32, and
+    ``radius = 0`` removes the cylinder.
     """
 
     name = "wake"
-    channels = ("u", "v")
-    defaults = {"reference": {"resolution": "reference"}, "source": {"resolution": "source"}}
+    presets = PRESETS
+    staggered = True
     batch_native = property(lambda self: self.native_batch(WakeSolver))
 
-    def __init__(
-        self,
-        resolution: int | str | Sequence[int] = "source",
-        size: Sequence[float] = (100.0, 200.0),
-        dt: float = 1.0,
-        re: float = 200.0,
-        re_range: Sequence[float] = (100.0, 1000.0),
-        inflow: float = 1.0,
-        center: Sequence[float] = (50.0, 50.0),
-        radius: float = 10.0,
-        perturbation: float = 0.1,
-    ) -> None:
-        ly, lx = (float(s) for s in size)
-        require(min(ly, lx) > 0 and dt > 0 and inflow > 0, f"size={size}, dt={dt}, inflow={inflow} must be > 0")
-        require(re > 0 and 0 < re_range[0] <= re_range[1], f"re={re}, re_range={re_range} must be positive, low <= high")
-        require(radius >= 0 and perturbation >= 0, f"radius={radius} and perturbation={perturbation} must be >= 0")
-        shape = parse_resolution(resolution, PRESETS, aspect=ly / lx)
-        courant = dt * inflow * max(shape[0] / ly, shape[1] / lx)
-        require(
-            courant <= MAX_COURANT,
-            f"dt={dt} is beyond the stability limit: Courant number dt * inflow / dx = {courant:.3g} > "
-            f"{MAX_COURANT:g} on the {shape[0]}x{shape[1]} grid",
-        )
-        self.grid = Grid(shape=shape, size=(ly, lx), boundary="wake", staggered=True)
-        self.dt = float(dt)
-        self.re = float(re)
-        self.re_range = (float(re_range[0]), float(re_range[1]))
-        self.inflow = float(inflow)
-        self.center = (float(center[0]), float(center[1]))
-        self.radius = float(radius)
-        self.perturbation = float(perturbation)
-
-        ny, nx = shape
+    def _setup(self) -> None:
+        """The geometry's fixed faces, the LU-factorised pressure matrix and the face positions."""
+        ny, nx = self.grid.shape
         dy, dx = self.grid.spacing
         yc, xc = self.grid.cell_centers()
         self.solid = (xc - self.center[0]) ** 2 + (yc - self.center[1]) ** 2 < self.radius**2
@@ -292,16 +253,6 @@ class WakeSolver(Solver):
         return np.stack([u, v], axis=-3)
 
     # -- Solver API -------------------------------------------------------------------------------
-    def reynolds(self, seed: int) -> float:
-        """The Reynolds number of simulation ``seed`` (log-uniform in ``re_range``)."""
-        lo, hi = self.re_range
-        u = np.random.default_rng([int(seed), 2]).uniform()
-        return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
-
-    def conditions(self, seed: int, **params: Any) -> dict[str, Any]:
-        re = params.get("re")
-        return {"re": float(re) if re is not None else self.reynolds(seed)}
-
     def initial_state(self, seed: int, **params: Any) -> np.ndarray:
         amp = float(params.get("perturbation", self.perturbation))
         rng = np.random.default_rng([int(seed), 0])
@@ -373,14 +324,3 @@ class WakeSolver(Solver):
 
     def _full_u_shape(self, u: np.ndarray, ny: int) -> np.ndarray:
         return np.concatenate([np.full((ny, 1), self.inflow), u], axis=1)
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d.update(
-            re=self.re,
-            re_range=list(self.re_range),
-            inflow=self.inflow,
-            center=list(self.center),
-            radius=self.radius,
-        )
-        return d

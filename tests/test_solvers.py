@@ -222,6 +222,30 @@ def test_registry_builtins_and_pyproject_entry_points():
         assert issubclass(_import_object(target), Solver)
 
 
+def test_the_two_cylinder_flows_share_parameters_checks_and_reynolds_numbers():
+    """wake and phiflow_wake are one setup in two codes: same config params (from the constructors'
+    signatures, which the registry reads), same checks, same per-seed Reynolds number."""
+    pytest.importorskip("phi")
+    from deepzero_apps.solvers.phiflow_wake import PhiflowWakeSolver
+    from deepzero_apps.solvers.registry import solver_config
+
+    shared = {"size", "dt", "re", "re_range", "inflow", "center", "radius", "perturbation"}
+    assert set(solver_config("wake")["params"]) == shared
+    assert set(solver_config("phiflow_wake")["params"]) == shared | {"tolerance"}
+    scipy_flow, phi_flow = WakeSolver(32, re_range=(50, 500)), PhiflowWakeSolver(32, re_range=(50, 500))
+    assert [scipy_flow.conditions(s) for s in range(4)] == [phi_flow.conditions(s) for s in range(4)]
+    assert phi_flow.conditions(0, re=123) == {"re": 123.0}
+    assert {k: v for k, v in scipy_flow.describe().items() if k in shared} == \
+        {k: v for k, v in phi_flow.describe().items() if k in shared}
+    for solver in (WakeSolver, PhiflowWakeSolver):
+        with pytest.raises(ValueError, match="dt=30 is beyond the stability limit"):
+            solver(32, dt=30)
+        with pytest.raises(ValueError, match=r"re_range=\(5, 1\)"):
+            solver(32, re_range=(5, 1))
+    with pytest.raises(ValueError, match="tolerance=0.1"):
+        PhiflowWakeSolver(32, tolerance=0.1)
+
+
 # ------------------------------------------------------------------------------------ PhiFlow wake
 def test_phiflow_wake_backends_agree_and_the_twin_differentiates():
     pytest.importorskip("phi")
