@@ -5,7 +5,11 @@ An image counts as certified at radius r when the smoothed prediction is correct
 (Cohen et al.'s table). For each pair of modes: images certified by one only, and the two-sided exact
 sign test on those discordant images (McNemar's exact test), the paired test a 100-image table needs.
 
+`--exclude TSV` leaves out the images of another table, e.g. those already looked at when a run was
+chosen, so what remains is a test on images that played no part in the choice.
+
 usage: python results/certify/paired.py [RUN_ROOT] [--radius 0.25 ...] [--pairs deepzero:zo_ae_ds ...]
+                                        [--exclude certify.tsv]
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ def main() -> None:
     ap.add_argument("root", nargs="?", type=Path, default=Path(__file__).parent / "cifar10")
     ap.add_argument("--radius", type=float, nargs="+", default=[0.25])
     ap.add_argument("--pairs", nargs="+", default=["deepzero:zo_ae_ds", "deepzero:mse", "fo_ds:mse", "fo_ds_lr1e-4:mse"])
+    ap.add_argument("--exclude", type=Path, help="a certify.tsv whose images are left out")
     args = ap.parse_args()
+    excluded = certified(args.exclude, 0.0).keys() if args.exclude else set()
     for pair, radius in ((pair, radius) for pair in args.pairs for radius in args.radius):
         a, b = pair.split(":")
-        ca, cb = (certified(args.root / m / "certify.tsv", radius) for m in (a, b))
+        ca, cb = ({i: c for i, c in certified(args.root / m / "certify.tsv", radius).items() if i not in excluded}
+                  for m in (a, b))
         if ca.keys() != cb.keys():
             raise SystemExit(f"{a} and {b} certified different images")
         only_a = sum(ca[i] and not cb[i] for i in ca)
