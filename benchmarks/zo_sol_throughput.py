@@ -56,8 +56,8 @@ from deepzero_apps.models import create_model
 from deepzero_apps.solvers import Solver
 from deepzero_apps.solvers.burgers import BurgersSolver
 from deepzero_apps.solvers.wake import WakeSolver
-from deepzero_apps.tasks.pde import RolloutObjective, black_box_step
-from deepzero_apps.tasks.pde_data import Stepper
+from deepzero_apps.tasks.pde.app import RolloutObjective, black_box_step
+from deepzero_apps.tasks.pde.data import Stepper
 
 MU, UNROLL, SIMS, STEPS = 1e-4, 8, 8, 64
 

@@ -1,4 +1,4 @@
-"""Apps register themselves: a module-level `APP = App(...)` in a `deepzero_apps.tasks` module, or an
+"""Apps register themselves: a module-level `APP = App(...)` in a `deepzero_apps.tasks` module or package, or an
 entry point in the `deepzero_apps.apps` group (`name = "my_pkg.my_app:APP"`) for third-party apps.
 
 The CLI discovers them here, so a new task is one module plus its Hydra configs; nothing lists them.

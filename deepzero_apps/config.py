@@ -1,8 +1,8 @@
 """Structured configs: what every app's typed schema is built from, and how a config is checked.
 
 The shared parts live here (data, sparsity, the training loop's keys); each app's own schema lives
-next to the app (tasks/classify.py, tasks/pde_config.py, tasks/certify_config.py, tasks/serve.py;
-the black-box classifier's in deepzero_apps/classifiers.py) and reaches the CLI through its `App`.
+next to the app (tasks/classify/app.py, tasks/pde/config.py, tasks/certify/config.py, tasks/serve/app.py;
+the black-box classifier's in deepzero_apps/blackbox/loaders.py) and reaches the CLI through its `App`.
 The CLI stores each app's schema in Hydra's ConfigStore, so composition
 itself rejects unknown keys and wrong types; `validate` then instantiates the dataclasses, whose `__post_init__` rejects impossible values. Both
 happen before any work starts and surface as one-line `ConfigError`s (exit code 2 in the CLI).

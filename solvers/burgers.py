@@ -33,12 +33,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import factorized
 
-from .base import MAX_COURANT, Grid, Solver, parse_resolution, require
+from .base import Grid, Solver
+from .burgers_setup import burgers_grid
 
 __all__ = ["BurgersSolver", "periodic_bilinear", "periodic_bilinear_batch", "smooth_random_field"]
-
-PRESETS: dict[str, tuple[int, int]] = {"reference": (128, 128), "source": (32, 32)}
-
 
 def periodic_bilinear(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
     """Bilinear interpolation of ``field[..., ny, nx]`` at fractional cell indices ``(py, px)``
@@ -158,17 +156,8 @@ class BurgersSolver(Solver):
         advection: bool = True,
         diffusion: bool = True,
     ) -> None:
-        shape = parse_resolution(resolution, PRESETS)
-        require(size > 0 and dt > 0, f"size={size} and dt={dt} must be > 0")
-        require(nu >= 0 and (nu > 0 or not diffusion), f"nu={nu} must be > 0 (or diffusion=false)")
-        require(velocity_amplitude >= 0 and forcing_amplitude >= 0, "amplitudes must be >= 0")
-        courant = dt * max(velocity_amplitude, 1e-12) * max(shape) / size
-        require(
-            courant <= MAX_COURANT,
-            f"dt={dt} is beyond the stability limit: Courant number dt * velocity_amplitude / dx = "
-            f"{courant:.3g} > {MAX_COURANT:g} on the {shape[0]}x{shape[1]} grid",
-        )
-        self.grid = Grid(shape=shape, size=(float(size), float(size)), boundary="periodic")
+        self.grid = burgers_grid(resolution, size, nu, dt, velocity_amplitude, forcing_amplitude, diffusion)
+        shape = self.grid.shape
         self.nu = float(nu)
         self.dt = float(dt)
         self.velocity_amplitude = float(velocity_amplitude)

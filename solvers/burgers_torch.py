@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .burgers import BurgersSolver
+from .base import Solver
+from .burgers_setup import burgers_grid
 
 __all__ = ["BurgersTorch", "periodic_bilinear_torch"]
 
@@ -64,12 +65,8 @@ class BurgersTorch(nn.Module):
         **_unused,
     ) -> None:
         super().__init__()
-        # Reuse the numpy solver's argument parsing (cheap: no factorisation when diffusion=False).
-        ref = BurgersSolver(
-            resolution=resolution, size=size, nu=nu, dt=dt, advection=advection, diffusion=False
-        )
-        self.grid = ref.grid
-        self.channels = ref.channels
+        self.grid = burgers_grid(resolution, size, nu, dt, diffusion=False)  # nu = 0 switches diffusion off here
+        self.channels = ("u", "v")
         self.dt = float(dt)
         self.nu = float(nu)
         self.advection = bool(advection)
@@ -89,7 +86,8 @@ class BurgersTorch(nn.Module):
         self.register_buffer("ii", ii, persistent=False)
 
     @classmethod
-    def from_solver(cls, solver: BurgersSolver) -> BurgersTorch:
+    def from_solver(cls, solver: Solver) -> BurgersTorch:
+        """The twin of a :class:`~deepzero_apps.solvers.burgers.BurgersSolver` (same grid and parameters)."""
         return cls(
             resolution=solver.grid.shape,
             size=solver.grid.size[1],

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
-from deepzero_apps.blackbox_loss import DenoiserLoss, ImageQueries, WhiteBox, stability
+from deepzero_apps.blackbox.losses import DenoiserLoss, ImageQueries, WhiteBox, stability
 from deepzero_apps.cli import main
 from deepzero_apps.engine import CGE, FirstOrder, StagedObjective
 from deepzero_apps.models import create_model
 from deepzero_apps.rundir import LOCK
-from deepzero_apps.tasks.certify_data import NoisyInputs
-from deepzero_apps.tasks.certify_zoae import AEObjective, autoencoder, latent_estimator
+from deepzero_apps.tasks.certify.data import NoisyInputs
+from deepzero_apps.tasks.certify.zoae import AEObjective, autoencoder, latent_estimator
 from deepzero_apps.trainer import Trainer
 
 TINY = [
@@ -127,7 +127,7 @@ def test_stability_from_probabilities_equals_logits_and_labels_are_refused():
 
 def test_denoising_metrics_use_a_class_balanced_test_subset(tmp_path, monkeypatch):
     # An image folder's test set is sorted by class: its first eval_limit images would be one or two classes.
-    import deepzero_apps.tasks.certify as certify_app
+    import deepzero_apps.tasks.certify.app as certify_app
 
     seen = []
     real = certify_app.denoising_metrics
@@ -240,7 +240,7 @@ def test_resolved_secrets_never_reach_run_files(tmp_path, capsys, monkeypatch):
 def test_autoencoder_stops_when_held_out_reconstruction_stops_improving_and_keeps_the_best():
     from omegaconf import OmegaConf
 
-    from deepzero_apps.tasks.certify_stages import _fit_autoencoder
+    from deepzero_apps.tasks.certify.stages import _fit_autoencoder
 
     cfg = OmegaConf.create({"seed": 0, "sigma": 0.25, "device": "cpu", "pretrain": {"batch_size": 16, "lr": 1e-2},
                             "zo_ae_ds": {"holdout": 0.25, "patience": 2, "ae_epochs": 40}})

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-import deepzero_apps.trainer as trainer_module
+import deepzero_apps.trainer.loop as trainer_module
 from deepzero_apps.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from deepzero_apps.cli import main
 from deepzero_apps.models import create_model

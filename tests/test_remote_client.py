@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from deepzero_apps import remote
 from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
+from deepzero_apps.blackbox import http_client as remote
+from deepzero_apps.blackbox.http_client import HTTPClassifier, decode, display_url, encode
 from deepzero_apps.cli import main
-from deepzero_apps.remote import HTTPClassifier, decode, display_url, encode
 
 URL = "http://user:pw@example.test:8000/predict?key=SECRET"
 

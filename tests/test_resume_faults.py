@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import deepzero_apps.engine.batched as batched
-import deepzero_apps.tasks.classify as classify
-import deepzero_apps.trainer as trainer_module
+import deepzero_apps.tasks.classify.app as classify
+import deepzero_apps.trainer.loop as trainer_module
 from deepzero_apps.checkpoint import load_checkpoint
 from deepzero_apps.cli import main
 from deepzero_apps.engine import CGE, RGE, FirstOrder, StagedObjective

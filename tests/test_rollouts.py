@@ -26,8 +26,8 @@ from deepzero_apps.solvers import Solver
 from deepzero_apps.solvers.burgers import BurgersSolver
 from deepzero_apps.solvers.external import ExternalSolver
 from deepzero_apps.solvers.wake import WakeSolver
-from deepzero_apps.tasks.pde import RolloutObjective, black_box_step
-from deepzero_apps.tasks.pde_data import Stepper
+from deepzero_apps.tasks.pde.app import RolloutObjective, black_box_step
+from deepzero_apps.tasks.pde.data import Stepper
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

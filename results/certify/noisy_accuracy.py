@@ -23,10 +23,10 @@ from deepzero_apps.blackbox import BlackBoxClassifier
 from deepzero_apps.checkpoint import load_checkpoint
 from deepzero_apps.data import balanced_subset
 from deepzero_apps.models.build import build_model
-from deepzero_apps.tasks.certify_data import Standardize, pixel_data
-from deepzero_apps.tasks.certify_report import denoising_metrics
-from deepzero_apps.tasks.certify_stages import build_denoiser
-from deepzero_apps.tasks.certify_zoae import autoencoder
+from deepzero_apps.tasks.certify.data import Standardize, pixel_data
+from deepzero_apps.tasks.certify.report import denoising_metrics
+from deepzero_apps.tasks.certify.stages import build_denoiser
+from deepzero_apps.tasks.certify.zoae import autoencoder
 
 IMAGES = 500
 

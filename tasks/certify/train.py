@@ -1,7 +1,7 @@
 """certify's fine-tuning: the denoiser trained through the black box by one `method`.
 
 ``deepzero`` (sparse CGE over the denoiser's parameters with feature reuse), ``zo_ae_ds`` (ZO on an
-autoencoder's latent, `certify_zoae`), ``fo_ds`` (backprop through the classifier: the white-box upper
+autoencoder's latent, `zoae.py`), ``fo_ds`` (backprop through the classifier: the white-box upper
 bound). Queries are images sent to the classifier, counted the same way in every method.
 
 The generic wiring (estimator, optimizer, scheduler, sampler with the shared ratio-reuse rule,
@@ -27,16 +27,17 @@ from deepzero_apps.adapter import (
     build_scheduler,
     trainer_config,
 )
-from deepzero_apps.blackbox_loss import DenoiserLoss, ImageQueries, WhiteBox, labels_of, stability
-from deepzero_apps.classifiers import black_box
+from deepzero_apps.blackbox.http_client import HTTPClassifier
+from deepzero_apps.blackbox.loaders import black_box
+from deepzero_apps.blackbox.losses import DenoiserLoss, ImageQueries, WhiteBox, labels_of, stability
 from deepzero_apps.data import DataBundle, LabeledTensorDataset, balanced_subset
 from deepzero_apps.engine import FirstOrder, Objective, StagedObjective, is_main
 from deepzero_apps.loggers import build_logger
-from deepzero_apps.remote import HTTPClassifier
-from deepzero_apps.tasks.certify_data import NoisyInputs
-from deepzero_apps.tasks.certify_stages import pretrain_autoencoder
-from deepzero_apps.tasks.certify_zoae import AEObjective, latent_estimator
 from deepzero_apps.trainer import Trainer
+
+from .data import NoisyInputs
+from .stages import pretrain_autoencoder
+from .zoae import AEObjective, latent_estimator
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from deepzero_apps.blackbox import BlackBoxClassifier
-from deepzero_apps.blackbox_loss import labels_of
+from deepzero_apps.blackbox.loaders import black_box
+from deepzero_apps.blackbox.losses import labels_of
 from deepzero_apps.checkpoint import atomic_write_json, atomic_write_text
-from deepzero_apps.classifiers import black_box
 from deepzero_apps.data import DataBundle, balanced_subset
 from deepzero_apps.errors import ConfigError, one_line
 from deepzero_apps.smoothing import Smoothed, certified_accuracy, certify_dataset, load_certification

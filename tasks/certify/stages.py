@@ -23,16 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from deepzero_apps.blackbox.loaders import describe, load_classifier
 from deepzero_apps.checkpoint import atomic_write, atomic_write_json, load_checkpoint
-from deepzero_apps.classifiers import describe, load_classifier
 from deepzero_apps.data import DataBundle
 from deepzero_apps.engine import FirstOrder, Objective, StagedObjective
 from deepzero_apps.errors import ConfigError, RunError, one_line
 from deepzero_apps.models.build import build_model
 from deepzero_apps.rundir import lock_run_dir, release_run_dir
-from deepzero_apps.tasks.certify_data import NoisyInputs, Standardize
-from deepzero_apps.tasks.certify_zoae import autoencoder
 from deepzero_apps.trainer import Trainer, TrainerConfig
+
+from .data import NoisyInputs, Standardize
+from .zoae import autoencoder
 
 log = logging.getLogger(__name__)
 

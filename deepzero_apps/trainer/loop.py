@@ -13,7 +13,6 @@ budget is checked before each step, from the step's cost known in advance.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .checkpoint import (
-    atomic_write_text,
+from ..checkpoint import (
     interrupts_deferred,
     load_checkpoint,
     remove_stale_temps,
@@ -34,21 +32,17 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .engine import Objective
-from .engine.distributed import all_reduce_sum, barrier, is_main
-from .engine.queries import QueryCounter
-from .errors import ConfigError, RunError
-from .plotting import plot_learning_curve
-from .rundir import lock_run_dir
-from .schedules import build_scheduler
+from ..engine import Objective
+from ..engine.distributed import all_reduce_sum, barrier, is_main
+from ..errors import ConfigError, RunError
+from ..plotting import plot_learning_curve
+from ..rundir import lock_run_dir
+from ..schedules import build_scheduler
+from .guards import NonFiniteError, grads_finite, state_finite, step_cost
+from .metrics_log import METRICS, MetricsLog
 
 CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 CURVE = "learning_curve.png"
-
-
-class NonFiniteError(RunError):
-    """A step produced a NaN/inf loss, gradient or update (the run stops; the last checkpoint stays good)."""
 
 
 class Estimator(Protocol):
@@ -106,7 +100,7 @@ class Trainer:
         self.train_set, self.evaluate, self.cfg = train_set, evaluate, config
         self.out_dir, self.sampler, self.device, self.title = Path(out_dir), sampler, device, title
         self.extra_state = extra_state or {}
-        self.sinks = tuple(sinks)  # metric loggers beside metrics.jsonl (deepzero_apps.loggers)
+        self.metrics = MetricsLog(self.out_dir / METRICS, sinks)
         n, b = len(train_set), config.batch_size
         self.steps_per_epoch = n // b if (config.drop_last and n >= b) else math.ceil(n / b)
         total = self.steps_per_epoch * config.epochs
@@ -116,7 +110,7 @@ class Trainer:
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.elapsed = 0.0
         self.sums = _epoch_sums(objective.counter.queries)  # this epoch's loss sum, steps, queries at its start
-        self.skipped = self.metrics_rows = self.last_step_cost = 0
+        self.skipped = self.last_step_cost = 0
         self.saved_step: int | None = None  # global step of the checkpoint on disk (None: none written)
         self.stopped = ""  # "query budget" once the budget stopped the run
         self.last_eval: dict[str, float] | None = None
@@ -163,7 +157,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "epoch_sums": dict(self.sums),
             "skipped": self.skipped,
-            "metrics_rows": self.metrics_rows,
+            "metrics_rows": self.metrics.rows,
             "last_step_cost": self.last_step_cost,
             "stopped": self.stopped,
             "last_eval": self.last_eval,
@@ -232,57 +226,13 @@ class Trainer:
                 "pick another output dir or move it away"
             ) from exc
         if self.main:
-            self._truncate_metrics(state.get("metrics_rows"))
+            self.metrics.truncate(state.get("metrics_rows"), self.global_step)
             print(f"resuming from {self.checkpoint_path} at epoch {self.epoch}, step {self.global_step}")
-
-    def _truncate_metrics(self, rows: int | None) -> None:
-        """Keep exactly the metrics rows the checkpoint covers (rewritten atomically): rows written after
-        it are written again by the resumed run. Checkpoints without a row count keep steps <= theirs."""
-        path = self.out_dir / METRICS
-        try:
-            text = path.read_bytes().decode() if path.exists() else ""
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); move it away to resume") from exc
-        lines = text.splitlines(keepends=True)
-        complete = [line for line in lines if line.endswith("\n")]
-        kept = []
-        for i, line in enumerate(complete if rows is None else complete[:rows], 1):
-            record = _metrics_record(line)
-            if record is None:
-                raise ConfigError(f"{path} line {i} is not a metrics record: {line.strip()[:60]!r}; move it away to resume")
-            if rows is not None or record["step"] <= self.global_step:
-                kept.append(line)
-        self.metrics_rows = len(kept)
-        if kept != lines:
-            try:
-                atomic_write_text(path, "".join(kept))
-            except OSError as exc:
-                raise RunError(f"cannot rewrite {path}: {exc.strerror or exc}") from exc
 
     # ---- loop --------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
-        if not self.main:
-            return
-        path = self.out_dir / METRICS
-        try:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as exc:
-            raise RunError(f"cannot write {path}: {exc.strerror or exc}; {self._on_disk()}") from exc
-        self.metrics_rows += 1
-        for sink in self.sinks:
-            sink(record)
-
-    def _finite(self, loss: float) -> bool:
-        return math.isfinite(loss) and all(
-            torch.isfinite(b.param.grad).all() for b in self.objective.coords.blocks if b.param.grad is not None
-        )
-
-    def _state_finite(self) -> bool:
-        """Parameters, buffers and optimizer state after a step: all finite (what a checkpoint would save)."""
-        tensors = list(self.objective.module.state_dict().values())
-        tensors += [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point() or t.is_complex())
+        if self.main:
+            self.metrics.append(record, self._on_disk)
 
     def _train_step(self, batch: Any, coords: torch.Tensor | None) -> float | None:
         """One step; returns its loss, or None if it was skipped (on_nonfinite=skip)."""
@@ -294,10 +244,10 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.estimator.estimate(self.objective, batch, coords, step=self.global_step)
-        what = "loss or gradient" if not self._finite(loss) else ""
+        what = "loss or gradient" if not grads_finite(self.objective, loss) else ""
         if not what:
             self.optimizer.step()
-            what = "" if self._state_finite() else "parameter update"
+            what = "" if state_finite(self.objective.module, self.optimizer) else "parameter update"
         if what and not skip:
             raise NonFiniteError(
                 f"non-finite {what} at step {self.global_step} (epoch {self.epoch}, loss={loss}); {self._on_disk()}"
@@ -320,16 +270,7 @@ class Trainer:
         return None if what else loss
 
     def _step_cost(self, coords: torch.Tensor | None, batch: Any) -> int:
-        """Queries the next step will spend, known before it runs: the estimator's count (CGE, RGE, first
-        order), converted by the counter when it counts another unit (`step_cost(loss_queries, batch)`,
-        e.g. images); else the previous step's measured cost."""
-        per_step = getattr(self.estimator, "queries_per_step", None)
-        counter = self.objective.counter
-        convert = getattr(counter, "step_cost", None)
-        if callable(per_step) and (type(counter) is QueryCounter or callable(convert)):
-            queries = per_step(self.objective.coords.dim if coords is None else len(coords))
-            return queries if type(counter) is QueryCounter else convert(queries, batch)
-        return self.last_step_cost
+        return step_cost(self.estimator, self.objective, coords, batch, self.last_step_cost)
 
     def _budget_allows(self, cost: int) -> bool:
         """Rank 0's count decides (all-reduced), so every rank stops at the same step."""
@@ -425,13 +366,3 @@ class Trainer:
 
 def _epoch_sums(queries: int) -> dict[str, float]:
     return {"loss_sum": 0.0, "steps": 0, "queries_start": queries}
-
-
-def _metrics_record(line: str) -> dict | None:
-    """The record on a metrics.jsonl line, or None if the line is not one (a kind and an integer step)."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    ok = isinstance(record, dict) and isinstance(record.get("kind"), str)
-    return record if ok and isinstance(record.get("step"), int) and not isinstance(record["step"], bool) else None

@@ -5,13 +5,13 @@ Cohen et al. and Salman et al.):
 
 1. the classifier is the user's (`classifier=callable|torchscript|http`, docs/blackbox.md) or trained
    first-order here (`classifier=train`), and then only used through `BlackBoxClassifier`: queries
-   counted, a timeout per call, no autograd path (`certify_stages`);
+   counted, a timeout per call, no autograd path (`stages.py`);
 2. a DnCNN denoiser is pretrained first-order on MSE to the clean image (no classifier query), cached
-   so every method starts from the same weights (`certify_stages`);
-3. the denoiser is fine-tuned through the black box by one `method` (`certify_train`), or not at all
+   so every method starts from the same weights (`stages.py`);
+3. the denoiser is fine-tuned through the black box by one `method` (`train.py`), or not at all
    (``mse``: the common starting point); `query_budget` caps the images sent;
 4. the smoothed classifier ``g(x) = argmax P(f(D(x + eps)) = c)`` is certified on a test subset
-   (Cohen's CERTIFY) and certified accuracy vs radius is written as TSV, JSON and PNG (`certify_report`).
+   (Cohen's CERTIFY) and certified accuracy vs radius is written as TSV, JSON and PNG (`report.py`).
 
 ``compare=[run_dir, ...]`` instead plots and tabulates finished runs side by side.
 """
@@ -24,16 +24,17 @@ from omegaconf import DictConfig
 from torch import nn
 
 from deepzero_apps.apps import App
+from deepzero_apps.blackbox.loaders import black_box
 from deepzero_apps.checkpoint import atomic_write_json
-from deepzero_apps.classifiers import black_box
 from deepzero_apps.config import start_run
 from deepzero_apps.data import balanced_subset
 from deepzero_apps.engine import is_main
-from deepzero_apps.tasks.certify_config import CertifyConfig
-from deepzero_apps.tasks.certify_data import pixel_data
-from deepzero_apps.tasks.certify_report import certify_pipeline, compare_runs, denoising_metrics
-from deepzero_apps.tasks.certify_stages import build_classifier, build_denoiser, pretrain_denoiser
-from deepzero_apps.tasks.certify_train import fine_tune
+
+from .config import CertifyConfig
+from .data import pixel_data
+from .report import certify_pipeline, compare_runs, denoising_metrics
+from .stages import build_classifier, build_denoiser, pretrain_denoiser
+from .train import fine_tune
 
 log = logging.getLogger(__name__)
 

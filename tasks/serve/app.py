@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 
 from deepzero_apps.apps import App
 from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
-from deepzero_apps.classifiers import ClassifierConfig, black_box, describe, load_classifier
+from deepzero_apps.blackbox.http_client import NPY, OUTPUT_HEADER, decode, encode
+from deepzero_apps.blackbox.loaders import ClassifierConfig, black_box, describe, load_classifier
 from deepzero_apps.config import require, start_run
 from deepzero_apps.errors import ConfigError
-from deepzero_apps.remote import NPY, OUTPUT_HEADER, decode, encode
 
 try:
     from fastapi import FastAPI, Request, Response

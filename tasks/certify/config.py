@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from deepzero_apps.classifiers import ClassifierConfig
+from deepzero_apps.blackbox.loaders import ClassifierConfig
 from deepzero_apps.config import DataConfig, ZOTrainConfig, method_mode, require
 
 CERTIFY_METHODS = ("deepzero", "zo_ae_ds", "fo_ds", "mse")

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .errors import RunError, one_line
+from ..errors import RunError, one_line
 
 __all__ = ["BlackBoxClassifier", "BlackBoxError", "OutputKind", "OUTPUT_KINDS"]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,9 +54,10 @@ from deepzero_apps.engine import (
 from deepzero_apps.errors import one_line
 from deepzero_apps.loggers import build_logger
 from deepzero_apps.solvers import SolverError, list_solvers, register_solver_configs
-from deepzero_apps.tasks.pde_config import PdeConfig
-from deepzero_apps.tasks.pde_data import SolverPair, Stepper, build_solvers, reference_data, split_seeds
 from deepzero_apps.trainer import CHECKPOINT, Trainer
+
+from .config import PdeConfig
+from .data import SolverPair, Stepper, build_solvers, reference_data, split_seeds
 
 EVAL = "eval.json"
 LABELS = {"src": "SRC", "non": "NON", "zo_sol": "ZO-SOL", "fo_sol": "FO-SOL"}
@@ -433,8 +433,3 @@ APP = App(
     register_configs=register_configs,
 )
 
-
-if __name__ == "__main__":
-    if len(sys.argv) < 4 or sys.argv[1] != "compare":
-        sys.exit("usage: python -m deepzero_apps.tasks.pde compare OUT.png RUN_DIR [RUN_DIR ...]")
-    print(compare(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]]))
