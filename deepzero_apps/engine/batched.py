@@ -37,8 +37,9 @@ from .fastpaths import (
     linear_source,
     trace,
 )
-from .objective import Batch, Objective, StagedObjective, close, forked_rng
+from .objective import Batch, Objective, StagedObjective, forked_rng
 from .stacked import DEFAULT_CHUNK, StackedObjective, stacked_coordinate_losses
+from .stage_check import close
 
 
 class StepCache(list):
@@ -72,12 +73,15 @@ class Site:
 
 
 class Plan:
-    """Stage trees of one objective and the site of every parameter that has exactly one owner
-    and is read nowhere after it (see `BatchedEvaluator._read_later`)."""
+    """Stage trees of one objective and the site of every parameter that has exactly one owner,
+    that no other module of the stages reads, and that is read nowhere after it (see
+    `BatchedEvaluator._read_later`)."""
 
-    def __init__(self, stages: list[nn.Module]):
-        self.stages = stages
-        self.trees = [describe(s) for s in stages]
+    def __init__(self, objective: StagedObjective):
+        self.stages = list(objective.stages)
+        self.stage_by_param = {id(b.param): b.stage for b in objective.coords.blocks}
+        self.readers = objective.readers
+        self.trees = [describe(s) for s in self.stages]
         self.vmap_loss = True
         self.checked: set[int] = set()  # parameters whose later use was checked
         self.excluded: set[int] = set()  # ... and found: they take the exact loop
@@ -92,10 +96,19 @@ class Plan:
         ]
         owners = Counter(pid for pid, _ in found)
         old = getattr(self, "sites", {})
-        self.sites = {pid: site for pid, site in found if owners[pid] == 1 and pid not in self.excluded}
+        self.sites = {
+            pid: site
+            for pid, site in found
+            if owners[pid] == 1 and pid not in self.excluded and self._read_only_at(pid, site)
+        }
         for pid, site in self.sites.items():
             if pid in old and old[pid].path == site.path:
                 site.chunk, site.trial, site.best = old[pid].chunk, old[pid].trial, old[pid].best
+
+    def _read_only_at(self, pid: int, site: Site) -> bool:
+        """The parameter's owning stage is the site's, and only the site's leaf reads it there."""
+        inside = set(site.module.modules())
+        return self.stage_by_param.get(pid) == site.stage and self.readers.get(pid, set()) <= inside
 
     def make_opaque(self, stage: int) -> None:
         """The tree did not reproduce the stage: run it as one leaf from now on."""
@@ -169,7 +182,7 @@ class BatchedEvaluator(FeatureReuse):
                 for m in objective.module.modules()
             )
             staged = isinstance(objective, StagedObjective) and not custom_bn
-            plan = Plan(list(objective.stages)) if staged else None
+            plan = Plan(objective) if staged else None
             if plan is not None:
                 self._apply_tuned(objective, plan)
             self._plans[objective] = plan
