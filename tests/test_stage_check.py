@@ -238,3 +238,33 @@ def test_a_read_no_record_can_see_is_refused_by_the_check(evaluator):
     with pytest.raises(ConfigError, match=match) as e:
         estimator.estimate(objective(Borrowing("alias")), batch())
     assert "\n" not in str(e.value)
+
+
+# Stages that write into their input: the cached input must stay what the base query saw.
+
+
+class Doubles(nn.Module):
+    def forward(self, h):
+        return h.mul_(2)
+
+
+def writes_into_its_input(first: nn.Module) -> nn.Sequential:
+    """Stage 1 starts with an in-place op on the input it is given (cached by feature reuse)."""
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 6)), nn.Sequential(first, nn.Tanh(), nn.Linear(6, 6)), nn.Linear(6, 5)
+    ).double()
+
+
+@pytest.mark.parametrize("first", [Doubles, lambda: nn.ReLU(inplace=True)], ids=["mul_", "relu_"])
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+def test_a_stage_that_writes_into_its_input_equals_the_reference_and_autograd(first, evaluator):
+    model, b = writes_into_its_input(first()), batch()
+    x0 = b[0].clone()
+    truth = autograd_grad(copy.deepcopy(model), b)
+    ref, near = copy.deepcopy(model), copy.deepcopy(model)
+    CGE(mu=5e-3, evaluator="reference").estimate(objective(ref), b)
+    CGE(mu=5e-3, evaluator=make_evaluator_named(evaluator)).estimate(objective(model), b)
+    assert torch.allclose(grads(model), grads(ref), rtol=0, atol=1e-10)
+    CGE(mu=1e-6, evaluator=make_evaluator_named(evaluator)).estimate(objective(near), b)
+    assert F.cosine_similarity(grads(near), truth, dim=0) >= 0.999
+    assert torch.equal(b[0], x0)

@@ -130,7 +130,8 @@ class BatchedEvaluator(FeatureReuse):
     faster in that layout; values only change by float rounding). A `StackedObjective` gets K
     perturbed parameter vectors per call (`stacked`). Coordinates of parameters shared by several
     layers or read again after their layer (a weight penalty in the loss, found by a check on first
-    use), and other objectives that are not staged, use the FeatureReuse loop. Query
+    use), and objectives that are not staged or have a stage writing into its input, use the
+    FeatureReuse loop. Query
     accounting is the FeatureReuse one (one query restarted at the owning stage per coordinate), so
     budgets mean the same thing whichever evaluator runs them.
     """
@@ -182,6 +183,7 @@ class BatchedEvaluator(FeatureReuse):
                 for m in objective.module.modules()
             )
             staged = isinstance(objective, StagedObjective) and not custom_bn
+            staged = staged and not any(objective.writes_input)  # type: ignore[attr-defined]
             plan = Plan(objective) if staged else None
             if plan is not None:
                 self._apply_tuned(objective, plan)

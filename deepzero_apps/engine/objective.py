@@ -108,6 +108,7 @@ class StagedObjective(Objective):
         self._unresolved = True
         self._unchecked = check_stages and not _composes_by_construction(model, self.stages)
         self.readers: dict[int, set[nn.Module]] = {}  # parameter id -> innermost modules reading it
+        self.writes_input = [False] * self.num_stages  # stages that modify their input in place
         super().__init__(model, trainable)
 
     def _stage_of_param(self, p: nn.Parameter) -> int:
@@ -117,9 +118,13 @@ class StagedObjective(Objective):
         return 1.0 if self._suffix_cost is None else self._suffix_cost[stage]
 
     def _compose(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
-        for s in self.stages[start:]:
-            h = s(h)
+        for i in range(start, self.num_stages):
+            h = self._stage(i, h)
         return h
+
+    def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Stage i on h; on a copy if the stage writes into its input, so a cached input stays intact."""
+        return self.stages[i](h.clone() if self.writes_input[i] else h)
 
     def _run(self, stage: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.loss_fn(self._compose(h, stage), batch)
@@ -135,7 +140,7 @@ class StagedObjective(Objective):
             params = [b.param for b in self.coords.blocks]
             with frozen_running_stats(self.module):
                 reads = forked_rng(batch, lambda: record_reads(self.stages, self.inputs(batch), params))
-            self.readers = reads.modules
+            self.readers, self.writes_input = reads.modules, reads.writes_input
             self.coords.restage(owners(self.coords.blocks, self.stages, reads, self._describe()))
         if self._unchecked:
             self._unchecked = False
@@ -149,9 +154,9 @@ class StagedObjective(Objective):
 
         def composed() -> tuple[Any, list[torch.Tensor]]:
             h, inputs = self.inputs(batch), []
-            for s in self.stages:
+            for i in range(self.num_stages):
                 inputs.append(h)
-                h = s(h)
+                h = self._stage(i, h)
             return h, inputs
 
         def refuse(why: str) -> ConfigError:
@@ -161,9 +166,13 @@ class StagedObjective(Objective):
                 "stage, or pass check_stages=False if forward is random in a way the stages cannot replay"
             )
 
+        def forward() -> Any:
+            x = self.inputs(batch)
+            return self.module(x.clone() if self.writes_input[0] else x)
+
         with torch.no_grad(), frozen_running_stats(self.module):
             check_composition(
-                lambda: forked_rng(batch, lambda: self.module(self.inputs(batch))),
+                lambda: forked_rng(batch, forward),
                 lambda: forked_rng(batch, composed),
                 self.coords.blocks,
                 refuse,
@@ -175,9 +184,9 @@ class StagedObjective(Objective):
             self._suffix_cost = self._measure_suffix_cost(self.inputs(batch))
         self.counter.add(1, 1.0)
         h, cache = self.inputs(batch), []
-        for s in self.stages:
+        for i in range(self.num_stages):
             cache.append(h)
-            h = s(h)
+            h = self._stage(i, h)
         return self.loss_fn(h, batch), cache
 
     def loss_from(self, stage: int, cache: list[torch.Tensor], batch: Batch) -> torch.Tensor:
@@ -188,9 +197,9 @@ class StagedObjective(Objective):
         """FLOPs of stages s.. as a fraction of the whole forward (uniform if nothing is counted)."""
         flops = []
         with torch.no_grad(), frozen_running_stats(self.module):
-            for s in self.stages:
+            for i in range(self.num_stages):
                 with FlopCounterMode(display=False) as fc:
-                    h = s(h)
+                    h = self._stage(i, h)
                 flops.append(float(fc.get_total_flops()))
         total = sum(flops)
         if total <= 0:

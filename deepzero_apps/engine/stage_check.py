@@ -34,10 +34,12 @@ ULPS = 16  # rounding allowed in a change, in units of the output's float spacin
 
 @dataclass
 class Reads:
-    """Which stages (by index) and which innermost modules read each parameter (by id)."""
+    """Which stages (by index) and which innermost modules read each parameter (by id), and which
+    stages write into their input tensor."""
 
     stages: dict[int, set[int]] = field(default_factory=dict)
     modules: dict[int, set[nn.Module]] = field(default_factory=dict)
+    writes_input: list[bool] = field(default_factory=list)
 
 
 class _RecordReads(TorchFunctionMode):
@@ -87,13 +89,17 @@ def _module_stack(stack: list[nn.Module]) -> Iterator[None]:
 
 
 def record_reads(stages: Sequence[nn.Module], x: torch.Tensor, params: Sequence[nn.Parameter]) -> Reads:
-    """Run the stages on x, recording which stage (and innermost module) reads each parameter."""
+    """Run the stages on a copy of x, recording which stage (and innermost module) reads each
+    parameter, and which stage modifies its input in place (its version counter moves)."""
     reads, stack = Reads(), []
     mode = _RecordReads({id(p) for p in params}, reads, stack)
+    x = x.clone()
     with torch.no_grad(), _module_stack(stack), mode:
         for i, s in enumerate(stages):
-            mode.stage = i
-            x = s(x)
+            mode.stage, version = i, x._version
+            y = s(x)
+            reads.writes_input.append(x._version != version)
+            x = y
     return reads
 
 
