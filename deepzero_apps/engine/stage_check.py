@@ -10,7 +10,9 @@ at the stage that owns it, from that stage's cached input. Both are exact only i
   the two at the current parameters only is not enough: a gate that starts at 0, a zero-initialised
   branch or a branch far below the output's size contribute nothing (or less than rounding) there.
   So they are also compared at a random point around the parameters and, from there, one parameter
-  tensor at a time by their *changes*, with a tolerance relative to the size of those changes.
+  tensor at a time by their *changes*, with a tolerance relative to the size of those changes;
+* a cached stage input stays what the base query saw: a stage that writes into its input (found
+  here by the input's version counter) is then run on a copy (`StagedObjective._stage`).
 """
 
 from __future__ import annotations
