@@ -182,8 +182,9 @@ class BatchedEvaluator(FeatureReuse):
                 isinstance(m, _BatchNorm) and not is_standard(m, _BatchNorm)
                 for m in objective.module.modules()
             )
-            staged = isinstance(objective, StagedObjective) and not custom_bn
-            staged = staged and not any(objective.writes_input)  # type: ignore[attr-defined]
+            staged = (
+                isinstance(objective, StagedObjective) and not custom_bn and not any(objective.writes_input)
+            )
             plan = Plan(objective) if staged else None
             if plan is not None:
                 self._apply_tuned(objective, plan)

@@ -152,13 +152,6 @@ class StagedObjective(Objective):
     def _check_stages(self, batch: Batch) -> None:
         """The stage composition must reproduce `forward` (the model the user means to train)."""
 
-        def composed() -> tuple[Any, list[torch.Tensor]]:
-            h, inputs = self.inputs(batch), []
-            for i in range(self.num_stages):
-                inputs.append(h)
-                h = self._stage(i, h)
-            return h, inputs
-
         def refuse(why: str) -> ConfigError:
             return ConfigError(
                 f"the {self._describe()} do not compose to its forward: {why}; make stages() (or the "
@@ -173,7 +166,7 @@ class StagedObjective(Objective):
         with torch.no_grad(), frozen_running_stats(self.module):
             check_composition(
                 lambda: forked_rng(batch, forward),
-                lambda: forked_rng(batch, composed),
+                lambda: forked_rng(batch, lambda: self._with_inputs(batch)),
                 self.coords.blocks,
                 refuse,
             )
@@ -183,11 +176,16 @@ class StagedObjective(Objective):
         if self._suffix_cost is None:
             self._suffix_cost = self._measure_suffix_cost(self.inputs(batch))
         self.counter.add(1, 1.0)
-        h, cache = self.inputs(batch), []
+        out, cache = self._with_inputs(batch)
+        return self.loss_fn(out, batch), cache
+
+    def _with_inputs(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The composed output and every stage's input (what feature reuse caches)."""
+        h, inputs = self.inputs(batch), []
         for i in range(self.num_stages):
-            cache.append(h)
+            inputs.append(h)
             h = self._stage(i, h)
-        return self.loss_fn(h, batch), cache
+        return h, inputs
 
     def loss_from(self, stage: int, cache: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         self.counter.add(1, self.stage_cost(stage))
