@@ -22,6 +22,7 @@ from typing import Any
 
 import hydra
 import torch.distributed as dist
+import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -32,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .adapter import INTERRUPTED, USAGE_ERROR, debug_requested, error_boundary
 from .allocator import tune_malloc
 from .apps import App, get_app, list_apps
-from .config import validate
+from .config import describe_config_error, validate
 from .engine.distributed import init_distributed, is_main, launched_by_torchrun
 from .errors import ConfigError, RunError, one_line
 from .rundir import hydra_overrides, lock_run_dir, release_run_dirs
@@ -200,10 +201,10 @@ def compose_checked(app: App, overrides: Sequence[str], multirun: bool = False) 
             directory = str(OmegaConf.select(full, "hydra.run.dir"))
         cfg = OmegaConf.masked_copy(full, [key for key in full if key != "hydra"])
         validate(cfg, app.schema)
-    except (HydraException, OmegaConfBaseException, ValueError, OverflowError) as exc:  # ValueError: ConfigError too
-        if debug_requested():
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError, OverflowError) as exc:
+        if debug_requested():  # ValueError: ConfigError too; YAMLError: a config file that does not parse
             raise
-        raise UsageError(one_line(exc)) from exc
+        raise UsageError(describe_config_error(exc)) from exc
     return cfg, directory
 
 

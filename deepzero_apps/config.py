@@ -25,12 +25,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
 from .errors import ConfigError, one_line
 from .rundir import check_resume, lock_run_dir
+
+
+def describe_config_error(exc: BaseException) -> str:
+    """One line for a config that cannot be composed: the file and line of a YAML syntax error, the
+    expected type of a value that does not convert; otherwise the exception's own message."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in seen:
+        if isinstance(cause, yaml.MarkedYAMLError) and cause.problem_mark is not None:
+            mark = cause.problem_mark
+            what = "; ".join(str(part) for part in (cause.context, cause.problem) if part)
+            hint = (
+                "; quote a value with ${...} in it inside [...] or {...}, e.g. '${oc.env:X}'"
+                if "'{'" in str(cause.problem)
+                else ""
+            )
+            return f"config file {mark.name}, line {mark.line + 1}, column {mark.column + 1}: {what}{hint}"
+        converted = re.search(r"could not be converted to (\w+)", str(cause))
+        if isinstance(cause, ValidationError) and converted:
+            kind = TYPE_NAMES.get(converted.group(1), f"a {converted.group(1)}")
+            return f"{cause.full_key}={cause.value!r}: expected {kind}"
+    return one_line(exc)
+
+
+TYPE_NAMES = {"Integer": "an integer", "Float": "a float", "Boolean": "a boolean (true or false)"}
 
 
 def require(ok: bool, message: str) -> None:
@@ -201,9 +231,32 @@ def _check_targets(node: Any, key: str = "") -> None:
     except (TypeError, ValueError):  # some builtins have no signature: checked when instantiated
         return
     try:
-        signature.bind_partial(*node.get("_args_", []), **kwargs)
+        bound = signature.bind_partial(*node.get("_args_", []), **kwargs)
     except TypeError as exc:
         raise ConfigError(f"{key or 'config'}: {node['_target_']} does not accept these arguments: {exc}") from exc
+    for arg, value in bound.arguments.items():
+        kind = _scalar_kind(signature.parameters[arg].annotation)
+        wrong = isinstance(value, str) or (kind == "int" and isinstance(value, float))
+        if kind is not None and wrong:
+            where = f"{key}.{arg}" if key else arg
+            raise ConfigError(f"{where}={value!r}: expected {SCALARS[kind]} ({node['_target_']}'s {arg})")
+
+
+SCALARS = {"float": "a float", "int": "an integer", "bool": "a boolean (true or false)"}
+
+
+def _scalar_kind(annotation: Any) -> str | None:
+    """'float', 'int' or 'bool' when a target's annotation (a type, a union or, under postponed
+    evaluation, its text) admits only numbers of that kind (and None); None when anything else fits."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+    names = set(re.findall(r"[A-Za-z_][\w.]*", text)) - {"None", "NoneType", "Optional", "Union", "typing"}
+    names = {n.rsplit(".", 1)[-1] for n in names} - {"Tensor"}  # `float | Tensor`: a config gives the float
+    for kind in SCALARS:
+        if kind in names and names <= {"float", "int", "bool"}:
+            return kind
+    return None
 
 
 # Sizes of a model or denoiser (`_target_` groups stay open dicts) that only make sense positive.

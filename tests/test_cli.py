@@ -37,7 +37,7 @@ def test_console_script_unknown_application_is_one_line_exit_2():
     ("override", "needle"),
     [
         ("epochz=3", "epochz"),
-        ("epochs=three", "epochs"),
+        ("epochs=three", "epochs='three': expected an integer"),
         ("model=resnet21", "resnet21"),
         ("sparsity.sparsity=1.5", "sparsity.sparsity=1.5"),
         ("data=imagefolder", "data.root"),
@@ -45,7 +45,9 @@ def test_console_script_unknown_application_is_one_line_exit_2():
         ("estimator.mu=-1", "mu must be > 0, got -1"),
         ("model.name=vgg", "unknown model 'vgg'"),
         ("mode=so", "mode='so'"),
-        ("optimizer.lr=abc", "optimizer:"),
+        ("optimizer.lr=abc", "optimizer.lr='abc': expected a float"),  # issue #23 item 5
+        ("estimator.mu=abc", "estimator.mu='abc': expected a float"),
+        ("estimator=rge estimator.q=1.5", "estimator.q=1.5: expected an integer"),
         ("data=0", "Got int"),
         # issue #13 item 9: each of these was a traceback
         ("model.channels=0", "model.channels=0 must be >= 1"),
@@ -66,6 +68,16 @@ def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, needle
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_config_file_that_does_not_parse_is_one_line_exit_2(tmp_path, capsys):
+    """An unquoted interpolation in a flow list of a user's --config-dir file (issue #23 item 5)."""
+    mine = tmp_path / "conf" / "optimizer" / "mine.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("_target_: torch.optim.SGD\n_partial_: true\nlr: 0.1\nbetas: [0.9, ${oc.env:B2,0.99}]\n")
+    assert main(["classify", "--config-dir", str(tmp_path / "conf"), f"hydra.run.dir={tmp_path / 'run'}", "optimizer=mine"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"config file {mine}, line 4, column 15:" in err and "quote" in err and len(err.splitlines()) == 1, err
 
 
 def test_multirun_under_torchrun_is_one_line_exit_2(capsys, monkeypatch):

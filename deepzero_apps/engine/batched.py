@@ -37,8 +37,9 @@ from .fastpaths import (
     linear_source,
     trace,
 )
-from .objective import Batch, Objective, StagedObjective, close, forked_rng
+from .objective import Batch, Objective, StagedObjective, forked_rng
 from .stacked import DEFAULT_CHUNK, StackedObjective, stacked_coordinate_losses
+from .stage_check import close
 
 
 class StepCache(list):
@@ -72,12 +73,15 @@ class Site:
 
 
 class Plan:
-    """Stage trees of one objective and the site of every parameter that has exactly one owner
-    and is read nowhere after it (see `BatchedEvaluator._read_later`)."""
+    """Stage trees of one objective and the site of every parameter that has exactly one owner,
+    that no other module of the stages reads, and that is read nowhere after it (see
+    `BatchedEvaluator._read_later`)."""
 
-    def __init__(self, stages: list[nn.Module]):
-        self.stages = stages
-        self.trees = [describe(s) for s in stages]
+    def __init__(self, objective: StagedObjective):
+        self.stages = list(objective.stages)
+        self.stage_by_param = {id(b.param): b.stage for b in objective.coords.blocks}
+        self.readers = objective.readers
+        self.trees = [describe(s) for s in self.stages]
         self.vmap_loss = True
         self.checked: set[int] = set()  # parameters whose later use was checked
         self.excluded: set[int] = set()  # ... and found: they take the exact loop
@@ -92,10 +96,19 @@ class Plan:
         ]
         owners = Counter(pid for pid, _ in found)
         old = getattr(self, "sites", {})
-        self.sites = {pid: site for pid, site in found if owners[pid] == 1 and pid not in self.excluded}
+        self.sites = {
+            pid: site
+            for pid, site in found
+            if owners[pid] == 1 and pid not in self.excluded and self._read_only_at(pid, site)
+        }
         for pid, site in self.sites.items():
             if pid in old and old[pid].path == site.path:
                 site.chunk, site.trial, site.best = old[pid].chunk, old[pid].trial, old[pid].best
+
+    def _read_only_at(self, pid: int, site: Site) -> bool:
+        """The parameter's owning stage is the site's, and only the site's leaf reads it there."""
+        inside = set(site.module.modules())
+        return self.stage_by_param.get(pid) == site.stage and self.readers.get(pid, set()) <= inside
 
     def make_opaque(self, stage: int) -> None:
         """The tree did not reproduce the stage: run it as one leaf from now on."""
@@ -117,7 +130,8 @@ class BatchedEvaluator(FeatureReuse):
     faster in that layout; values only change by float rounding). A `StackedObjective` gets K
     perturbed parameter vectors per call (`stacked`). Coordinates of parameters shared by several
     layers or read again after their layer (a weight penalty in the loss, found by a check on first
-    use), and other objectives that are not staged, use the FeatureReuse loop. Query
+    use), and objectives that are not staged or have a stage writing into its input, use the
+    FeatureReuse loop. Query
     accounting is the FeatureReuse one (one query restarted at the owning stage per coordinate), so
     budgets mean the same thing whichever evaluator runs them.
     """
@@ -168,8 +182,10 @@ class BatchedEvaluator(FeatureReuse):
                 isinstance(m, _BatchNorm) and not is_standard(m, _BatchNorm)
                 for m in objective.module.modules()
             )
-            staged = isinstance(objective, StagedObjective) and not custom_bn
-            plan = Plan(list(objective.stages)) if staged else None
+            staged = (
+                isinstance(objective, StagedObjective) and not custom_bn and not any(objective.writes_input)
+            )
+            plan = Plan(objective) if staged else None
             if plan is not None:
                 self._apply_tuned(objective, plan)
             self._plans[objective] = plan

@@ -7,7 +7,7 @@ that maps them back to (tensor, flat offset) and knows which model stage owns ea
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -71,6 +71,12 @@ class CoordinateView:
         for i in owner.unique().tolist():
             positions = (owner == i).nonzero().flatten()
             yield self.blocks[i], positions, coords[positions] - self.blocks[i].start
+
+    def restage(self, stages: Sequence[int]) -> None:
+        """Set the owning stage of every block (in order), once the stages that read each are known."""
+        if len(stages) != len(self.blocks):
+            raise ValueError(f"got {len(stages)} stage ids for {len(self.blocks)} parameters")
+        self.blocks = [replace(b, stage=s) for b, s in zip(self.blocks, stages)]
 
     def stage_of(self, coords: torch.Tensor) -> torch.Tensor:
         """Stage index owning each coordinate."""

@@ -9,7 +9,6 @@ use the base class: every query then runs the whole loss.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ from ..errors import ConfigError
 from .batchnorm import frozen_running_stats
 from .coords import CoordinateView
 from .queries import QueryCounter
+from .stage_check import check_composition, owners, record_reads
 
 Batch = Any
 
@@ -83,11 +83,13 @@ class StagedObjective(Objective):
 
     Custom models get feature reuse by being an `nn.Sequential` or by defining `stages()` that
     returns modules whose composition is the forward; each stage maps one tensor to one tensor. A
-    parameter used by several stages (tied weights) belongs to the first of them, so a query
-    perturbing it reruns every stage from there on. The engine runs the composition, never
-    `forward`: the first query checks that they agree (ConfigError otherwise), with the random
-    number generators forked so a dropout-style forward passes too; `check_stages=False` skips the
-    check for a forward whose randomness the stages cannot replay.
+    parameter belongs to the first stage that reads it (tied weights, a plain attribute, a
+    functional call: found by running the stages once at the first query), so a query perturbing it
+    reruns every stage from there on. The engine runs the composition, never `forward`: the first
+    query also checks that they agree, and keep agreeing when parameters move (`stage_check`;
+    ConfigError otherwise), with the random number generators forked so a dropout-style forward
+    passes too; `check_stages=False` skips that check for a forward whose randomness the stages
+    cannot replay.
     """
 
     def __init__(
@@ -100,67 +102,90 @@ class StagedObjective(Objective):
     ):
         self.stages: Sequence[nn.Module] = model_stages(model)
         self.num_stages = len(self.stages)
-        self._stage_by_param: dict[int, int] = {}
-        for i, s in enumerate(self.stages):
-            for p in s.parameters():
-                self._stage_by_param.setdefault(id(p), i)  # the first stage that uses it
         self.loss_fn = loss_fn
         self.inputs = inputs
         self._suffix_cost: list[float] | None = None
+        self._unresolved = True
         self._unchecked = check_stages and not _composes_by_construction(model, self.stages)
+        self.readers: dict[int, set[nn.Module]] = {}  # parameter id -> innermost modules reading it
+        self.writes_input = [False] * self.num_stages  # stages that modify their input in place
         super().__init__(model, trainable)
 
     def _stage_of_param(self, p: nn.Parameter) -> int:
-        if id(p) not in self._stage_by_param:
-            raise ValueError("a trainable parameter belongs to no stage; stages() must cover the model")
-        return self._stage_by_param[id(p)]
+        return 0  # until the first query finds the stages that read it (0 is always exact)
 
     def stage_cost(self, stage: int) -> float:
         return 1.0 if self._suffix_cost is None else self._suffix_cost[stage]
 
     def _compose(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
-        for s in self.stages[start:]:
-            h = s(h)
+        for i in range(start, self.num_stages):
+            h = self._stage(i, h)
         return h
+
+    def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Stage i on h; on a copy if the stage writes into its input, so a cached input stays intact."""
+        return self.stages[i](h.clone() if self.writes_input[i] else h)
 
     def _run(self, stage: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.loss_fn(self._compose(h, stage), batch)
 
     def _loss(self, batch: Batch) -> torch.Tensor:
-        self._check_stages(batch)
+        self._prepare(batch)
         return self._run(0, self.inputs(batch), batch)
 
+    def _prepare(self, batch: Batch) -> None:
+        """Once, at the first query: who owns each parameter, then whether the stages are forward."""
+        if self._unresolved:
+            self._unresolved = False
+            params = [b.param for b in self.coords.blocks]
+            with frozen_running_stats(self.module):
+                reads = forked_rng(batch, lambda: record_reads(self.stages, self.inputs(batch), params))
+            self.readers, self.writes_input = reads.modules, reads.writes_input
+            self.coords.restage(owners(self.coords.blocks, self.stages, reads, self._describe()))
+        if self._unchecked:
+            self._unchecked = False
+            self._check_stages(batch)
+
+    def _describe(self) -> str:
+        return f"{self.num_stages} stages of {type(self.module).__name__}"
+
     def _check_stages(self, batch: Batch) -> None:
-        """Once: the stage composition must reproduce `forward` (the model the user means to train)."""
-        if not self._unchecked:
-            return
-        self._unchecked = False
-        with torch.no_grad(), frozen_running_stats(self.module):
-            want = forked_rng(batch, lambda: self.module(self.inputs(batch)))
-            got = forked_rng(batch, lambda: self._compose(self.inputs(batch)))
-        if not close(got, want):
-            how = (
-                f"outputs differ by up to {(got - want).abs().max().item():.3g}"
-                if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and got.shape == want.shape
-                else f"outputs differ in kind or shape ({_shape(got)} vs forward's {_shape(want)})"
+        """The stage composition must reproduce `forward` (the model the user means to train)."""
+
+        def refuse(why: str) -> ConfigError:
+            return ConfigError(
+                f"the {self._describe()} do not compose to its forward: {why}; make stages() (or the "
+                "nn.Sequential children) compute exactly forward, e.g. keep a skip connection inside one "
+                "stage, or pass check_stages=False if forward is random in a way the stages cannot replay"
             )
-            raise ConfigError(
-                f"the {self.num_stages} stages of {type(self.module).__name__} do not compose to its forward: "
-                f"{how}; make stages() (or the nn.Sequential children) compute exactly forward, e.g. keep a "
-                "skip connection inside one stage, or pass check_stages=False if forward is random in a way "
-                "the stages cannot replay"
+
+        def forward() -> Any:
+            x = self.inputs(batch)
+            return self.module(x.clone() if self.writes_input[0] else x)
+
+        with torch.no_grad(), frozen_running_stats(self.module):
+            check_composition(
+                lambda: forked_rng(batch, forward),
+                lambda: forked_rng(batch, lambda: self._with_inputs(batch)),
+                self.coords.blocks,
+                refuse,
             )
 
     def forward_cached(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        self._check_stages(batch)
+        self._prepare(batch)
         if self._suffix_cost is None:
             self._suffix_cost = self._measure_suffix_cost(self.inputs(batch))
         self.counter.add(1, 1.0)
-        h, cache = self.inputs(batch), []
-        for s in self.stages:
-            cache.append(h)
-            h = s(h)
-        return self.loss_fn(h, batch), cache
+        out, cache = self._with_inputs(batch)
+        return self.loss_fn(out, batch), cache
+
+    def _with_inputs(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The composed output and every stage's input (what feature reuse caches)."""
+        h, inputs = self.inputs(batch), []
+        for i in range(self.num_stages):
+            inputs.append(h)
+            h = self._stage(i, h)
+        return h, inputs
 
     def loss_from(self, stage: int, cache: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         self.counter.add(1, self.stage_cost(stage))
@@ -170,9 +195,9 @@ class StagedObjective(Objective):
         """FLOPs of stages s.. as a fraction of the whole forward (uniform if nothing is counted)."""
         flops = []
         with torch.no_grad(), frozen_running_stats(self.module):
-            for s in self.stages:
+            for i in range(self.num_stages):
                 with FlopCounterMode(display=False) as fc:
-                    h = s(h)
+                    h = self._stage(i, h)
                 flops.append(float(fc.get_total_flops()))
         total = sum(flops)
         if total <= 0:
@@ -204,17 +229,3 @@ def _tensors(batch: Batch) -> list[torch.Tensor]:
     if isinstance(batch, dict):
         return [t for item in batch.values() for t in _tensors(item)]
     return []
-
-
-def _shape(x: Any) -> str:
-    return f"tensor {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def close(got: Any, want: Any) -> bool:
-    """Tensors equal up to float rounding: max |got - want| <= sqrt(eps) * (max |want| + sqrt(eps))."""
-    if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or got.shape != want.shape:
-        return False
-    if not want.numel():
-        return True
-    tol = math.sqrt(torch.finfo(want.dtype).eps) if want.is_floating_point() else 0.0
-    return bool(((got - want).abs().max() <= tol * (want.abs().max() + tol)).item())

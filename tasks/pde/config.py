@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,8 @@ class PdeConfig(ZOTrainConfig):
         )
         found = self.init_from is None or Path(self.init_from).exists()
         require(found, f"init_from='{self.init_from}' does not exist")
+        same = self.method != "src" and _same_instances(self.solver)
+        require(not same, _same_instances_message(self.solver, self.method) if same else "")
         twin = getattr(get_solver_class(self.solver.name), "torch_twin", None)
         require(
             self.method != "fo_sol" or callable(twin),
@@ -106,3 +109,27 @@ class PdeConfig(ZOTrainConfig):
             "none (burgers and phiflow_wake have one); use method=zo_sol",
         )
 
+
+def _same_instances(solver: PdeSolverConfig) -> bool:
+    """Reference and source built from identical arguments: the same simulation twice."""
+    return {**solver.params, **solver.reference} == {**solver.params, **solver.source}
+
+
+def _same_instances_message(solver: PdeSolverConfig, method: str) -> str:
+    """Why a training method is refused, and which settings make the two instances differ."""
+    declared = getattr(get_solver_class(solver.name), "defaults", None) or {}
+    per_instance = [*declared.get("reference", {}), *declared.get("source", {})]
+    grid_like = [k for k in solver.params if re.search(r"resolution|grid|shape", k)]
+    if per_instance:
+        how = f"e.g. solver.reference.{per_instance[0]} finer than solver.source.{per_instance[0]}"
+    elif grid_like:
+        key = grid_like[0]
+        how = f"e.g. move solver.params.{key} into solver.reference.{key} (finer) and solver.source.{key}"
+    else:
+        how = "set solver.reference.KEY / solver.source.KEY to the arguments that make the reference finer"
+    return (
+        f"solver: the reference and source instances of '{solver.name}' are built from the same arguments "
+        "(solver.params with solver.reference equals solver.params with solver.source), so "
+        f"method={method} would train the correction against the solver itself (SRC error 0); make them "
+        f"differ, {how}"
+    )

@@ -62,7 +62,21 @@ def build_solvers(solver_cfg: DictConfig) -> SolverPair:
         raise ConfigError(
             f"solver: reference channels {fine.channels} differ from source channels {coarse.channels}"
         )
+    if fine.describe() == coarse.describe():
+        print(f"pde data: warning: {_same_simulation(spec, fine)}")
     return SolverPair(spec["name"], fine, coarse)
+
+
+def _same_simulation(spec: dict[str, Any], fine: Solver) -> str:
+    """One line: the two instances look alike (same grid, dt, described physics); what else differs."""
+    ref, src = {**spec["params"], **spec["reference"]}, {**spec["params"], **spec["source"]}
+    differ = sorted(k for k in {*ref, *src} if ref.get(k) != src.get(k))
+    how = f"they differ only in {', '.join(differ)}" if differ else "they are built from the same arguments"
+    return (
+        f"the reference and source solvers describe themselves identically (grid {list(fine.grid.shape)}, "
+        f"dt {fine.dt}) and {how}: unless that changes the simulation, the correction is trained against "
+        "the solver itself (SRC error 0); give the reference a finer grid"
+    )
 
 
 def split_seeds(data_cfg: DictConfig) -> tuple[list[int], list[int]]:
