@@ -308,10 +308,17 @@ class ExternalSolver(Solver):
         return out
 
     def _resolve(self, arg: str, executable: bool) -> Path | None:
+        """The file `arg` names as the program will see it: an executable name is looked up on the
+        program's own ``PATH`` (``environment()``, so ``params.env`` counts) with relative entries
+        taken from ``workdir``, as ``Popen(env=..., cwd=workdir)`` runs it."""
         base = self.workdir or Path.cwd()
         if executable and os.sep not in arg:
-            found = shutil.which(arg)
-            return Path(found) if found else None
+            path_var = self.environment().get("PATH", os.defpath)
+            for entry in path_var.split(os.pathsep):
+                candidate = base / (entry or ".") / arg
+                if candidate.is_file() and os.access(candidate, os.X_OK):
+                    return candidate
+            return None
         if "{" in arg:
             return None
         path = Path(arg)

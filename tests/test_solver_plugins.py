@@ -373,3 +373,62 @@ def test_example_plugin_installs_and_trains_through_the_cli(tmp_path):
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["solver"] == "burgers1d" and result["source_grid"] == [1, 32] and result["reference_grid"] == [1, 128]
     assert np.isfinite(result["mae"]) and result["train"]["queries"] > 0
+
+
+def test_fingerprint_sees_an_edited_constant_imported_from_a_sibling_module(tmp_path, monkeypatch):
+    # `from .consts import SCALE` binds a float, which names no module: only hashing the whole
+    # package notices that consts.py changed (a stale reference cache was reused before).
+    pkg = tmp_path / "dz_fp_consts_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "consts.py").write_text("SCALE = 0.5\n")
+    (pkg / "solver.py").write_text(textwrap.dedent(
+        """
+        import numpy as np
+        from deepzero_apps.solvers import Grid, Solver
+        from .consts import SCALE
+
+        class Scaled(Solver):
+            name = "scaled"
+            channels = ("q",)
+
+            def __init__(self):
+                self.grid = Grid(shape=(2, 2), size=(1.0, 1.0))
+                self.dt = 1.0
+
+            def initial_state(self, seed, **params):
+                return np.ones(self.state_shape)
+
+            def step(self, state, forcing=None, **params):
+                return state * SCALE
+        """
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    solver = create_solver("dz_fp_consts_pkg.solver:Scaled")
+    before = solver.fingerprint()
+    assert solver.fingerprint() == before  # stable while nothing changes
+    (pkg / "consts.py").write_text("SCALE = 0.25\n")
+    assert solver.fingerprint()["source"] != before["source"]
+
+
+def test_fingerprint_hashes_the_executable_found_on_the_solvers_own_path(tmp_path, monkeypatch):
+    # The program is found through params.env PATH, not the caller's: a rebuilt binary must change the key.
+    bindir = tmp_path / "solver_bin"
+    bindir.mkdir()
+    program = bindir / "dz_fp_stepper"
+
+    def build(factor: float) -> None:
+        program.write_text(f"#!{sys.executable}\nimport sys, numpy as np\n"
+                           f"np.save(sys.argv[2], np.load(sys.argv[1]) * {factor})\n")
+        program.chmod(0o755)
+
+    build(2.0)
+    monkeypatch.setenv("PATH", os.defpath)  # the caller's PATH does not hold it
+    solver = ExternalSolver(["dz_fp_stepper", "{input}", "{output}"], grid=GRID, channels=("u", "v"),
+                            env={"PATH": f"{bindir}{os.pathsep}{os.defpath}"})
+    np.testing.assert_allclose(solver.step(np.ones((2, 4, 6))), 2.0)  # it really runs from there
+    before = solver.fingerprint()
+    assert "dz_fp_stepper" in before["files"]
+    build(3.0)
+    np.testing.assert_allclose(solver.step(np.ones((2, 4, 6))), 3.0)
+    assert solver.fingerprint()["files"] != before["files"]
