@@ -167,19 +167,20 @@ def hydra_overrides(directory: str | os.PathLike, resume: bool) -> list[str]:
     return [f"hydra.output_subdir=.hydra/resume-{n}"]
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config container as `{"a.b.c": value}`."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_config(v, f"{prefix}{k}."))
         return out or {prefix[:-1]: {}}
     return {prefix[:-1]: node}
 
 
 def config_changes(saved: DictConfig, requested: DictConfig) -> list[str]:
     """`key: old -> new` for every run-changing difference between two configs (unresolved)."""
-    old = _flat(OmegaConf.to_container(saved, resolve=False))
-    new = _flat(OmegaConf.to_container(requested, resolve=False))
+    old = flat_config(OmegaConf.to_container(saved, resolve=False))
+    new = flat_config(OmegaConf.to_container(requested, resolve=False))
     missing = object()
     return [
         f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}"
