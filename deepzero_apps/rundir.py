@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ RESUME_MAY_CHANGE = frozenset({
     "classifier.max_batch",
 })
 
+_POLL_S = 0.2  # how often a waiter looks at a busy lock (and at the chain of holders)
 _held: dict[str, int] = {}  # resolved run directory -> file descriptor holding its lock
 
 
@@ -45,13 +47,15 @@ class RunDirBusy(RunError):
     """Another live process holds the run directory's lock."""
 
 
-def lock_run_dir(directory: str | os.PathLike, wait: bool = False) -> None:
+def lock_run_dir(directory: str | os.PathLike, wait: bool = False, timeout: float | None = None) -> None:
     """Take `directory`'s exclusive lock for the rest of this run (idempotent; rank 0 only).
 
     Creates the directory; raises ConfigError if it cannot exist (a parent is a file), RunError if it
     is not writable. If another process holds it: RunDirBusy naming the holder's PID, or with `wait`
     (a shared cache stage, which the holder is training or restoring) a line naming the holder and a
-    wait for it to let go."""
+    wait for it to let go: at most `timeout` seconds, and never in a cycle (RunError naming it): while
+    waiting, this process notes in its own lock files what it waits for, so a waiter that finds the
+    chain of holders leading back to a directory it holds itself knows nobody will ever let go."""
     if not is_main():
         return
     directory = Path(directory)
@@ -69,7 +73,7 @@ def lock_run_dir(directory: str | os.PathLike, wait: bool = False) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        holder = _lock_note(Path(key))[0]
         if not wait:
             os.close(fd)
             raise RunDirBusy(
@@ -77,17 +81,63 @@ def lock_run_dir(directory: str | os.PathLike, wait: bool = False) -> None:
             ) from None
         _announce_wait(directory, holder)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C still interrupts the wait
+            _wait_for(fd, Path(key), timeout)  # Ctrl-C still interrupts the wait
         except BaseException:
             os.close(fd)
             raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _note(fd, None)
     _held[key] = fd
 
 
 def _announce_wait(directory: Path, holder: str) -> None:
     print(f"waiting for {directory}: in use by another run (PID {holder})", flush=True)
+
+
+def _note(fd: int, waits: Path | None) -> None:
+    """Write this process's PID, and the directory it waits for if any, into a lock file it holds."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n{'waits ' + str(waits) if waits else ''}\n".encode(), 0)
+
+
+def _lock_note(directory: Path) -> tuple[str, Path | None]:
+    """(holder PID, the directory the holder waits for) as noted in `directory`'s lock file."""
+    try:
+        lines = (directory / LOCK).read_text(errors="replace").splitlines()
+    except OSError:
+        return "unknown", None
+    holder = lines[0].strip() if lines and lines[0].strip() else "unknown"
+    waits = next((Path(ln[6:].strip()) for ln in lines[1:] if ln.startswith("waits ")), None)
+    return holder, waits
+
+
+def _wait_for(fd: int, directory: Path, timeout: float | None) -> None:
+    """Poll for `directory`'s lock; RunError on a wait cycle or after `timeout` seconds."""
+    for held in _held.values():
+        _note(held, directory)
+    try:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            chain, current = [], directory
+            while current is not None and len(chain) < 16:
+                holder, current = _lock_note(current)
+                chain.append(f"PID {holder}")
+                if current is not None and str(current) in _held:
+                    raise RunError(
+                        f"deadlock: waiting for {directory}, held by {' -> '.join(chain)}, which waits for "
+                        f"{current}, held by this run; give the runs' stage cache_dirs no cross references"
+                    )
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise RunError(f"gave up waiting for {directory} after {timeout:g} s (held by "
+                               f"PID {_lock_note(directory)[0]}); retry later or pick another cache_dir")
+            time.sleep(_POLL_S)
+    finally:
+        for held in _held.values():
+            _note(held, None)
 
 
 def release_run_dir(directory: str | os.PathLike) -> None:
@@ -117,19 +167,20 @@ def hydra_overrides(directory: str | os.PathLike, resume: bool) -> list[str]:
     return [f"hydra.output_subdir=.hydra/resume-{n}"]
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config container as `{"a.b.c": value}`."""
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_config(v, f"{prefix}{k}."))
         return out or {prefix[:-1]: {}}
     return {prefix[:-1]: node}
 
 
 def config_changes(saved: DictConfig, requested: DictConfig) -> list[str]:
     """`key: old -> new` for every run-changing difference between two configs (unresolved)."""
-    old = _flat(OmegaConf.to_container(saved, resolve=False))
-    new = _flat(OmegaConf.to_container(requested, resolve=False))
+    old = flat_config(OmegaConf.to_container(saved, resolve=False))
+    new = flat_config(OmegaConf.to_container(requested, resolve=False))
     missing = object()
     return [
         f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}"

@@ -35,6 +35,7 @@ __all__ = [
     "clopper_pearson_lower_array",
     "load_certification",
     "plot_certified_accuracy",
+    "resumable_certification",
 ]
 
 ABSTAIN = -1
@@ -211,13 +212,17 @@ def certify_dataset(
     max_examples: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    done: Sequence[CertifyRow] = (),
 ) -> list[CertifyRow]:
     """Certify every ``skip``-th ``(x, label)`` example and write a tab-separated table to ``out_csv``.
 
     Columns are Cohen's ``idx label predict radius correct time`` (time in seconds). Rows are
     appended and flushed to ``<out_csv>.partial`` as they come, so a crash keeps partial results
     there while any previous ``out_csv`` stays intact; the finished table replaces ``out_csv``
-    atomically. Each example draws noise from a generator seeded by ``(seed, idx)``.
+    atomically. Each example draws noise from a generator seeded by ``(seed, idx)``, so ``done`` (the
+    rows of an interrupted run with the same settings, :func:`resumable_certification`) are kept
+    instead of certified, and paid for, again: the first examples, in order, with the same labels
+    (otherwise ``ValueError``).
     """
     if skip < 1:
         raise ValueError(f"skip must be >= 1, got {skip}")
@@ -239,8 +244,17 @@ def certify_dataset(
                 break
             if idx % skip:
                 continue
-            x = x if device is None else x.to(device)
             label = int(label)
+            if len(rows) < len(done):
+                row = done[len(rows)]
+                if (row.idx, row.label) != (idx, label):
+                    raise ValueError(f"{out_path}: a kept row is example {row.idx} (label {row.label}), this run's "
+                                     f"is {idx} (label {label}); not the same certification")
+                rows.append(row)
+                writer.writerow(astuple(row))
+                bar.update(1)
+                continue
+            x = x if device is None else x.to(device)
             start = time.perf_counter()
             gen = _example_generator(seed, idx, x.device)
             prediction, radius = smoothed.certify(x, n0, n, alpha, batch_size, gen)
@@ -252,31 +266,51 @@ def certify_dataset(
             fh.flush()
             bar.update(1)
             bar.set_postfix(acc=f"{sum(r.correct for r in rows) / len(rows):.3f}")
+        if len(rows) < len(done):
+            raise ValueError(f"{out_path}: {len(done)} kept rows, but this certification has {len(rows)} examples")
         os.fsync(fh.fileno())
     os.replace(partial, out_path)
     return rows
 
 
+def resumable_certification(out_csv: str | os.PathLike) -> list[CertifyRow]:
+    """The rows an interrupted :func:`certify_dataset` left (``<out_csv>.partial``, else a finished
+    ``out_csv``), without a torn last line; none if there is nothing readable."""
+    out_path = Path(out_csv)
+    for path in (out_path.with_name(out_path.name + ".partial"), out_path):
+        if not path.is_file():
+            continue
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        complete = "".join(ln for ln in lines if ln.endswith("\n"))  # a kill mid-write leaves a torn line
+        try:
+            return _parse_rows(complete.splitlines(), path)
+        except (ValueError, KeyError, TypeError):
+            return []
+    return []
+
+
 def load_certification(path: str | os.PathLike) -> list[CertifyRow]:
     """Read a table written by :func:`certify_dataset` (tab- or comma-separated, with header)."""
     with open(path, newline="") as fh:
-        header = fh.readline()
-        fh.seek(0)
-        reader = csv.DictReader(fh, delimiter="\t" if "\t" in header else ",")
-        missing = set(_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)}")
-        return [
-            CertifyRow(
-                int(r["idx"]),
-                int(r["label"]),
-                int(r["predict"]),
-                float(r["radius"]),
-                int(r["correct"]),
-                float(r["time"]),
-            )
-            for r in reader
-        ]
+        return _parse_rows(fh.read().splitlines(), path)
+
+
+def _parse_rows(lines: Sequence[str], path: str | os.PathLike) -> list[CertifyRow]:
+    reader = csv.DictReader(lines, delimiter="\t" if lines and "\t" in lines[0] else ",")
+    missing = set(_COLUMNS) - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    return [
+        CertifyRow(
+            int(r["idx"]),
+            int(r["label"]),
+            int(r["predict"]),
+            float(r["radius"]),
+            int(r["correct"]),
+            float(r["time"]),
+        )
+        for r in reader
+    ]
 
 
 def _as_rows(rows_or_csv: Rows) -> Sequence[CertifyRow]:

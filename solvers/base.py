@@ -12,15 +12,19 @@ of Solver-in-the-Loop are two instances of the same class; :meth:`Solver.downsam
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from deepzero_apps.errors import RunError, one_line
+
+_SOLVER_PACKAGE = "deepzero_apps.solvers"  # the package of the built-in solvers (source fingerprint)
 
 __all__ = ["Grid", "Solver", "SolverError", "check_state", "block_mean", "block_repeat", "require"]
 
@@ -282,30 +286,44 @@ def _distribution_version(module: str) -> str | None:
 
 
 def _source_hash(cls: type) -> str:
-    """sha256 over the source files of ``cls``'s MRO modules and the same-package modules they use."""
+    """sha256 over every source file of the packages that define ``cls`` and its bases, plus the
+    same-top-level modules they import.
+
+    A whole package, not only the modules it imports from: a plug-in's ``from .consts import SCALE``
+    binds a number, which names no module, so only hashing every module file of the package sees an
+    edit of ``consts.py``. A built-in's package is ``deepzero_apps.solvers`` (not all of
+    ``deepzero_apps``, whose unrelated edits must not invalidate every cached reference)."""
     import hashlib
     import inspect
     import sys
 
-    modules: set[str] = set()
+    files: dict[str, Path] = {}
+
+    def add_module(name: str) -> None:
+        with contextlib.suppress(TypeError):  # a built-in or namespace module has no source file
+            path = inspect.getsourcefile(sys.modules[name])
+            if path:
+                files[name] = Path(path)
+
     for klass in cls.__mro__:
         mod = sys.modules.get(klass.__module__)
         if mod is None or klass.__module__ in ("builtins", "abc"):
             continue
-        modules.add(mod.__name__)
+        add_module(mod.__name__)
         top = mod.__name__.partition(".")[0]
         for value in vars(mod).values():
             used = getattr(value, "__module__", None) or getattr(value, "__name__", "")
             if isinstance(used, str) and used.partition(".")[0] == top and used in sys.modules:
-                modules.add(used)
+                add_module(used)
+        package = _SOLVER_PACKAGE if mod.__name__.startswith(_SOLVER_PACKAGE + ".") else top
+        for root in getattr(sys.modules.get(package), "__path__", ()):
+            for path in sorted(Path(root).rglob("*.py")):
+                if "__pycache__" not in path.parts:
+                    files[f"{package}:{path.relative_to(root).as_posix()}"] = path
     digest = hashlib.sha256()
-    for name in sorted(modules):
-        try:
-            path = inspect.getsourcefile(sys.modules[name])
-        except TypeError:  # built-in or namespace module: nothing to hash
-            path = None
-        if path:
-            digest.update(name.encode() + b"\0" + open(path, "rb").read())
+    for name, path in sorted(files.items()):
+        with contextlib.suppress(OSError):  # a module deleted since import: its absence is hashed
+            digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

@@ -29,9 +29,13 @@ Failures raise :class:`SolverError` with one line naming the solver and step: no
 code and the last line of stderr), timeout, missing or unreadable output, NaN/inf, wrong shape.
 Nothing outside the per-step temporary directory is ever deleted.
 
-Each call runs in a new session (its own process group) whose environment carries a unique tag; on a
-timeout or an interrupt the group is killed, then every process still carrying the tag -- children
-that called ``setsid()`` or were re-parented included -- until none is left (Linux ``/proc``).
+Each call runs in a new session (its own process group) whose environment carries a unique tag. When
+the call ends -- success, failure, timeout, Ctrl-C, or SIGTERM of the run (caught during the call, then
+raised again) -- the group is killed, then every process still carrying the tag (background children
+of a successful step, children that called ``setsid()`` or were re-parented) until none is left
+(Linux ``/proc``). SIGKILL of the run cannot be caught: the program itself then gets SIGKILL from the
+kernel (``PR_SET_PDEATHSIG``, Linux), but its own children are left to be killed by whoever ran the
+run (e.g. a per-run cgroup: ``systemd-run --scope``, a container, a batch scheduler).
 
 The program's environment is an allow-list, not the caller's whole environment (which may hold
 secrets): the variables in :data:`ENV_ALLOW` that are set, plus ``env`` (a ``None`` value copies that
@@ -41,6 +45,7 @@ variable from the caller).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io as _io
 import os
@@ -48,9 +53,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +75,7 @@ ENV_ALLOW: tuple[str, ...] = (
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "SYSTEMROOT",
 )  # fmt: skip
 _TAG = "DEEPZERO_SOLVER_CALL"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _last_line(text: bytes | str | None) -> str:
@@ -172,19 +179,26 @@ class ExternalSolver(Solver):
                 cwd=self.workdir,
                 env=env,
                 start_new_session=True,  # own process group: a timeout kills children too
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise SolverError(f"{where}: cannot start {args[0]!r}: {exc.strerror or exc}") from None
         try:
-            out, err = proc.communicate(input=stdin, timeout=self.timeout)
+            with _sigterm_raises():
+                out, err = proc.communicate(input=stdin, timeout=self.timeout)
         except subprocess.TimeoutExpired:
             _kill_all(proc, tag)
             raise SolverError(
                 f"{where}: timed out after {self.timeout:g} s (process killed): {' '.join(args)[:200]}"
             ) from None
+        except _Terminated:
+            _kill_all(proc, tag)
+            signal.raise_signal(signal.SIGTERM)  # the previous disposition, restored: by default the run dies of it
+            raise SolverError(f"{where}: interrupted by SIGTERM (its processes were killed)") from None
         except BaseException:
             _kill_all(proc, tag)
             raise
+        _kill_all(proc, tag)  # a successful step's background children too: nothing outlives the call
         if proc.returncode != 0:
             tail = _last_line(err) or "(no stderr)"
             raise SolverError(f"{where}: command exited with code {proc.returncode}: {tail}")
@@ -308,10 +322,17 @@ class ExternalSolver(Solver):
         return out
 
     def _resolve(self, arg: str, executable: bool) -> Path | None:
+        """The file `arg` names as the program will see it: an executable name is looked up on the
+        program's own ``PATH`` (``environment()``, so ``params.env`` counts) with relative entries
+        taken from ``workdir``, as ``Popen(env=..., cwd=workdir)`` runs it."""
         base = self.workdir or Path.cwd()
         if executable and os.sep not in arg:
-            found = shutil.which(arg)
-            return Path(found) if found else None
+            path_var = self.environment().get("PATH", os.defpath)
+            for entry in path_var.split(os.pathsep):
+                candidate = base / (entry or ".") / arg
+                if candidate.is_file() and os.access(candidate, os.X_OK):
+                    return candidate
+            return None
         if "{" in arg:
             return None
         path = Path(arg)
@@ -339,11 +360,14 @@ def _tagged(tag: str) -> list[int]:
 
 
 def _kill_all(proc: subprocess.Popen, tag: str) -> None:
-    """Kill the call's process group, then every process still carrying its tag, until none is left."""
-    try:
+    """Kill the call's process group, then every process still carrying its tag, until none is left.
+
+    Safe after the program exited: its group id cannot be reused while a member lives."""
+    with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        proc.kill()
+    if proc.returncode is None:
+        with contextlib.suppress(OSError):
+            proc.kill()
     for _ in range(50):
         left = [pid for pid in _tagged(tag) if pid != os.getpid()]
         if not left:
@@ -356,6 +380,41 @@ def _kill_all(proc: subprocess.Popen, tag: str) -> None:
         proc.communicate(timeout=5)
     except Exception:  # noqa: BLE001 - pipes may stay open if a child escaped every sweep
         pass
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the parent dies, even by SIGKILL (Linux
+    ``PR_SET_PDEATHSIG``; elsewhere a no-op). Only the direct child: its own children are not covered."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during a call (see `_sigterm_raises`)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a program runs, turn SIGTERM into `_Terminated` so the call's processes are killed first
+    (the caller then raises the signal again under the previous disposition: by default the run dies
+    of it). In a worker thread, or where SIGTERM is ignored, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_IGN, None):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _as_grid(grid: Grid | Mapping[str, Any] | Sequence[int]) -> Grid:

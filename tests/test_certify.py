@@ -314,3 +314,95 @@ def test_a_stage_in_use_by_another_run_is_waited_for_not_refused(tmp_path, monke
     assert waited == [d.resolve() for d in cache.values()] and not held
     out = capsys.readouterr().out
     assert f"waiting for {cache['classifier']}: in use by another run (PID 4242)" in out, out
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("kind", ["classify_run", "other_stage"])
+def test_a_cache_dir_that_is_not_a_stage_of_its_kind_is_refused_untouched(tmp_path, capsys, kind):
+    """classifier.cache_dir at a classify run resumed it and overwrote its checkpoint, summary and
+    metrics (and wrote stage.json even when the load failed)."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    if kind == "classify_run":
+        for name in ("checkpoint.pt", "summary.json", "metrics.jsonl", "run_config.yaml"):
+            (foreign / name).write_bytes(f"{name} of a classify run\n".encode())
+        override = f"classifier.cache_dir={foreign}"
+    else:  # a classifier stage given as the denoiser pretraining's cache
+        (foreign / "stage.json").write_text(json.dumps({"stage": "classifier", "seed": 0}))
+        override = f"pretrain.cache_dir={foreign}"
+    before = _snapshot(foreign)
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *TINY, override, "method=mse"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "refused untouched" in err and str(foreign) in err and len(err.splitlines()) == 1, err
+    assert _snapshot(foreign) == before  # no stage.json, no .lock, nothing rewritten
+
+
+def test_a_stage_cache_equal_to_the_runs_own_directory_is_refused(tmp_path, capsys):
+    """The stage took the run's own lock and dropped it mid-run: a second run could then write into it."""
+    run_dir = tmp_path / "run"
+    assert main(["certify", f"hydra.run.dir={run_dir}", *TINY, f"pretrain.cache_dir={run_dir}", "method=mse"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cache_dir {run_dir} is this run's own directory" in err
+    assert len(err.splitlines()) == 1 and not (run_dir / "checkpoint.pt").exists()
+
+
+CROSS_WAIT = """
+import sys, time
+from pathlib import Path
+from deepzero_apps.errors import RunError
+from deepzero_apps.rundir import lock_run_dir
+own, other, ready, peer = map(Path, sys.argv[1:5])
+lock_run_dir(own)
+ready.touch()
+while not peer.exists():
+    time.sleep(0.02)
+try:
+    lock_run_dir(other, wait=True)
+except RunError as exc:
+    print(exc, flush=True)
+    sys.exit(1)
+print("acquired", flush=True)
+"""
+
+
+def test_two_runs_waiting_for_each_others_directories_do_not_wait_forever(tmp_path):
+    """Caches that cross-reference each other: each run holds one directory and waits for the other's."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "cross.py"
+    script.write_text(CROSS_WAIT)
+    a, b = tmp_path / "a", tmp_path / "b"
+    procs = [subprocess.Popen([sys.executable, str(script), str(own), str(other), str(tmp_path / f"{own.name}.ready"),
+                               str(tmp_path / f"{other.name}.ready")], stdout=subprocess.PIPE, text=True)
+             for own, other in ((a, b), (b, a))]
+    try:
+        outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], outs  # one sees the cycle and gives up; the other then gets the lock
+    line = next(o for o, p in zip(outs, procs) if p.returncode == 1).splitlines()[-1]  # after "waiting for ..."
+    assert line.startswith("deadlock: waiting for") and "held by this run" in line
+    assert any(o.endswith("acquired") for o in outs)
+
+
+def test_waiting_for_a_stage_gives_up_after_its_timeout(tmp_path):
+    from deepzero_apps.errors import RunError
+    from deepzero_apps.rundir import lock_run_dir
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    fd = os.open(stage / LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, b"4242\n", 0)
+        with pytest.raises(RunError, match=r"gave up waiting for .*stage after 0.5 s \(held by PID 4242\)"):
+            lock_run_dir(stage, wait=True, timeout=0.5)
+    finally:
+        os.close(fd)

@@ -263,3 +263,46 @@ def test_hydra_searchpath_selects_a_solver_config_for_a_real_run(tmp_path):
     args = ["method=src", "data.steps=2", "unroll=1", "data.train_sims=1", "data.test_sims=1", f"data.cache_dir={tmp_path}/cache"]
     assert main(["pde", f"hydra.searchpath=[file://{conf}]", "solver=mine", f"hydra.run.dir={tmp_path}/run", *args]) == 0
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["solver"] == "external"
+
+
+def _rewrite_cache(path: Path, traj: np.ndarray) -> None:
+    """What an editor without the cache's secret can do: new data with its sha256 recomputed, under
+    every digest name (the old format stored a plain sha256 next to the data)."""
+    import hashlib
+
+    plain = hashlib.sha256(np.ascontiguousarray(traj).tobytes()).hexdigest()
+    with open(path, "wb") as f:
+        np.savez(f, trajectory=traj, sha256=np.array(plain), hmac_sha256=np.array(plain))
+
+
+@pytest.mark.parametrize("edit", ["scaled", "nan"])
+def test_a_cache_edited_together_with_its_checksum_is_resimulated(tmp_path, capsys, edit):
+    cache = tmp_path / "cache"
+    assert run(tmp_path / "a", str(cache), "method=src") == 0
+    first = json.loads((tmp_path / "a" / "eval.json").read_text())
+    (path,) = cache.glob("burgers-*.npz")
+    good = np.load(path)["trajectory"]
+    _rewrite_cache(path, good * 10 if edit == "scaled" else np.full_like(good, np.nan))
+    capsys.readouterr()
+    assert run(tmp_path / "b", str(cache), "method=src") == 0
+    out = capsys.readouterr().out
+    assert "is damaged" in out and "generated 1 reference simulation" in out
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["mae_src"] == first["mae_src"]
+    np.testing.assert_array_equal(np.load(path)["trajectory"], good)
+
+
+def test_a_non_finite_metric_is_an_error_not_a_result(tmp_path, capsys, monkeypatch):
+    import deepzero_apps.tasks.pde.app as pde_app
+
+    real = pde_app.reference_data
+
+    def nan_reference(*args, **kwargs):
+        refs = real(*args, **kwargs)
+        refs[:, -1, :, 0, 0] = np.nan  # the last frame is only compared, never stepped: only the metric sees it
+        return refs
+
+    monkeypatch.setattr(pde_app, "reference_data", nan_reference)
+    assert run(tmp_path, str(tmp_path / "cache"), "method=src") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "non-finite metric mae=nan" in err and "eval.json not written" in err
+    assert not (tmp_path / "eval.json").exists()

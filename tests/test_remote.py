@@ -166,3 +166,42 @@ def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, 
         server.kill()
     assert table(run_dir) == table(root / "http")
     assert summary(run_dir)["train"]["queries"] == summary(root / "http")["train"]["queries"]
+
+
+def _run_until(cmd: list[str], ready) -> None:
+    """Start the run, SIGKILL it as soon as `ready()` holds (it must not finish first)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not ready():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_a_run_killed_while_certifying_buys_nothing_twice_on_resume(runs, model_file):
+    """A resume used to label the training images again and certify every image again, uncounted
+    (84,552 images at the server vs 62,384 in the summary): now only the image being certified when
+    the run died can be bought twice."""
+    root, cache, uninterrupted, _ = runs
+    server = Server(model_file, free_port(), root / "requests_twice.jsonl").start()
+    run_dir = root / "twice"
+    args = [f"hydra.run.dir={run_dir}", *RUN, cache, "classifier=http", f"classifier.url={server.url}",
+            "classifier.max_batch=1024"]
+    partial = run_dir / "certify.tsv.partial"
+    try:
+        _run_until([sys.executable, "-m", "deepzero_apps.cli", "certify", *args],  # two images certified
+                   lambda: partial.exists() and len(partial.read_text().splitlines()) >= 3)
+        assert main(["certify", *args, "resume=true"]) == 0
+        bought = server.images()
+    finally:
+        server.kill()
+    assert table(run_dir) == table(root / "http")
+    done, reference = summary(run_dir), summary(root / "http")
+    assert done["train"]["queries"] == reference["train"]["queries"] <= 2500
+    assert done["certify"]["queries"] == reference["certify"]["queries"]
+    example = 8 + 64  # certify.n0 + certify.n: the one image in flight
+    assert uninterrupted <= bought <= uninterrupted + example, (bought, uninterrupted)

@@ -17,6 +17,7 @@ from deepzero_apps.smoothing import (
     clopper_pearson_lower_array,
     load_certification,
     plot_certified_accuracy,
+    resumable_certification,
 )
 
 
@@ -254,3 +255,24 @@ def test_plot_certified_accuracy(tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot_certified_accuracy({"hand": HAND_TABLE}, tmp_path / "b.png", max_radius=2.0)
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_an_interrupted_certification_keeps_its_rows_and_queries_only_the_rest(tmp_path) -> None:
+    """A resume re-certified (and re-bought) every example; the finished rows are now kept."""
+    kwargs = {"n0": 20, "n": 300, "alpha": 0.01, "progress": False, "seed": 5}
+    full = certify_dataset(_smoothed(), _dataset(), out_csv=tmp_path / "full.tsv", **kwargs)
+
+    out = tmp_path / "cert.tsv"
+    lines = (tmp_path / "full.tsv").read_text().splitlines(keepends=True)
+    (tmp_path / "cert.tsv.partial").write_text("".join(lines[:3]) + lines[3][:7])  # 2 rows, then killed mid-line
+    done = resumable_certification(out)
+    assert done == full[:2]
+    calls = []
+    base = _linear(torch.tensor([1.0]), 0.0)
+    smoothed = Smoothed(lambda z: calls.append(len(z)) or base(z), num_classes=2, sigma=0.25)
+    rows = certify_dataset(smoothed, _dataset(), out_csv=out, done=done, batch_size=1000, **kwargs)
+    assert [(r.idx, r.predict, r.radius) for r in rows] == [(r.idx, r.predict, r.radius) for r in full]
+    assert sum(calls) == 4 * (20 + 300)  # only the four examples not finished before
+    assert load_certification(out) == rows
+    with pytest.raises(ValueError, match="not the same certification"):
+        certify_dataset(_smoothed(), _dataset()[1:], out_csv=tmp_path / "other.tsv", done=done, **kwargs)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -373,3 +376,137 @@ def test_example_plugin_installs_and_trains_through_the_cli(tmp_path):
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["solver"] == "burgers1d" and result["source_grid"] == [1, 32] and result["reference_grid"] == [1, 128]
     assert np.isfinite(result["mae"]) and result["train"]["queries"] > 0
+
+
+def test_fingerprint_sees_an_edited_constant_imported_from_a_sibling_module(tmp_path, monkeypatch):
+    # `from .consts import SCALE` binds a float, which names no module: only hashing the whole
+    # package notices that consts.py changed (a stale reference cache was reused before).
+    pkg = tmp_path / "dz_fp_consts_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "consts.py").write_text("SCALE = 0.5\n")
+    (pkg / "solver.py").write_text(textwrap.dedent(
+        """
+        import numpy as np
+        from deepzero_apps.solvers import Grid, Solver
+        from .consts import SCALE
+
+        class Scaled(Solver):
+            name = "scaled"
+            channels = ("q",)
+
+            def __init__(self):
+                self.grid = Grid(shape=(2, 2), size=(1.0, 1.0))
+                self.dt = 1.0
+
+            def initial_state(self, seed, **params):
+                return np.ones(self.state_shape)
+
+            def step(self, state, forcing=None, **params):
+                return state * SCALE
+        """
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    solver = create_solver("dz_fp_consts_pkg.solver:Scaled")
+    before = solver.fingerprint()
+    assert solver.fingerprint() == before  # stable while nothing changes
+    (pkg / "consts.py").write_text("SCALE = 0.25\n")
+    assert solver.fingerprint()["source"] != before["source"]
+
+
+def test_fingerprint_hashes_the_executable_found_on_the_solvers_own_path(tmp_path, monkeypatch):
+    # The program is found through params.env PATH, not the caller's: a rebuilt binary must change the key.
+    bindir = tmp_path / "solver_bin"
+    bindir.mkdir()
+    program = bindir / "dz_fp_stepper"
+
+    def build(factor: float) -> None:
+        program.write_text(f"#!{sys.executable}\nimport sys, numpy as np\n"
+                           f"np.save(sys.argv[2], np.load(sys.argv[1]) * {factor})\n")
+        program.chmod(0o755)
+
+    build(2.0)
+    monkeypatch.setenv("PATH", os.defpath)  # the caller's PATH does not hold it
+    solver = ExternalSolver(["dz_fp_stepper", "{input}", "{output}"], grid=GRID, channels=("u", "v"),
+                            env={"PATH": f"{bindir}{os.pathsep}{os.defpath}"})
+    np.testing.assert_allclose(solver.step(np.ones((2, 4, 6))), 2.0)  # it really runs from there
+    before = solver.fingerprint()
+    assert "dz_fp_stepper" in before["files"]
+    build(3.0)
+    np.testing.assert_allclose(solver.step(np.ones((2, 4, 6))), 3.0)
+    assert solver.fingerprint()["files"] != before["files"]
+
+
+def _wait_gone(pid: int, seconds: float = 10.0) -> str:
+    """The process's state once it is gone or a zombie (a reparented child PID 1 has not reaped), or its live state."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return "gone"
+        if state in ("Z", "X") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
+
+
+# A step that succeeds but leaves background `sleep`s behind (their own stdout, so the step returns).
+SPAWNING_STEP = """
+import subprocess, sys, numpy as np
+pids = [subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid for _ in range(3)]
+open(sys.argv[3], "a").write("".join(f"{p}\\n" for p in pids))
+np.save(sys.argv[2], np.load(sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+def test_a_successful_step_leaves_no_background_process_behind(tmp_path):
+    script, pids = tmp_path / "spawn.py", tmp_path / "pids.txt"
+    script.write_text(SPAWNING_STEP)
+    solver = ExternalSolver([sys.executable, str(script), "{input}", "{output}", str(pids)], grid=GRID,
+                            channels=("u", "v"), timeout=30)
+    try:
+        for _ in range(2):
+            np.testing.assert_allclose(solver.step(np.ones((2, 4, 6))), 1.0)
+        left = [int(p) for p in pids.read_text().split()]
+        assert len(left) == 6
+        assert [p for p in left if _wait_gone(p, 3) not in ("gone", "Z", "X")] == []
+    finally:
+        for pid in map(int, pids.read_text().split()) if pids.exists() else ():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# The run: one ExternalSolver step of a program that starts a child and then hangs.
+HANGING_RUN = """
+import sys, numpy as np
+from deepzero_apps.solvers.external import ExternalSolver
+code = ("import subprocess, sys, time; p = subprocess.Popen(['sleep', '300']); "
+        "open(sys.argv[1], 'w').write(f'{__import__(\\\"os\\\").getpid()} {p.pid}\\\\n'); time.sleep(300)")
+ExternalSolver([sys.executable, "-c", code, sys.argv[1]], grid={"shape": [2, 2]}, timeout=300).step(np.zeros((1, 2, 2)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_run_terminated_mid_step_takes_its_solver_processes_with_it(tmp_path, sig):
+    script, pids = tmp_path / "run.py", tmp_path / "pids.txt"
+    script.write_text(HANGING_RUN)
+    run = subprocess.Popen([sys.executable, str(script), str(pids)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.exists() and pids.read_text().endswith("\n")):
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
+            time.sleep(0.05)
+        program, child = map(int, pids.read_text().split())
+        run.send_signal(sig)
+        assert run.wait(timeout=30) == -sig  # it still dies of the signal
+        assert _wait_gone(program) in ("gone", "Z", "X"), "the solver program survived the run"
+        if sig == signal.SIGTERM:  # SIGKILL cannot be caught: only the program itself dies (PDEATHSIG)
+            assert _wait_gone(child) in ("gone", "Z", "X"), "the solver's child survived the run"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in map(int, pids.read_text().split()) if pids.exists() else ():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

@@ -3,8 +3,11 @@ box, the denoiser's MSE pretraining, and ZO-AE-DS's autoencoder.
 
 A stage directory holds `stage.json`, what the stage was trained with: the config as written (an
 interpolation such as ``${oc.env:KEY}`` stays text, its value is never written) and a SHA-256 of the
-resolved values, so a changed value still invalidates the cache. Another configuration is refused
-instead of silently reusing stale weights.
+resolved values, so a changed value still invalidates the cache, and the stage's kind. Another
+configuration is refused instead of silently reusing stale weights; a cache directory that is the
+run's own, or holds anything but a stage of its kind (another run, another stage), is refused before
+anything is written there. Waiting for a stage another run holds ends on a wait cycle or after
+`STAGE_WAIT_S` (`deepzero_apps.rundir`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from deepzero_apps.data import DataBundle
 from deepzero_apps.engine import FirstOrder, Objective, StagedObjective
 from deepzero_apps.errors import ConfigError, RunError, one_line
 from deepzero_apps.models.build import build_model
-from deepzero_apps.rundir import lock_run_dir, release_run_dir
+from deepzero_apps.rundir import LOCK, lock_run_dir, release_run_dir
 from deepzero_apps.trainer import Trainer, TrainerConfig
 
 from .data import NoisyInputs, Standardize
@@ -50,13 +53,40 @@ def fingerprint(**parts: Any) -> dict[str, Any]:
                                  sort_keys=True, default=str))
 
 
+STAGE_FILE = "stage.json"
+STAGE_WAIT_S = 24 * 3600.0  # longest wait for a stage another run is training (a deadlock is refused at once)
+
+
+def check_stage_dir(stage_dir: Path, out_dir: Path, title: str) -> None:
+    """Refuse, before anything is written there, a cache directory that is this run's own directory
+    (its lock would be dropped mid-run and the stage would overwrite the run's files) or that holds
+    something other than a stage of this kind (another run, another stage)."""
+    if stage_dir.resolve() == out_dir.resolve():
+        raise ConfigError(f"{title} cache_dir {stage_dir} is this run's own directory; point it elsewhere")
+    stamp = stage_dir / STAGE_FILE
+    if stamp.is_file():
+        try:
+            kind = json.loads(stamp.read_text()).get("stage", title)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"{stamp} is not a stage description ({one_line(exc)}); refused untouched") from exc
+        if kind != title:
+            raise ConfigError(f"{stage_dir} holds a '{kind}' stage, not a '{title}' one; refused untouched: "
+                              "point the stage's cache_dir elsewhere")
+    elif stage_dir.is_dir() and any(p.name != LOCK for p in stage_dir.iterdir()):
+        raise ConfigError(f"{stage_dir} is not a '{title}' stage (it has files but no {STAGE_FILE}, e.g. another "
+                          "run's directory); refused untouched: point the stage's cache_dir elsewhere")
+    elif stage_dir.exists() and not stage_dir.is_dir():
+        raise ConfigError(f"{title} cache_dir {stage_dir} is not a directory")
+
+
 def claim_stage(stage_dir: Path, stamp: dict[str, Any], title: str) -> None:
     """Write `stage.json` into a new stage directory, or check that an existing one was trained the same way."""
-    path = stage_dir / "stage.json"
+    path = stage_dir / STAGE_FILE
+    stamp = {**stamp, "stage": title}
     if not path.exists():
         stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, stamp, sort_keys=True)
-    elif json.loads(path.read_text()) != stamp:
+    elif {"stage": title, **json.loads(path.read_text())} != stamp:  # caches written before "stage" existed count
         raise ConfigError(f"{stage_dir} holds a '{title}' stage trained with another configuration; "
                           "delete it or point the stage's cache_dir elsewhere")
 
@@ -65,8 +95,21 @@ def cache_dir(path: str | None, out_dir: Path, name: str) -> Path:
     return Path(path) if path else out_dir / name
 
 
+def enter_stage(stage_dir: Path, out_dir: Path, stamp: dict[str, Any], title: str) -> None:
+    """Check `stage_dir` untouched, wait for its lock (another run may be training or reading it), claim it."""
+    check_stage_dir(stage_dir, out_dir, title)
+    lock_run_dir(stage_dir, wait=True, timeout=STAGE_WAIT_S)
+    try:
+        check_stage_dir(stage_dir, out_dir, title)  # what the previous holder left
+        claim_stage(stage_dir, stamp, title)
+    except BaseException:
+        release_run_dir(stage_dir)
+        raise
+
+
 def fit_stage(
     stage_dir: Path,
+    out_dir: Path,
     stamp: dict[str, Any],
     objective: Objective,
     optimizer: torch.optim.Optimizer,
@@ -84,9 +127,8 @@ def fit_stage(
     The stage always resumes its own checkpoint, so a finished stage is a cache and an interrupted
     one continues.
     """
-    lock_run_dir(stage_dir, wait=True)  # another run may be training it or reading it back: wait for that
+    enter_stage(stage_dir, out_dir, stamp, title)
     try:
-        claim_stage(stage_dir, stamp, title)
         trainer = Trainer(
             objective, FirstOrder(), optimizer, train_set, evaluate, stage_dir,
             TrainerConfig(epochs=epochs, batch_size=batch_size, seed=cfg.seed, resume=True, log_every=cfg.log_every,
@@ -140,7 +182,7 @@ def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tens
                         lr=ccfg.lr)
     objective = StagedObjective(model, lambda logits, b: F.cross_entropy(logits, b[1]), inputs=lambda b: standardize(b[0]))
     optimizer = torch.optim.SGD(model.parameters(), lr=ccfg.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    summary = fit_stage(stage_dir, stamp, objective, optimizer, data.train, evaluate, cfg, ccfg.epochs,
+    summary = fit_stage(stage_dir, out_dir, stamp, objective, optimizer, data.train, evaluate, cfg, ccfg.epochs,
                         ccfg.batch_size, "classifier", scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR))
     return classifier.eval(), {**describe(ccfg), "source": str(stage_dir), **summary["eval"]}
 
@@ -154,7 +196,7 @@ def pretrain_denoiser(cfg: DictConfig, data: DataBundle, denoiser: nn.Module,
                       metrics: Callable[[nn.Module], dict], out_dir: Path) -> None:
     """Stage 2: the denoiser trained first-order on MSE to the clean image (no classifier query)."""
     pre, noisy = cfg.pretrain, NoisyInputs(cfg.sigma, cfg.seed)
-    fit_stage(cache_dir(pre.cache_dir, out_dir, "pretrain"),
+    fit_stage(cache_dir(pre.cache_dir, out_dir, "pretrain"), out_dir,
               fingerprint(data=cfg.data, denoiser=cfg.denoiser, sigma=cfg.sigma, seed=cfg.seed, epochs=pre.epochs,
                           batch_size=pre.batch_size, lr=pre.lr),
               StagedObjective(denoiser, lambda out, b: F.mse_loss(out, b[0]), inputs=noisy),
@@ -179,13 +221,13 @@ def pretrain_autoencoder(cfg: DictConfig, data: DataBundle, denoiser: nn.Module,
     ae = nn.Sequential(encoder, decoder)
     stage_dir = cache_dir(zcfg.cache_dir, out_dir, "autoencoder")
     weights, report_file = stage_dir / "autoencoder.pt", stage_dir / "summary.json"
-    lock_run_dir(stage_dir, wait=True)  # one process trains it; released once it is on disk, for others to share
+    # One process trains it; released once it is on disk, for others to share.
+    enter_stage(stage_dir, out_dir, fingerprint(
+        data=cfg.data, denoiser=cfg.denoiser, sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.pretrain.batch_size,
+        lr=cfg.pretrain.lr, pretrain_epochs=cfg.pretrain.epochs,
+        autoencoder={k: zcfg[k] for k in ("latent_channels", "width", "ae_epochs", "patience", "holdout")},
+    ), "autoencoder")
     try:
-        claim_stage(stage_dir, fingerprint(
-            data=cfg.data, denoiser=cfg.denoiser, sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.pretrain.batch_size,
-            lr=cfg.pretrain.lr, pretrain_epochs=cfg.pretrain.epochs,
-            autoencoder={k: zcfg[k] for k in ("latent_channels", "width", "ae_epochs", "patience", "holdout")},
-        ), "autoencoder")
         if weights.exists() and report_file.exists():
             ae.load_state_dict(load_checkpoint(weights, map_location=cfg.device))
             return encoder, decoder, json.loads(report_file.read_text())

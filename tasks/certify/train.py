@@ -10,6 +10,7 @@ TrainerConfig, metric loggers) comes from the adapter layer every app shares (`d
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -27,11 +28,14 @@ from deepzero_apps.adapter import (
     build_scheduler,
     trainer_config,
 )
+from deepzero_apps.blackbox import BlackBoxClassifier
 from deepzero_apps.blackbox.http_client import HTTPClassifier
 from deepzero_apps.blackbox.loaders import black_box
 from deepzero_apps.blackbox.losses import DenoiserLoss, ImageQueries, WhiteBox, labels_of, stability
+from deepzero_apps.checkpoint import atomic_write
 from deepzero_apps.data import DataBundle, LabeledTensorDataset, balanced_subset
 from deepzero_apps.engine import FirstOrder, Objective, StagedObjective, is_main
+from deepzero_apps.errors import one_line
 from deepzero_apps.loggers import build_logger
 from deepzero_apps.trainer import Trainer
 
@@ -52,7 +56,7 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
     blackbox = black_box(classifier, cfg.classifier, data.num_classes, cfg.eval_batch_size)
     blackbox.limit = typed.query_budget  # a hard cap also for labelling and ZO-GraSP scoring before training
     x, _ = balanced_subset(data.train, cfg.finetune_limit, cfg.seed).tensors
-    train_set = LabeledTensorDataset(x, labels_of(blackbox, x.to(cfg.device), cfg.eval_batch_size).cpu())
+    train_set = LabeledTensorDataset(x, black_box_labels(blackbox, x, cfg, out_dir))
     noisy = NoisyInputs(cfg.sigma, cfg.seed)
     extra: dict[str, Any] = {"blackbox": blackbox, "noise": noisy}
     if isinstance(classifier, HTTPClassifier):
@@ -106,6 +110,30 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
     if report:
         summary["autoencoder"] = report
     return pipeline.eval(), summary
+
+
+LABELS = "train_labels.pt"  # the black box's labels of the training images, paid for once per run
+
+
+def black_box_labels(blackbox: BlackBoxClassifier, x: Tensor, cfg: DictConfig, out_dir: Path) -> Tensor:
+    """The black box's labels of `x`, queried once per run directory and kept in `LABELS`: a restart
+    (a resume, or a run killed before its first checkpoint) reads them back instead of buying them
+    again, and still charges their images to the budget (a checkpoint then restores the count anyway)."""
+    path, digest = out_dir / LABELS, hashlib.sha256(x.cpu().contiguous().numpy().tobytes()).hexdigest()
+    if path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["inputs_sha256"] == digest and saved["labels"].shape == (len(x),):
+                blackbox.queries += int(saved["images"])
+                return saved["labels"]
+        except Exception as exc:  # noqa: BLE001 - a damaged file is queried again, never trusted
+            log.info(f"certify: {path} unreadable ({one_line(exc)}); labelling the training images again")
+    before = blackbox.queries
+    labels = labels_of(blackbox, x.to(cfg.device), cfg.eval_batch_size).cpu()
+    if is_main():
+        record = {"labels": labels, "inputs_sha256": digest, "images": blackbox.queries - before}
+        atomic_write(path, lambda f: torch.save(record, f))
+    return labels
 
 
 def scoring_batch(cfg: DictConfig, data: DataBundle) -> tuple[Tensor, Tensor]:

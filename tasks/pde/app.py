@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from deepzero_apps.engine import (
     call_stacked,
     is_main,
 )
-from deepzero_apps.errors import one_line
+from deepzero_apps.errors import RunError, one_line
 from deepzero_apps.loggers import build_logger
 from deepzero_apps.solvers import SolverError, list_solvers, register_solver_configs
 from deepzero_apps.trainer import CHECKPOINT, Trainer
@@ -363,6 +364,10 @@ def run(cfg: DictConfig) -> dict:
         kept = f"last good checkpoint: {ckpt} (resume=true continues it)" if ckpt.exists() else "no checkpoint written"
         raise SolverError(f"{one_line(exc)}; {kept}") from exc
     curve, src_curve = mae_over_time(traj, test_refs), mae_over_time(src, test_refs)
+    bad = {name: value for name, value in (("mae", float(np.mean(curve))), ("mae_src", float(np.mean(src_curve))))
+           if not math.isfinite(value)}
+    if bad:  # never a result: a non-finite reference or rollout slipped past every check
+        raise RunError(f"pde: non-finite metric {', '.join(f'{k}={v}' for k, v in bad.items())}; {EVAL} not written")
     result = {
         "method": cfg.method,
         "label": label,

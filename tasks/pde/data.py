@@ -6,16 +6,22 @@ restricted to the coarse grid. Fine runs dominate the cost of small experiments,
 cached on disk under a key made of everything that determines it -- the solver's code (class, package
 version, source hash; an external program's bytes and command line), its configuration and resolved
 description, the seed and the step counts -- and reused by any later run (another method, another
-training-set size, a resumed run). Each file carries a checksum: a truncated or zeroed file is
-re-simulated, never used.
+training-set size, a resumed run). Each file carries an HMAC-SHA256 of its trajectory under a secret
+kept apart from it (`KEY_FILE`, owner-only) and bound to its key, and is checked finite and of the
+expected shape on load: a truncated, zeroed, edited (data and digest together), swapped or NaN file
+is re-simulated, never used. Whoever can read the key (the owner) can still forge a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import io
 import json
+import os
 import re
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ from deepzero_apps.checkpoint import atomic_write
 from deepzero_apps.config import ConfigError
 from deepzero_apps.solvers import Solver, check_state, create_solver
 
-CACHE_FORMAT = 2  # bump when the stored arrays change meaning
+CACHE_FORMAT = 3  # bump when the stored arrays change meaning
 
 
 @dataclass
@@ -115,25 +121,57 @@ def simulate(pair: SolverPair, seed: int, steps: int, warmup_steps: int) -> np.n
     return np.stack(frames)
 
 
-def _checksum(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+KEY_FILE = ".digest_key"  # in the cache directory, owner-only: the secret of the files' digests
+
+
+def _digest_key(root: Path) -> bytes:
+    """The cache directory's secret (created on first use, mode 0600), so that a digest cannot be
+    recomputed by whoever edits a cached file without also reading this key."""
+    path = root / KEY_FILE
+    root.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+            f.flush()
+            os.fsync(f.fileno())
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise ConfigError(f"{path} is not a cache digest key (expected 32 bytes, got {len(key)}); delete it "
+                          "together with the cached simulations next to it")
+    return key
+
+
+def _digest(key: bytes, name: str, array: np.ndarray) -> str:
+    """HMAC-SHA256 of the trajectory bound to its cache file's name (its key), shape and dtype."""
+    mac = hmac.new(key, f"{name}\0{array.dtype.str}\0{array.shape}\0".encode(), hashlib.sha256)
+    mac.update(np.ascontiguousarray(array).tobytes())
+    return mac.hexdigest()
 
 
 def save_cached(path: Path, traj: np.ndarray) -> None:
-    """The trajectory and its checksum in one ``.npz``, written atomically (temp, fsync, rename)."""
+    """The trajectory and its keyed digest in one ``.npz``, written atomically (temp, fsync, rename)."""
     buf = io.BytesIO()
-    np.savez(buf, trajectory=traj, sha256=np.array(_checksum(traj)))
+    np.savez(buf, trajectory=traj, hmac_sha256=np.array(_digest(_digest_key(path.parent), path.name, traj)))
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def load_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The cached trajectory, or ``None`` (with a message) if the file is unreadable, truncated or altered."""
+    """The cached trajectory, or ``None`` (with a message) if the file is unreadable, truncated,
+    altered, copied from another key, of another shape, or not finite."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            traj, stored = f["trajectory"], str(f["sha256"])
-        problem = None if _checksum(traj) == stored else "checksum mismatch"
-        if problem is None and traj.shape != shape:
+            traj, stored = f["trajectory"], str(f["hmac_sha256"])
+        if not hmac.compare_digest(_digest(_digest_key(path.parent), path.name, traj), stored):
+            problem = "digest mismatch"
+        elif traj.shape != shape:
             problem = f"shape {traj.shape}, expected {shape}"
+        elif traj.dtype.kind != "f" or not np.isfinite(traj).all():
+            problem = f"{traj.dtype} values, not all finite"
+        else:
+            problem = None
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is simply re-simulated
         problem = f"{type(exc).__name__}: {exc}"
     if problem is None:
