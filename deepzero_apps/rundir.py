@@ -35,7 +35,7 @@ RESUME_MAY_CHANGE = frozenset({
     "resume", "resume_allow_changes", "progress", "threads", "log_every", "eval_every", "checkpoint_every",
     "eval_batch_size", "query_budget", "on_nonfinite", "max_skipped_fraction",
     "classifier.timeout", "classifier.retries", "classifier.backoff", "classifier.rate_limit",
-    "classifier.max_batch",
+    "classifier.max_batch", "classifier.max_wait",
 })
 
 _held: dict[str, int] = {}  # resolved run directory -> file descriptor holding its lock
