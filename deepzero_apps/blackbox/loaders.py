@@ -161,5 +161,7 @@ def describe(ccfg: DictConfig) -> dict[str, Any]:
     return {"kind": ccfg.kind, "output": ccfg.output, "source": where}
 
 
-def _display(url: Any) -> str | list[str]:
-    return display_url(str(url)) if isinstance(url, str) else [display_url(str(u)) for u in url]
+def _display(url: Any) -> str | list[str] | None:
+    if url is None or isinstance(url, str):
+        return None if url is None else display_url(url)
+    return [display_url(str(u)) for u in url]
