@@ -317,3 +317,21 @@ def test_an_answer_larger_than_batch_by_classes_is_refused_early(clients, mode):
     finally:
         server.close()
     assert c.requests == 1 and server.sent < 64 << 20  # not retried; read stopped at the cap
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("classifier.url='http://u:pwSECRET@[::1/predict?k=SECRET'", "classifier.url is not a valid URL (Invalid port: ':1'): 'http://[::1/predict'"),
+        ("classifier.url=['http://127.0.0.1:9/p','ftp://h/p']", "classifier=http needs classifier.url[1]=http(s)://...; got 'ftp://h/p'"),
+        ("classifier.url=[]", "classifier.url=[] names no endpoint"),
+        ("classifier.headers={Authorization: 'Bearer SECRET\u00e9'}", "classifier.headers['Authorization']: the value must be printable ASCII (character 13 is not)"),
+        ("classifier.max_wait=inf", "classifier.max_wait=inf must be a finite number"),
+    ],
+    ids=["ipv6", "scheme-in-list", "empty-list", "non-ascii-header", "max-wait"],
+)
+def test_bad_http_settings_are_one_line_exit_2_without_secrets(tmp_path, capsys, override, needle):
+    url = [] if "classifier.url" in override else ["classifier.url=http://127.0.0.1:9/p"]
+    assert main(["certify", f"hydra.run.dir={tmp_path}", "classifier=http", *url, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "SECRET" not in err, err
