@@ -69,7 +69,8 @@ def test_http_black_box_certifies_like_the_in_process_one_and_the_server_counts_
     assert table(root / "http") == table(root / "local")
     assert http["certify"]["certified_accuracy"] == local["certify"]["certified_accuracy"]
     assert 0 < http["train"]["queries"] == local["train"]["queries"] <= 2500  # the budget is checked before a step
-    assert http["train"]["http"] == {"retries": 0, "retried_images": 0}
+    assert http["train"]["http"]["retries"] == http["train"]["http"]["retried_images"] == 0
+    assert http["http"]["requests"] == len((root / "requests.jsonl").read_text().splitlines()) and http["http"]["retries"] == 0
     charged = http["train"]["queries"] + http["eval_queries"] + http["certify"]["queries"]
     assert server_images == charged
     assert http["classifier"] == {"kind": "http", "output": "logits", "source": url}
