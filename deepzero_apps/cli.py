@@ -15,7 +15,7 @@ import io
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import hydra
 import torch.distributed as dist
 import yaml
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -36,7 +37,8 @@ from .apps import App, get_app, list_apps
 from .config import describe_config_error, validate
 from .engine.distributed import init_distributed, is_main, launched_by_torchrun
 from .errors import ConfigError, RunError, one_line
-from .rundir import hydra_overrides, lock_run_dir, release_run_dirs
+from .redact import redact_text
+from .rundir import hydra_overrides, lock_run_dir, release_run_dirs, save_hydra_files
 
 
 class UsageError(ConfigError):
@@ -190,22 +192,23 @@ def check_overrides(app: App | str, overrides: Sequence[str], multirun: bool = F
     return compose_checked(_app(app), overrides, multirun)[0]
 
 
-def compose_checked(app: App, overrides: Sequence[str], multirun: bool = False) -> tuple[DictConfig, str]:
-    """One composition before the run: the validated config and the run directory Hydra will create
-    (`${now:...}` resolved now, so the directory locked is the one used)."""
+def compose_checked(app: App, overrides: Sequence[str], multirun: bool = False) -> tuple[DictConfig, str, str | None]:
+    """One composition before the run: the validated config, the run directory Hydra will create
+    (`${now:...}` resolved now, so the directory locked is the one used) and `hydra.output_subdir`."""
     prepare(app)
     try:
         with initialized(app):
             full = hydra.compose(app.name, overrides=_first_of_sweeps(overrides) if multirun else list(overrides),
                                  return_hydra_config=True)
             directory = str(OmegaConf.select(full, "hydra.run.dir"))
+            subdir = OmegaConf.select(full, "hydra.output_subdir")
         cfg = OmegaConf.masked_copy(full, [key for key in full if key != "hydra"])
         validate(cfg, app.schema)
     except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError, OverflowError) as exc:
         if debug_requested():  # ValueError: ConfigError too; YAMLError: a config file that does not parse
             raise
         raise UsageError(describe_config_error(exc)) from exc
-    return cfg, directory
+    return cfg, directory, subdir
 
 
 def join_ranks(cfg: DictConfig, directory: str, multirun: bool) -> list[str]:
@@ -250,9 +253,10 @@ def run_app(app: App, argv: Sequence[str]) -> int:
     args, _ = hydra_args().parse_known_args(list(argv))
     wants_run = not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.version)
     argv = list(argv)
+    task = error_boundary(app.name, app.run)
     if wants_run:
         overrides = [*config_dir_overrides(app, args.config_dir), *args.overrides]
-        cfg, directory = compose_checked(app, overrides, multirun=args.multirun)
+        cfg, directory, subdir = compose_checked(app, overrides, multirun=args.multirun)
         if launched_by_torchrun():
             extra = join_ranks(cfg, directory, args.multirun)
             argv += extra
@@ -263,7 +267,12 @@ def run_app(app: App, argv: Sequence[str]) -> int:
             directory = None  # multirun jobs lock in start_run
         if directory is not None and is_main():  # lock before Hydra writes (multirun jobs lock in start_run)
             lock_run_dir(directory)
-            argv += hydra_overrides(directory, bool(cfg.get("resume", False)))
+            resumed = hydra_overrides(directory, bool(cfg.get("resume", False)))
+            argv += resumed
+            subdir = resumed[0].split("=", 1)[1] if resumed else subdir
+        if subdir is not None and is_main():
+            task = error_boundary(app.name, with_redacted_hydra_files(app.run, subdir))
+        argv.append("hydra.output_subdir=null")  # Hydra would record secrets; the job writes redacted copies
     else:
         prepare(app)
     hydra_main = hydra.main(version_base="1.3", config_path=app.config_dir, config_name=app.name)
@@ -272,7 +281,7 @@ def run_app(app: App, argv: Sequence[str]) -> int:
     quiet = launched_by_torchrun() and not is_main()  # one rank reports; errors still reach stderr
     try:
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            hydra_main(error_boundary(app.name, app.run))()
+            hydra_main(task)()
     except SystemExit as exc:  # Hydra exits after --help/--cfg; the boundary exits 2 or 1 on errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
@@ -281,6 +290,16 @@ def run_app(app: App, argv: Sequence[str]) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def with_redacted_hydra_files(run: Callable[[DictConfig], Any], subdir: str) -> Callable[[DictConfig], Any]:
+    """`run`, after writing Hydra's record of the job, redacted (`rundir.save_hydra_files`), into `subdir`."""
+
+    def job(cfg: DictConfig) -> Any:
+        save_hydra_files(cfg, HydraConfig.instance().cfg, subdir)
+        return run(cfg)
+
+    return job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,12 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError) as exc:
         if debug_requested() and not isinstance(exc, UsageError):
             raise
-        print(f"deepzero-task {name}: error: {one_line(exc)}", file=sys.stderr)
+        print(f"deepzero-task {name}: error: {redact_text(one_line(exc))}", file=sys.stderr)  # Hydra echoes overrides
         return USAGE_ERROR
     except RunError as exc:  # e.g. the run directory is locked by another process
         if debug_requested():
             raise
-        print(f"deepzero-task {name}: error: {one_line(exc)}", file=sys.stderr)
+        print(f"deepzero-task {name}: error: {redact_text(one_line(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before the run started: nothing written yet
         print(f"deepzero-task {name}: interrupted", file=sys.stderr)

@@ -5,11 +5,12 @@ ends (the OS drops it when the process dies, even on SIGKILL), so a second proce
 directory stops with the holder's PID instead of interleaving checkpoints and metrics. Under
 torchrun only rank 0 writes, so only rank 0 locks.
 
-At first start a run saves its own config (`run_config.yaml`, unresolved, so no resolved secret is
-written); a resume compares the requested config with it. Keys that only change how a run is
+At first start a run saves its own config (`run_config.yaml`, unresolved and `redact`ed, so no
+secret is written); a resume compares the requested config with it, both redacted. Keys that only change how a run is
 watched or where it stops (`RESUME_MAY_CHANGE`) may differ; any other difference is a one-line
-error unless `resume_allow_changes=true`. Hydra's own files of a resume go to `.hydra/resume-N/`,
-so `.hydra/config.yaml` stays the first start's.
+error unless `resume_allow_changes=true`. Hydra's own files (`.hydra/*.yaml`) are written here,
+redacted, instead of by Hydra (`save_hydra_files`); a resume's go to `.hydra/resume-N/`, so
+`.hydra/config.yaml` stays the first start's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import atomic_write_text
 from .engine.distributed import is_main
 from .errors import ConfigError, RunError
+from .redact import redact
 
 LOCK = ".lock"
 RUN_CONFIG = "run_config.yaml"
@@ -36,7 +38,7 @@ RESUME_MAY_CHANGE = frozenset({
     "resume", "resume_allow_changes", "progress", "threads", "log_every", "eval_every", "checkpoint_every",
     "eval_batch_size", "query_budget", "on_nonfinite", "max_skipped_fraction",
     "classifier.timeout", "classifier.retries", "classifier.backoff", "classifier.rate_limit",
-    "classifier.max_batch",
+    "classifier.max_batch", "classifier.max_wait",
 })
 
 _POLL_S = 0.2  # how often a waiter looks at a busy lock (and at the chain of holders)
@@ -202,7 +204,7 @@ def check_resume(directory: str | os.PathLike, cfg: DictConfig, allow_changes: b
             saved = OmegaConf.load(path)
         except Exception as exc:  # yaml, OS or OmegaConf errors: the file is not a config
             raise ConfigError(f"{path} cannot be read as a config ({exc}); move it away to resume without the check") from exc
-        changes = config_changes(saved, cfg)
+        changes = config_changes(redact(saved), redact(cfg))
         if changes and not allow_changes:
             raise ConfigError(
                 f"resume=true with a config that differs from the run's ({path}): {'; '.join(changes)}; "
@@ -212,6 +214,21 @@ def check_resume(directory: str | os.PathLike, cfg: DictConfig, allow_changes: b
             print(f"resuming with changed config (resume_allow_changes=true): {'; '.join(changes)}")
         return
     try:
-        atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=False))
+        atomic_write_text(path, OmegaConf.to_yaml(redact(cfg)))
     except OSError as exc:
         raise RunError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def save_hydra_files(cfg: DictConfig, hydra_cfg: DictConfig, subdir: str) -> None:
+    """Hydra's record of a job (`config.yaml`, `hydra.yaml`, `overrides.yaml` in `subdir` of its run
+    directory), written redacted: the CLI sets `hydra.output_subdir=null` so Hydra writes none itself."""
+    hydra_cfg = redact(hydra_cfg)
+    hydra_cfg.hydra.output_subdir = subdir
+    directory = Path(hydra_cfg.hydra.runtime.output_dir) / subdir
+    files = {"config.yaml": redact(cfg), "hydra.yaml": hydra_cfg, "overrides.yaml": hydra_cfg.hydra.overrides.task}
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, node in files.items():
+            atomic_write_text(directory / name, OmegaConf.to_yaml(node))
+    except OSError as exc:
+        raise RunError(f"cannot write {directory}: {exc.strerror}") from exc

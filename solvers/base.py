@@ -122,6 +122,8 @@ def check_state(
     ``"initial_state"``); the engine calls this on every output of every solver.
     """
     where = f"solver {name!r}" + (f" step {step}" if step is not None else "")
+    if np.iscomplexobj(state):  # a float cast would silently drop the imaginary part
+        raise SolverError(f"{where}: {what} is complex ({np.asarray(state).dtype}); return real values")
     try:
         arr = np.asarray(state, dtype=np.float64)
     except (TypeError, ValueError) as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -48,6 +49,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def register_solver(name: str, factory: Callable[..., Any] | None = None, *, overwrite: bool = False):
     """Register a solver class (or factory) under ``name``; usable as ``@register_solver("name")``."""
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", str(name)):  # it becomes the config option solver=<name>
+        raise ValueError(f"solver name {name!r} must be letters, digits, '_', '.' or '-' (it is a config option name)")
 
     def deco(obj: F) -> F:
         if not overwrite and name in _REGISTRY and _REGISTRY[name] is not obj:

@@ -7,21 +7,14 @@ stops the run with one line, and the resumed run ends as if nothing had happened
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-import torch
-from sklearn.datasets import load_digits
-from torch import nn
+from servers import Server, digits_model, free_port
 
 from deepzero_apps.cli import main
 
@@ -37,63 +30,9 @@ RUN = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    """A TorchScript digits classifier ([0, 1] images -> logits), trained first-order for a second."""
-    torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(digits.target)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("model") / "digits.pt"
-    torch.jit.script(model.eval()).save(str(path))
-    return path
-
-
-class Server:
-    """`deepzero-task serve` in a subprocess; `start` waits until /health answers."""
-
-    def __init__(self, model: Path, port: int, log: Path):
-        self.model, self.port, self.log, self.proc = model, port, log, None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/predict"
-
-    def start(self) -> Server:
-        cmd = [sys.executable, "-m", "deepzero_apps.cli", "serve", "classifier=torchscript",
-               f"classifier.path={self.model}", f"port={self.port}", f"request_log={self.log}",
-               f"hydra.run.dir={self.log.parent / 'serve_run'}"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        raise TimeoutError("the server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def images(self) -> int:
-        rows = [json.loads(line) for line in self.log.read_text().splitlines()]
-        return sum(r["images"] for r in rows if r["status"] == 200)
+    return digits_model(tmp_path_factory.mktemp("model") / "digits.pt")
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +69,8 @@ def test_http_black_box_certifies_like_the_in_process_one_and_the_server_counts_
     assert table(root / "http") == table(root / "local")
     assert http["certify"]["certified_accuracy"] == local["certify"]["certified_accuracy"]
     assert 0 < http["train"]["queries"] == local["train"]["queries"] <= 2500  # the budget is checked before a step
-    assert http["train"]["http"] == {"retries": 0, "retried_images": 0}
+    assert http["train"]["http"]["retries"] == http["train"]["http"]["retried_images"] == 0
+    assert http["http"]["requests"] == len((root / "requests.jsonl").read_text().splitlines()) and http["http"]["retries"] == 0
     charged = http["train"]["queries"] + http["eval_queries"] + http["certify"]["queries"]
     assert server_images == charged
     assert http["classifier"] == {"kind": "http", "output": "logits", "source": url}

@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -41,11 +44,12 @@ class ClassifierConfig:
     target: str | None = None  # callable: import path of a factory called with `kwargs`
     kwargs: Any = None  # a dict; Any + null so one `classifier.kwargs={...}` override needs no `+`
     path: str | None = None  # torchscript: the saved module
-    url: str | None = None  # http: the endpoint
+    url: Any = None  # http: the endpoint, or a list of replicas serving the same model
     max_batch: int = 256  # http: most images per request
     retries: int = 4  # http: further attempts on connection errors, timeouts, 5xx, 429
     backoff: float = 0.5  # http: seconds before the first retry, doubled each time
-    rate_limit: float | None = None  # http: most requests per second
+    rate_limit: float | None = None  # http: most requests per second, over all replicas
+    max_wait: float = 60.0  # http: the longest pause before a retry, whatever Retry-After asks
     headers: Any = None  # http: a dict, e.g. {Authorization: "Bearer ${oc.env:KEY}"} (Any + null: no `+` needed)
 
     def __post_init__(self) -> None:
@@ -61,12 +65,49 @@ class ClassifierConfig:
             require(value is None or isinstance(value, dict), f"classifier.{key}={value!r} must be a dict, e.g. {{a: 1}}")
         require(self.kind != "torchscript" or (self.path is not None and Path(self.path).is_file()),
                  f"classifier=torchscript needs classifier.path=FILE; '{self.path}' does not exist")
-        require(self.kind != "http" or str(self.url).startswith(("http://", "https://")),
-                 f"classifier=http needs classifier.url=http(s)://...; got '{self.url}'")
+        if self.kind == "http":
+            check_urls(self.url)
+        check_headers(self.headers)
         require(self.max_batch >= 1 and self.retries >= 0 and self.backoff >= 0,
                  "classifier.max_batch must be >= 1, retries and backoff >= 0")
+        require(0 <= self.max_wait < float("inf"), f"classifier.max_wait={self.max_wait} must be a finite number of seconds >= 0")
         require(self.rate_limit is None or self.rate_limit > 0, f"classifier.rate_limit={self.rate_limit} must be > 0 or null")
 
+
+def check_urls(url: Any) -> None:
+    """`classifier.url` is one http(s) URL or a non-empty list of them; the error never shows a
+    credential or query (`display_url`)."""
+    urls = list(url) if isinstance(url, (list, tuple)) else [url]
+    require(bool(urls), "classifier.url=[] names no endpoint")
+    for i, one in enumerate(urls):
+        key = "classifier.url" if len(urls) == 1 and not isinstance(url, (list, tuple)) else f"classifier.url[{i}]"
+        require(isinstance(one, str) and one.startswith(("http://", "https://")),
+                f"classifier=http needs {key}=http(s)://...; got '{_shown(str(one))}'")
+        try:
+            httpx.URL(one).port  # noqa: B018 (parses the host and port)
+            if not urlsplit(one).hostname:
+                raise ValueError("no host")
+        except (ValueError, httpx.InvalidURL) as exc:
+            raise ConfigError(f"{key} is not a valid URL ({one_line(exc)}): '{_shown(one)}'") from None
+
+
+def _shown(url: str) -> str:
+    """A possibly malformed `url` safe to print: without credentials, query and fragment."""
+    return re.sub(r"//[^/]*@", "//", url).split("?")[0].split("#")[0]
+
+
+def check_headers(headers: Any) -> None:
+    """Header names and values must be printable ASCII (httpx sends nothing else); the error names
+    the header, never its value (a secret)."""
+    for name, value in (headers or {}).items():
+        for what, text in (("name", str(name)), ("value", str(value))):
+            bad = next((i for i, ch in enumerate(text) if not (" " <= ch <= "~" or ch == "\t")), None)
+            require(bad is None, f"classifier.headers['{_printable(str(name))}']: the {what} must be printable "
+                                 f"ASCII (character {bad} is not)")
+
+
+def _printable(text: str) -> str:
+    return text.encode("ascii", "backslashreplace").decode()[:64]
 
 
 def load_classifier(ccfg: DictConfig, device: str) -> Callable[[Tensor], Tensor]:
@@ -90,8 +131,8 @@ def load_classifier(ccfg: DictConfig, device: str) -> Callable[[Tensor], Tensor]
             raise ConfigError(f"classifier.path={ccfg.path} is not a TorchScript file: {one_line(exc)[:200]}") from exc
     if ccfg.kind == "http":
         return HTTPClassifier(
-            ccfg.url, provides=ccfg.output, max_batch=ccfg.max_batch, timeout=ccfg.timeout, retries=ccfg.retries,
-            backoff=ccfg.backoff, rate_limit=ccfg.rate_limit,
+            ccfg.url if isinstance(ccfg.url, str) else list(ccfg.url), provides=ccfg.output, max_batch=ccfg.max_batch, timeout=ccfg.timeout, retries=ccfg.retries,
+            backoff=ccfg.backoff, rate_limit=ccfg.rate_limit, max_wait=ccfg.max_wait,
             headers=OmegaConf.to_container(ccfg.headers, resolve=True) if ccfg.headers is not None else None,
         )
     raise ConfigError(f"classifier.kind={ccfg.kind} is built by the task, not loaded")
@@ -105,6 +146,8 @@ def black_box(source: Any, ccfg: DictConfig, num_classes: int | None, batch_size
     server sends and times each request itself.
     """
     remote = isinstance(source, HTTPClassifier)
+    if remote and num_classes is not None:
+        source.num_classes = num_classes  # caps the size of its answers
     return BlackBoxClassifier(
         source, output=output or ccfg.output, provides=ccfg.output if remote else "logits", batch_size=batch_size,
         num_classes=num_classes, name="classifier", timeout=None if remote else ccfg.timeout,
@@ -114,5 +157,11 @@ def black_box(source: Any, ccfg: DictConfig, num_classes: int | None, batch_size
 def describe(ccfg: DictConfig) -> dict[str, Any]:
     """What a run records about its classifier: safe to write (no headers, no URL query or credentials)."""
     where = {"train": ccfg.get("checkpoint"), "callable": ccfg.get("target"), "torchscript": ccfg.get("path"),
-             "http": display_url(str(ccfg.get("url")))}[ccfg.kind]
+             "http": _display(ccfg.get("url"))}[ccfg.kind]
     return {"kind": ccfg.kind, "output": ccfg.output, "source": where}
+
+
+def _display(url: Any) -> str | list[str] | None:
+    if url is None or isinstance(url, str):
+        return None if url is None else display_url(url)
+    return [display_url(str(u)) for u in url]

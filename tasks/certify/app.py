@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from deepzero_apps.apps import App
+from deepzero_apps.blackbox.http_client import HTTPClassifier
 from deepzero_apps.blackbox.loaders import black_box
 from deepzero_apps.checkpoint import atomic_write_json
 from deepzero_apps.config import start_run
@@ -62,10 +63,15 @@ def run(cfg: DictConfig) -> dict:
     cert = certify_pipeline(cfg, data, classifier, pipeline, out_dir)
     summary = {"mode": cfg.method, "method": cfg.method, "data": cfg.data.name, "sigma": cfg.sigma, "classifier": clf_info, "train": train,
                "eval_queries": eval_box.queries, "certify": cert}
+    if isinstance(classifier, HTTPClassifier):  # requests and retries of the whole run (httpx logs none)
+        summary["http"] = classifier.state_dict()
     if is_main():
         atomic_write_json(out_dir / "summary.json", summary)
         acc = " ".join(f"r={r}:{a:.3f}" for r, a in cert["certified_accuracy"].items())
-        log.info(f"certify done: method={cfg.method} train_queries={train['queries']:,} certified {acc} output={out_dir}")
+        http = (f" http_requests={summary['http']['requests']:,} retries={summary['http']['retries']:,}"
+                if "http" in summary else "")
+        log.info(f"certify done: method={cfg.method} train_queries={train['queries']:,}{http} certified {acc} "
+                 f"output={out_dir}")
     return summary
 
 

@@ -107,12 +107,13 @@ def compare_runs(run_dirs: Sequence[str], out_dir: Path) -> dict:
         try:
             summary = json.loads((d / "summary.json").read_text())
             rows = load_certification(d / "certify.tsv")
+            accuracy = certified_accuracy(rows, RADII)  # ValueError for a certify.tsv without rows
         except (OSError, ValueError) as exc:
             raise ConfigError(f"compare: {d} is not a finished certify run ({one_line(exc)})") from exc
         label = summary["mode"] if summary["mode"] not in curves else f"{summary['mode']} ({d.name})"
         curves[label] = rows
         table.append({"mode": label, "train_queries": summary["train"].get("queries", 0),
-                      **{f"r={r}": a for r, a in certified_accuracy(rows, RADII).items()}, "run": str(d)})
+                      **{f"r={r}": a for r, a in accuracy.items()}, "run": str(d)})
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(curves, out_dir / "compare.png", title="certified accuracy")
     header = list(table[0])
