@@ -158,7 +158,7 @@ def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
 
 
 def test_builtin_apps_are_discovered():
-    assert set(builtin_apps()) == {"classify", "certify", "pde", "serve"}
+    assert set(builtin_apps()) == {"classify", "certify", "export", "pde", "serve"}
 
 
 @pytest.mark.parametrize(
@@ -167,10 +167,11 @@ def test_builtin_apps_are_discovered():
         ("classify", {"data": set(), "model": set(), "sparsity": set(), "logger": set(), "experiment": {"cge_vs_rge"}},
          {"denoiser", "solver"}),
         ("certify", {"denoiser": {"dncnn"}, "experiment": {"certify_budget_curve", "certify_cifar10"},
-                     "classifier": {"callable", "http", "torchscript", "train"}}, {"solver"}),
+                     "classifier": {"callable", "http", "run", "torchscript", "train"}}, {"solver"}),
         ("pde", {"solver": {"burgers", "external", "phiflow_wake", "wake"},
                  "experiment": {"pde_burgers", "pde_phiflow_wake", "pde_wake"}}, {"data", "denoiser", "model", "classifier"}),
-        ("serve", {"classifier": {"callable", "http", "torchscript", "train"}}, {"data", "estimator", "solver", "denoiser"}),
+        ("serve", {"classifier": {"callable", "http", "run", "torchscript", "train"}}, {"data", "estimator", "solver", "denoiser"}),
+        ("export", {}, {"classifier", "data", "model", "solver"}),
     ],
 )  # fmt: skip
 def test_help_shows_only_the_apps_groups(capsys, app, groups, foreign):
