@@ -314,3 +314,11 @@ def test_a_stage_in_use_by_another_run_is_waited_for_not_refused(tmp_path, monke
     assert waited == [d.resolve() for d in cache.values()] and not held
     out = capsys.readouterr().out
     assert f"waiting for {cache['classifier']}: in use by another run (PID 4242)" in out, out
+
+
+def test_each_training_phase_labels_its_epoch_lines(tmp_path, capsys):
+    """The classifier, the denoiser's pretraining and the fine-tuning each print `<phase>: epoch i/n`."""
+    assert main(["certify", f"hydra.run.dir={tmp_path}", *TINY, "method=deepzero"]) == 0
+    epochs = [line.split(" loss=")[0] for line in capsys.readouterr().out.splitlines() if " loss=" in line]
+    assert epochs[:2] == ["classifier: epoch 1/1", "denoiser pretraining: epoch 1/1"], epochs
+    assert epochs[2].startswith("fine-tuning (deepzero): epoch 1/20"), epochs

@@ -9,6 +9,7 @@ All datasets yield ``(float32 CHW tensor, int label)``; bad data is a one-line C
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from .images import per_channel
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DATASETS = ("digits", "cifar10", "imagefolder", "fake")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,6 +104,8 @@ def build_datasets(
         train, test, classes, c, (h, w) = images.image_folder(root, augment, mean, std, image_size, channels)
         bundle = DataBundle(train, test, classes, c, h, w, per_channel(mean, c, "mean"), per_channel(std, c, "std"))
     elif name in ("digits", "fake"):
+        if root is not None:
+            log.warning(f"warning: data.root={root} is ignored: data={name} is built in (data=imagefolder reads a tree)")
         bundle = _digits(seed) if name == "digits" else _fake(fake_shape, fake_classes, fake_sizes, seed)
         _reshape_tensors(bundle, images.as_size(image_size), channels)
         bundle.mean, bundle.std = bundle.mean * bundle.in_channels, bundle.std * bundle.in_channels

@@ -92,7 +92,7 @@ def fit_stage(
             objective, FirstOrder(), optimizer, train_set, evaluate, stage_dir,
             TrainerConfig(epochs=epochs, batch_size=batch_size, seed=cfg.seed, resume=True, log_every=cfg.log_every,
                           progress=cfg.progress),
-            scheduler_factory=scheduler, device=cfg.device, extra_state=extra_state, title=title,
+            scheduler_factory=scheduler, device=cfg.device, extra_state=extra_state, title=title, phase=title,
         )
         summary = trainer.fit()
         atomic_write_json(stage_dir / "summary.json", summary)
