@@ -251,3 +251,11 @@ def test_certify_mode_is_a_deprecated_alias_of_method(capsys):
     assert main(["certify", "mode=mse", "--cfg", "job"]) == 0
     out, err = capsys.readouterr()
     assert "method: mse" in out and "mode=mse runs method=mse" in err and len(err.splitlines()) == 1
+
+
+def test_help_does_not_show_a_deprecated_alias_beside_its_key(capsys):
+    assert main(["certify", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "method: deepzero" in lines and "mode: null" not in lines
+    assert main(["classify", "--help"]) == 0  # classify's own `mode` stays
+    assert "mode: zo" in capsys.readouterr().out.splitlines()
