@@ -105,7 +105,8 @@ def build_datasets(
         bundle = DataBundle(train, test, classes, c, h, w, per_channel(mean, c, "mean"), per_channel(std, c, "std"))
     elif name in ("digits", "fake"):
         if root is not None:
-            log.warning(f"warning: data.root={root} is ignored: data={name} is built in (data=imagefolder reads a tree)")
+            # The value is not shown: it may be a resolved ${oc.env:...} secret, and this line reaches the run's log.
+            log.warning(f"warning: data.root is ignored: data={name} is built in (data=imagefolder reads a tree)")
         bundle = _digits(seed) if name == "digits" else _fake(fake_shape, fake_classes, fake_sizes, seed)
         _reshape_tensors(bundle, images.as_size(image_size), channels)
         bundle.mean, bundle.std = bundle.mean * bundle.in_channels, bundle.std * bundle.in_channels
