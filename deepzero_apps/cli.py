@@ -248,6 +248,22 @@ def renamed(app: App, argv: Sequence[str]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def without_alias_keys(app: App, active: bool) -> Iterator[None]:
+    """`--help` without the app's deprecated alias keys (certify's `mode: null` beside `method`): they are
+    renamed on the command line, so listing them only shows a second name for one setting."""
+    if not (active and app.aliases):
+        yield
+        return
+    hidden = {f"{key}: null" for key in app.aliases}
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        sys.stdout.write("".join(line for line in buffer.getvalue().splitlines(True) if line.rstrip() not in hidden))
+
+
 def run_app(app: App, argv: Sequence[str]) -> int:
     argv = keep_app_searchpath(app, renamed(app, argv))
     args, _ = hydra_args().parse_known_args(list(argv))
@@ -280,7 +296,7 @@ def run_app(app: App, argv: Sequence[str]) -> int:
     sys.argv = [f"deepzero-task {app.name}", *argv]
     quiet = launched_by_torchrun() and not is_main()  # one rank reports; errors still reach stderr
     try:
-        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else without_alias_keys(app, args.help):
             hydra_main(task)()
     except SystemExit as exc:  # Hydra exits after --help/--cfg; the boundary exits 2 or 1 on errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -212,9 +212,11 @@ def check_solver_config(name: str, sections: Mapping[str, Mapping[str, Any]]) ->
     for role in ROLES:
         for key in sections.get(role) or {}:
             if key not in named:
+                how = ("select a solver with solver=NAME to get its own defaults" if name in list_solvers() else
+                       f"an unregistered class brings no defaults: write a solver config file with name: {name} "
+                       "and its params, reference and source (docs/solvers.md)")
                 raise ValueError(
-                    f"solver.{role}.{key}: solver '{name}' has no parameter '{key}'; accepted: "
-                    f"{', '.join(named)} (select a solver with solver=NAME to get its own defaults)"
+                    f"solver.{role}.{key}: solver '{name}' has no parameter '{key}'; accepted: {', '.join(named)} ({how})"
                 )
 
 

@@ -406,3 +406,11 @@ def test_waiting_for_a_stage_gives_up_after_its_timeout(tmp_path):
             lock_run_dir(stage, wait=True, timeout=0.5)
     finally:
         os.close(fd)
+
+
+def test_each_training_phase_labels_its_epoch_lines(tmp_path, capsys):
+    """The classifier, the denoiser's pretraining and the fine-tuning each print `<phase>: epoch i/n`."""
+    assert main(["certify", f"hydra.run.dir={tmp_path}", *TINY, "method=deepzero"]) == 0
+    epochs = [line.split(" loss=")[0] for line in capsys.readouterr().out.splitlines() if " loss=" in line]
+    assert epochs[:2] == ["classifier: epoch 1/1", "denoiser pretraining: epoch 1/1"], epochs
+    assert epochs[2].startswith("fine-tuning (deepzero): epoch 1/20"), epochs

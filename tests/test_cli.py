@@ -170,7 +170,7 @@ def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
 
 
 def test_builtin_apps_are_discovered():
-    assert set(builtin_apps()) == {"classify", "certify", "pde", "serve"}
+    assert set(builtin_apps()) == {"classify", "certify", "export", "pde", "serve"}
 
 
 @pytest.mark.parametrize(
@@ -179,10 +179,11 @@ def test_builtin_apps_are_discovered():
         ("classify", {"data": set(), "model": set(), "sparsity": set(), "logger": set(), "experiment": {"cge_vs_rge"}},
          {"denoiser", "solver"}),
         ("certify", {"denoiser": {"dncnn"}, "experiment": {"certify_budget_curve", "certify_cifar10"},
-                     "classifier": {"callable", "http", "torchscript", "train"}}, {"solver"}),
+                     "classifier": {"callable", "http", "run", "torchscript", "train"}}, {"solver"}),
         ("pde", {"solver": {"burgers", "external", "phiflow_wake", "wake"},
                  "experiment": {"pde_burgers", "pde_phiflow_wake", "pde_wake"}}, {"data", "denoiser", "model", "classifier"}),
-        ("serve", {"classifier": {"callable", "http", "torchscript", "train"}}, {"data", "estimator", "solver", "denoiser"}),
+        ("serve", {"classifier": {"callable", "http", "run", "torchscript", "train"}}, {"data", "estimator", "solver", "denoiser"}),
+        ("export", {}, {"classifier", "data", "model", "solver"}),
     ],
 )  # fmt: skip
 def test_help_shows_only_the_apps_groups(capsys, app, groups, foreign):
@@ -262,3 +263,11 @@ def test_certify_mode_is_a_deprecated_alias_of_method(capsys):
     assert main(["certify", "mode=mse", "--cfg", "job"]) == 0
     out, err = capsys.readouterr()
     assert "method: mse" in out and "mode=mse runs method=mse" in err and len(err.splitlines()) == 1
+
+
+def test_help_does_not_show_a_deprecated_alias_beside_its_key(capsys):
+    assert main(["certify", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "method: deepzero" in lines and "mode: null" not in lines
+    assert main(["classify", "--help"]) == 0  # classify's own `mode` stays
+    assert "mode: zo" in capsys.readouterr().out.splitlines()

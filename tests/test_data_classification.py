@@ -228,3 +228,12 @@ def test_cli_cifar10_offline_exits_2_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "CIFAR-10 is not on disk" in lines[0] and "data=imagefolder" in lines[0]
     assert not (tmp_path / "data").exists()
+
+
+def test_a_root_given_to_a_built_in_dataset_is_named_as_ignored(caplog):
+    with caplog.at_level("WARNING", logger="deepzero_apps.data.classification"):
+        build_datasets("digits", train_limit=20, test_limit=20)
+        assert not caplog.records
+        build_datasets("digits", "/some/tree", train_limit=20, test_limit=20)
+    assert [r.getMessage() for r in caplog.records] == [
+        "warning: data.root is ignored: data=digits is built in (data=imagefolder reads a tree)"]

@@ -49,7 +49,7 @@ def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"a"}}) is not None
 
 
-@pytest.mark.parametrize("app", ["classify", "certify", "pde", "serve"])
+@pytest.mark.parametrize("app", ["classify", "certify", "export", "pde", "serve"])
 def test_each_app_is_a_package_with_its_app(app):
     module = importlib.import_module(f"deepzero_apps.tasks.{app}")
     assert module.APP.name == app and module.__path__

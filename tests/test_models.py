@@ -1,5 +1,7 @@
 """Bundled models: parameter counts, shapes and the stage contract of the ZO engine."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,19 @@ def test_max_pool_fast_path_equals_max_pool2d(shape):
     expected = x if min(shape[-2:]) < 2 else nn.functional.max_pool2d(x, 2)
     with torch.no_grad():
         assert torch.equal(MaybeMaxPool2d()(x), expected)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_small_cnn_scripts_and_traces_in_either_grad_mode(grad):
+    """torch.jit.script and trace work without torch.no_grad() (deepzero-task export scripts a run's model)."""
+    model, x = small_cnn(4, in_channels=1, num_classes=10).eval(), torch.rand(5, 1, 8, 8)  # pools 8 -> 4 -> 2 -> 1, then skips
+    with torch.no_grad():
+        expected = model(x)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation and the tracer's shape-check warnings
+        for exported in (torch.jit.script(model), torch.jit.trace(model, x)):
+            torch.testing.assert_close(exported(x), expected)
+            torch.testing.assert_close(exported(x[:2]), expected[:2])  # another batch size
 
 
 def test_resnet20_param_count_and_stages():

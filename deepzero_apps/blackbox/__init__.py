@@ -2,7 +2,8 @@
 
     wrapper.py      BlackBoxClassifier: query-only calls, counted, timed, faults as one-line errors
     losses.py       losses computed on a black box's answers (denoiser losses, labels, image counting)
-    loaders.py      classifier sources from config (train, callable, TorchScript, HTTP) -> a black box
+    loaders.py      classifier sources from config (train, run, callable, TorchScript, HTTP) -> a black box
+    run_source.py   a classify run directory as a classifier ([0, 1] images in), and its export
     http_client.py  HTTPClassifier: the client of the .npy wire format (docs/blackbox.md)
 
 Import from here; the module split is internal. The reference server is the serve app

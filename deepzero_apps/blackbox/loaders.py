@@ -1,4 +1,4 @@
-"""A user's classifier, however it is reached: a Python callable, a TorchScript file or an HTTP endpoint.
+"""A user's classifier, however it is reached: a classify run, a Python callable, a TorchScript file or an HTTP endpoint.
 
 `load_classifier` turns the `classifier` config node into the callable behind a black box, and
 `black_box` wraps it in the query-only `BlackBoxClassifier` with the node's output kind and timeout.
@@ -24,16 +24,17 @@ from torch import Tensor
 from ..config import require
 from ..errors import ConfigError, one_line
 from .http_client import HTTPClassifier, display_url
+from .run_source import load_run
 from .wrapper import BlackBoxClassifier, OutputKind
 
-CLASSIFIER_KINDS = ("train", "callable", "torchscript", "http")
+CLASSIFIER_KINDS = ("train", "run", "callable", "torchscript", "http")
 
 
 @dataclass
 class ClassifierConfig:
     """The classifier behind the black box (the `classifier/` group picks `kind`; docs/blackbox.md)."""
 
-    kind: str = "train"  # train (or load `checkpoint`) | callable | torchscript | http
+    kind: str = "train"  # train (or load `checkpoint`) | run | callable | torchscript | http
     output: str = "logits"  # what the black box returns: logits | probs | label
     timeout: float = 60.0  # seconds per black-box call (http: per request)
     checkpoint: str | None = None  # train: trained weights of `model` instead of training
@@ -41,6 +42,7 @@ class ClassifierConfig:
     epochs: int = 15
     batch_size: int = 64
     lr: float = 0.05
+    run_dir: str | None = None  # run: a `deepzero-task classify` run directory (model, normalisation, weights)
     target: str | None = None  # callable: import path of a factory called with `kwargs`
     kwargs: Any = None  # a dict; Any + null so one `classifier.kwargs={...}` override needs no `+`
     path: str | None = None  # torchscript: the saved module
@@ -59,6 +61,8 @@ class ClassifierConfig:
         require(self.checkpoint is None or Path(self.checkpoint).is_file(), f"classifier.checkpoint='{self.checkpoint}' does not exist")
         require(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "classifier.epochs, batch_size and lr must be positive")
         require(0 < self.timeout < float("inf"), f"classifier.timeout={self.timeout} must be a positive number of seconds")
+        require(self.kind != "run" or (self.run_dir is not None and Path(self.run_dir).is_dir()),
+                f"classifier=run needs classifier.run_dir=DIR (a classify run); '{self.run_dir}' is not a directory")
         require(self.kind != "callable" or bool(self.target), "classifier=callable needs classifier.target=IMPORT.PATH")
         for key in ("kwargs", "headers"):
             value = getattr(self, key)
@@ -111,7 +115,9 @@ def _printable(text: str) -> str:
 
 
 def load_classifier(ccfg: DictConfig, device: str) -> Callable[[Tensor], Tensor]:
-    """The callable for `classifier.kind` callable, torchscript or http (`train` is the task's own stage)."""
+    """The callable for `classifier.kind` run, callable, torchscript or http (`train` is the task's own stage)."""
+    if ccfg.kind == "run":
+        return load_run(ccfg.run_dir, device)
     if ccfg.kind == "callable":
         kwargs = OmegaConf.to_container(ccfg.kwargs, resolve=True) if ccfg.kwargs is not None else {}
         spec = {"_target_": ccfg.target, **kwargs}
@@ -156,8 +162,8 @@ def black_box(source: Any, ccfg: DictConfig, num_classes: int | None, batch_size
 
 def describe(ccfg: DictConfig) -> dict[str, Any]:
     """What a run records about its classifier: safe to write (no headers, no URL query or credentials)."""
-    where = {"train": ccfg.get("checkpoint"), "callable": ccfg.get("target"), "torchscript": ccfg.get("path"),
-             "http": _display(ccfg.get("url"))}[ccfg.kind]
+    where = {"train": ccfg.get("checkpoint"), "run": ccfg.get("run_dir"), "callable": ccfg.get("target"),
+             "torchscript": ccfg.get("path"), "http": _display(ccfg.get("url"))}[ccfg.kind]
     return {"kind": ccfg.kind, "output": ccfg.output, "source": where}
 
 

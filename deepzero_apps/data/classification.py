@@ -9,6 +9,7 @@ All datasets yield ``(float32 CHW tensor, int label)``; bad data is a one-line C
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,10 +20,12 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..errors import ConfigError
 from . import images
+from .images import per_channel
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 DATASETS = ("digits", "cifar10", "imagefolder", "fake")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,10 @@ class DataBundle:
     in_channels: int
     height: int
     width: int
+    # The images are (pixels - mean) / std per channel, pixels in [0, 1] (fake: its raw values, 0 and 1):
+    # what a model trained on them needs in front of it to take [0, 1] images (`blackbox.run_source`).
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
     @property
     def image_size(self) -> int:
@@ -92,13 +99,17 @@ def build_datasets(
         raise ConfigError(f"data.channels={channels} must be 1 or 3 (or null: what the images are)")
     if name == "cifar10":
         train, test, c, (h, w) = images.cifar10(root or "data", augment, mean, std, image_size, channels)
-        bundle = DataBundle(train, test, 10, c, h, w)
+        bundle = DataBundle(train, test, 10, c, h, w, per_channel(mean, c, "mean"), per_channel(std, c, "std"))
     elif name == "imagefolder":
         train, test, classes, c, (h, w) = images.image_folder(root, augment, mean, std, image_size, channels)
-        bundle = DataBundle(train, test, classes, c, h, w)
+        bundle = DataBundle(train, test, classes, c, h, w, per_channel(mean, c, "mean"), per_channel(std, c, "std"))
     elif name in ("digits", "fake"):
+        if root is not None:
+            # The value is not shown: it may be a resolved ${oc.env:...} secret, and this line reaches the run's log.
+            log.warning(f"warning: data.root is ignored: data={name} is built in (data=imagefolder reads a tree)")
         bundle = _digits(seed) if name == "digits" else _fake(fake_shape, fake_classes, fake_sizes, seed)
         _reshape_tensors(bundle, images.as_size(image_size), channels)
+        bundle.mean, bundle.std = bundle.mean * bundle.in_channels, bundle.std * bundle.in_channels
     else:
         raise ConfigError(f"unknown dataset '{name}'; choose from: {', '.join(DATASETS)}")
     if bundle.num_classes < 2:
@@ -166,7 +177,7 @@ def _digits(seed: int) -> DataBundle:
         x = torch.from_numpy((x - mean) / std).unsqueeze(1).float()
         return LabeledTensorDataset(x, torch.from_numpy(y).long())
 
-    return DataBundle(to_dataset(x_train, y_train), to_dataset(x_test, y_test), 10, 1, 8, 8)
+    return DataBundle(to_dataset(x_train, y_train), to_dataset(x_test, y_test), 10, 1, 8, 8, (float(mean),), (float(std),))
 
 
 def _fake(shape: tuple[int, int, int], num_classes: int, sizes: tuple[int, int], seed: int) -> DataBundle:

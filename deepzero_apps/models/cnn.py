@@ -7,6 +7,7 @@ a perturbed parameter.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model
@@ -20,7 +21,8 @@ class MaybeMaxPool2d(nn.MaxPool2d):
     On 32x32 CIFAR images (depth <= 5) every block pools, as in the paper.
     Without autograd on CPU (every ZO query) the pool is the max of four strided views: the same
     values, about 8x faster than the NCHW max_pool2d kernel on one thread, which dominated each
-    small-CNN query. With autograd max_pool2d is kept: it routes a tie's gradient to one input.
+    small-CNN query. With autograd max_pool2d is kept: it routes a tie's gradient to one input; and
+    under torch.jit.script / trace too, so an exported model is one graph in either grad mode.
     """
 
     def __init__(self) -> None:
@@ -29,13 +31,14 @@ class MaybeMaxPool2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < 2:
             return x
-        if x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
+        exporting = torch.jit.is_scripting() or torch.jit.is_tracing()  # one graph whatever the grad mode
+        if not exporting and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled():
             h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
             return torch.maximum(
                 torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2]),
                 torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]),
             )
-        return super().forward(x)
+        return F.max_pool2d(x, self.kernel_size, self.stride)  # not super().forward: TorchScript cannot call it
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -95,10 +95,12 @@ class Trainer:
         extra_state: dict[str, Any] | None = None,
         title: str = "",
         sinks: Sequence[Callable[[dict], None]] = (),
+        phase: str = "",
     ):
         self.objective, self.estimator, self.optimizer = objective, estimator, optimizer
         self.train_set, self.evaluate, self.cfg = train_set, evaluate, config
         self.out_dir, self.sampler, self.device, self.title = Path(out_dir), sampler, device, title
+        self.phase = f"{phase}: " if phase else ""  # labels the epoch lines of an app with several trainings
         self.extra_state = extra_state or {}
         self.metrics = MetricsLog(self.out_dir / METRICS, sinks)
         n, b = len(train_set), config.batch_size
@@ -310,7 +312,7 @@ class Trainer:
             self._batches(epoch, self.step_in_epoch),
             total=self.steps_per_epoch,
             initial=self.step_in_epoch,
-            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            desc=f"{self.phase}epoch {epoch + 1}/{self.cfg.epochs}",
             disable=not (self.main and self.cfg.progress),
             leave=False,
         )
@@ -357,7 +359,7 @@ class Trainer:
         self.last_eval = metrics
         if self.main:
             summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            where = f"epoch {epoch + 1}/{self.cfg.epochs}" + (f" (stopped: {self.stopped})" if self.stopped else "")
+            where = f"{self.phase}epoch {epoch + 1}/{self.cfg.epochs}" + (f" (stopped: {self.stopped})" if self.stopped else "")
             tqdm.write(f"{where} loss={loss:.4f} {summary} queries={self.objective.counter.queries:,} wall={self.elapsed:.0f}s")
         if not self.stopped:
             self.sums = _epoch_sums(self.objective.counter.queries)

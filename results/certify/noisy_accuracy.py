@@ -20,10 +20,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from deepzero_apps.blackbox import BlackBoxClassifier
+from deepzero_apps.blackbox.run_source import Standardize
 from deepzero_apps.checkpoint import load_checkpoint
 from deepzero_apps.data import balanced_subset
 from deepzero_apps.models.build import build_model
-from deepzero_apps.tasks.certify.data import Standardize, pixel_data
+from deepzero_apps.tasks.certify.data import pixel_data
 from deepzero_apps.tasks.certify.report import denoising_metrics
 from deepzero_apps.tasks.certify.stages import build_denoiser
 from deepzero_apps.tasks.certify.zoae import autoencoder

@@ -3,7 +3,7 @@
 Pipeline, every stage in pixel space ([0, 1] images, so sigma and radii mean what they mean in
 Cohen et al. and Salman et al.):
 
-1. the classifier is the user's (`classifier=callable|torchscript|http`, docs/blackbox.md) or trained
+1. the classifier is the user's (`classifier=run|callable|torchscript|http`, docs/blackbox.md) or trained
    first-order here (`classifier=train`), and then only used through `BlackBoxClassifier`: queries
    counted, a timeout per call, no autograd path (`stages.py`);
 2. a DnCNN denoiser is pretrained first-order on MSE to the clean image (no classifier query), cached

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from deepzero_apps.data import DataBundle, LabeledTensorDataset, build_datasets
@@ -56,18 +56,6 @@ def pixel_data(data_cfg: DictConfig, seed: int) -> tuple[DataBundle, tuple[Tenso
     bundle.train = LabeledTensorDataset(train_x.contiguous(), train_y.long())
     bundle.test = LabeledTensorDataset(test_x.contiguous(), test_y.long())
     return bundle, (mean, std)
-
-
-class Standardize(nn.Module):
-    """Per-channel standardization in front of the classifier: the black box takes [0, 1] images, like an API."""
-
-    def __init__(self, mean: Tensor, std: Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean.view(1, -1, 1, 1).clone())
-        self.register_buffer("std", std.view(1, -1, 1, 1).clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
 
 
 class NoisyInputs:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from deepzero_apps.blackbox.loaders import describe, load_classifier
+from deepzero_apps.blackbox.run_source import Standardize, check_fits
 from deepzero_apps.checkpoint import atomic_write, atomic_write_json, load_checkpoint
 from deepzero_apps.data import DataBundle
 from deepzero_apps.engine import FirstOrder, Objective, StagedObjective
@@ -35,7 +36,7 @@ from deepzero_apps.models.build import build_model
 from deepzero_apps.rundir import LOCK, lock_run_dir, release_run_dir
 from deepzero_apps.trainer import Trainer, TrainerConfig
 
-from .data import NoisyInputs, Standardize
+from .data import NoisyInputs
 from .zoae import autoencoder
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def fit_stage(
             objective, FirstOrder(), optimizer, train_set, evaluate, stage_dir,
             TrainerConfig(epochs=epochs, batch_size=batch_size, seed=cfg.seed, resume=True, log_every=cfg.log_every,
                           progress=cfg.progress),
-            scheduler_factory=scheduler, device=cfg.device, extra_state=extra_state, title=title,
+            scheduler_factory=scheduler, device=cfg.device, extra_state=extra_state, title=title, phase=title,
         )
         summary = trainer.fit()
         atomic_write_json(stage_dir / "summary.json", summary)
@@ -156,10 +157,13 @@ def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tens
     """Stage 1: the classifier that becomes the black box, mapping [0, 1] images to logits (or to what an
     HTTP server returns).
 
-    `classifier=callable|torchscript|http` is the user's own; with `classifier=train` `model` is
-    loaded from `classifier.checkpoint` or trained first-order here and cached in `classifier.cache_dir`.
+    `classifier=run|callable|torchscript|http` is the user's own (`run`: a classify run directory, checked
+    against the task's data); with `classifier=train` `model` is loaded from `classifier.checkpoint` or
+    trained first-order here and cached in `classifier.cache_dir`.
     """
     ccfg = cfg.classifier
+    if ccfg.kind == "run":
+        check_fits(ccfg.run_dir, (data.in_channels, data.height, data.width), data.num_classes)
     if ccfg.kind != "train":
         return load_classifier(ccfg, cfg.device), describe(ccfg)
     model = build_model(cfg.model, "model", in_channels=data.in_channels, num_classes=data.num_classes,

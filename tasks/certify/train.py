@@ -96,7 +96,7 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
         objective, estimator, build_optimizer(cfg, params), train_set, evaluate=lambda: metrics(pipeline),
         out_dir=out_dir, config=trainer_config(typed), scheduler_factory=build_scheduler(cfg), sampler=sampler,
         sinks=build_logger(cfg.logger, out_dir), device=cfg.device, extra_state=extra,
-        title=f"certify {cfg.data.name} method={cfg.method}",
+        title=f"certify {cfg.data.name} method={cfg.method}", phase=f"fine-tuning ({cfg.method})",
     )
     if is_main():
         dim = sampler.num_coords if sampler is not None else objective.coords.dim

@@ -24,6 +24,7 @@ from deepzero_apps.adapter import (
     trainer_config,
 )
 from deepzero_apps.apps import App
+from deepzero_apps.blackbox.run_source import write_input_spec
 from deepzero_apps.checkpoint import atomic_write_json
 from deepzero_apps.config import DataConfig, ZOTrainConfig, start_run
 from deepzero_apps.data import build_datasets
@@ -85,6 +86,8 @@ def run(cfg: DictConfig) -> dict:
         cfg.data.name, cfg.data.root, train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit,
         augment=cfg.data.augment, seed=cfg.seed, image_size=cfg.data.image_size, channels=cfg.data.channels,
     )
+    if is_main():  # what `classifier=run` and `deepzero-task export` rebuild the model's input from
+        write_input_spec(out_dir, data, cfg.data.name)
     model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         in_features=data.in_features).to(cfg.device)
     objective = StagedObjective(model, cross_entropy)

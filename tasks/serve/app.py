@@ -1,6 +1,7 @@
 """`deepzero-task serve`: a local classifier behind the HTTP wire format of docs/blackbox.md.
 
     deepzero-task serve classifier=torchscript classifier.path=model.pt port=8000
+    deepzero-task serve classifier=run classifier.run_dir=runs/classify/<time> port=8000
 
 serves ``POST /predict`` (a ``.npy`` batch of [0, 1] images in, a ``.npy`` of what `classifier.output`
 names out, with an ``X-Output`` header) and ``GET /health`` on FastAPI + uvicorn (`pip install
@@ -50,7 +51,7 @@ NEEDS_EXTRA = "deepzero-task serve needs FastAPI and uvicorn: pip install 'deepz
 
 @dataclass
 class ServeConfig:
-    """`deepzero-task serve`: a local classifier (callable or TorchScript) behind the HTTP wire format."""
+    """`deepzero-task serve`: a local classifier (a classify run, callable or TorchScript) behind the HTTP wire format."""
 
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     host: str = "127.0.0.1"
@@ -65,8 +66,9 @@ class ServeConfig:
     max_connections: int = 128  # open connections beyond it are closed at once
 
     def __post_init__(self) -> None:
-        require(self.classifier.kind in ("callable", "torchscript"),
-                 f"serve needs a local classifier (classifier=callable or torchscript), got kind '{self.classifier.kind}'")
+        require(self.classifier.kind in ("run", "callable", "torchscript"),
+                f"serve needs a local classifier (classifier=run, callable or torchscript), got kind '{self.classifier.kind}'"
+                + ("; a classify run is classifier=run classifier.run_dir=DIR" if self.classifier.kind == "train" else ""))
         require(0 <= self.port <= 65535, f"port={self.port} must be in [0, 65535]")
         require(self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1 or null")
         require(self.request_log is None or not Path(self.request_log).is_dir(),
