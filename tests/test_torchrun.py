@@ -166,8 +166,9 @@ def test_two_nodes_on_one_host_equal_one_process(tmp_path):
     for node in (0, 1):
         line = readme_multinode_command().replace("$HOST:29500", f"127.0.0.1:{port}")
         line = line.replace("$NODE_RANK", str(node)).replace("$NPROC_PER_NODE", "1")
+        line = line.replace("$OVERRIDES", shlex.join([*CLASSIFY, "epochs=1"]))
         assert "$" not in line, line
-        cmd = [*shlex.split(line), *CLASSIFY, "epochs=1"]
+        cmd = shlex.split(line)
         agents.append(subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     try:
@@ -212,8 +213,8 @@ def test_a_node_that_never_joins_ends_torchruns_rendezvous_within_join_timeout(t
     """torchrun's own rendezvous (before any rank exists): node 0 of 2 alone gives up after
     --rdzv-conf join_timeout and exits non-zero, naming the rendezvous timeout."""
     line = readme_multinode_command().replace("$HOST:29500", f"127.0.0.1:{free_port()}")
-    line = line.replace("$NODE_RANK", "0").replace("$NPROC_PER_NODE", "1")
-    cmd = [*shlex.split(line.replace("--rdzv-backend", "--rdzv-conf join_timeout=3 --rdzv-backend")), *CLASSIFY]
+    line = line.replace("$NODE_RANK", "0").replace("$NPROC_PER_NODE", "1").replace("$OVERRIDES", "")
+    cmd = shlex.split(line.replace("--rdzv-backend", "--rdzv-conf join_timeout=3 --rdzv-backend"))
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert time.monotonic() - start < 100
