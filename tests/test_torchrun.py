@@ -191,6 +191,7 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("deepzero-task classify: error:")]
 
 
+@pytest.mark.slow
 def test_a_rank_nobody_waits_for_ends_in_one_line_within_dist_timeout(tmp_path):
     """Rank 0 of 2 alone (rank 1 cannot reach it), and rank 1 of 2 alone (nothing to reach): each
     stops after dist_timeout with one line naming the address and the cause; nothing is written."""
