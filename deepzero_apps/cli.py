@@ -35,10 +35,26 @@ from .adapter import INTERRUPTED, USAGE_ERROR, debug_requested, error_boundary
 from .allocator import tune_malloc
 from .apps import App, get_app, list_apps
 from .config import describe_config_error, validate
-from .engine.distributed import init_distributed, is_main, launched_by_torchrun
+from .engine.distributed import (
+    init_distributed,
+    is_main,
+    job_get,
+    job_set,
+    launched_by_torchrun,
+    on_rank0,
+    restart_count,
+)
 from .errors import ConfigError, RunError, one_line
 from .redact import redact_text
-from .rundir import hydra_overrides, lock_run_dir, release_run_dirs, save_hydra_files
+from .rundir import (
+    CHECKPOINT,
+    check_ranks_agree,
+    check_shared_dir,
+    hydra_overrides,
+    lock_run_dir,
+    release_run_dirs,
+    save_hydra_files,
+)
 
 
 class UsageError(ConfigError):
@@ -211,20 +227,47 @@ def compose_checked(app: App, overrides: Sequence[str], multirun: bool = False) 
     return cfg, directory, subdir
 
 
-def join_ranks(cfg: DictConfig, directory: str, multirun: bool) -> list[str]:
-    """Under torchrun: join the process group and return the extra overrides of this rank. All ranks
-    write to rank 0's run directory (its `${now:...}` is broadcast, so ranks starting a second apart
-    agree), and only rank 0 writes Hydra's files and logs there; the Trainer lets rank 0 alone log,
-    evaluate and checkpoint."""
+def join_ranks(cfg: DictConfig, directory: str, multirun: bool) -> tuple[str, bool, list[str]]:
+    """Under torchrun: join the process group (bounded by `dist_timeout`), refuse ranks whose configs
+    differ, and return the run directory, whether to resume, and this rank's extra overrides. All
+    ranks write to rank 0's run directory (its `${now:...}` is broadcast, so ranks starting a second
+    apart agree), and only rank 0 writes Hydra's files and logs there; the Trainer lets rank 0 alone
+    log, evaluate and checkpoint. After torchrun restarted the group (a lost worker), the directory
+    is the one this job's first attempt claimed, resumed from its checkpoint if it has one."""
     if multirun:
         raise UsageError("-m/--multirun does not run under torchrun; launch one torchrun per run")
-    init_distributed(cfg.device)
+    init_distributed(cfg.device, timeout=cfg.get("dist_timeout"))
+    check_ranks_agree(cfg)
     shared = [directory if is_main() else None]
     dist.broadcast_object_list(shared, src=0)
-    extra = [f"hydra.run.dir={shared[0]}"]
+    directory, resume, extra = shared[0], bool(cfg.get("resume", False)), []
+    claimed = job_get("run_dir")
+    if claimed is not None:
+        directory = claimed
+        if not resume and on_rank0(lambda: (Path(claimed) / CHECKPOINT).exists()):
+            resume, extra = True, ["resume=true"]
+            if is_main():
+                print(f"torchrun restart {restart_count()}: resuming {claimed}", flush=True)
+    extra.append(f"hydra.run.dir={quoted(directory)}")
     if not is_main():
         extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    return extra
+    return directory, resume, extra
+
+
+def claim_run_dir(directory: str, resume: bool) -> list[str]:
+    """Lock `directory` for this run before Hydra writes there (rank 0 under torchrun, its failure
+    every rank's), and return rank 0's Hydra overrides for it; under torchrun then remember it for
+    a restart and check that every rank sees it."""
+
+    def claim() -> list[str]:
+        lock_run_dir(directory)
+        return hydra_overrides(directory, resume)
+
+    overrides = on_rank0(claim)
+    if launched_by_torchrun():
+        job_set("run_dir", directory)
+        check_shared_dir(directory)
+    return overrides if is_main() else []
 
 
 def quoted(value: str) -> str:
@@ -274,16 +317,15 @@ def run_app(app: App, argv: Sequence[str]) -> int:
         overrides = [*config_dir_overrides(app, args.config_dir), *args.overrides]
         cfg, directory, subdir = compose_checked(app, overrides, multirun=args.multirun)
         if launched_by_torchrun():
-            extra = join_ranks(cfg, directory, args.multirun)
+            directory, resume, extra = join_ranks(cfg, directory, args.multirun)
             argv += extra
-            directory = extra[0].split("=", 1)[1]
         elif not args.multirun:  # `${now:...}` resolved once: the directory locked is the one Hydra uses
             argv.append(f"hydra.run.dir={quoted(directory)}")
+            resume = bool(cfg.get("resume", False))
         else:
             directory = None  # multirun jobs lock in start_run
-        if directory is not None and is_main():  # lock before Hydra writes (multirun jobs lock in start_run)
-            lock_run_dir(directory)
-            resumed = hydra_overrides(directory, bool(cfg.get("resume", False)))
+        if directory is not None:  # lock before Hydra writes (multirun jobs lock in start_run)
+            resumed = claim_run_dir(directory, resume)
             argv += resumed
             subdir = resumed[0].split("=", 1)[1] if resumed else subdir
         if subdir is not None and is_main():

@@ -146,6 +146,7 @@ class TrainConfig:
     resume_allow_changes: bool = False  # resume even if run-changing keys differ from run_config.yaml
     query_budget: int | None = None  # stop cleanly after this many loss queries
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends)
+    dist_timeout: float = 1800.0  # under torchrun: seconds a rank waits for the others (joining, any collective)
     log_every: int = 10
     eval_every: int = 0  # steps between held-out evaluations logged to metrics.jsonl (0: at epoch ends only)
     on_nonfinite: str = "stop"  # stop | skip
@@ -169,6 +170,7 @@ class TrainConfig:
             f"threads={self.threads} must be in [1, {cores}] (this machine's cores) or null",
         )
         require(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32 - 1]")
+        require(self.dist_timeout > 0, f"dist_timeout={self.dist_timeout} must be > 0 (seconds)")
         require(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
         require(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         require(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0")

@@ -11,12 +11,18 @@ watched or where it stops (`RESUME_MAY_CHANGE`) may differ; any other difference
 error unless `resume_allow_changes=true`. Hydra's own files (`.hydra/*.yaml`) are written here,
 redacted, instead of by Hydra (`save_hydra_files`); a resume's go to `.hydra/resume-N/`, so
 `.hydra/config.yaml` stays the first start's.
+
+Under torchrun every rank composes its own config from its own command line, and a resume (also
+torchrun's automatic one after a lost worker) has every rank read rank 0's checkpoint: the ranks'
+configs must agree (`check_ranks_agree`) and the run directory must be one every rank sees
+(`check_shared_dir`); both are checked before the run starts.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -24,19 +30,21 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import atomic_write_text
-from .engine.distributed import is_main
+from .engine.distributed import gather_all, is_main, on_rank0, world_size
 from .errors import ConfigError, RunError
 from .redact import redact
 
 LOCK = ".lock"
+SHARED_CHECK = ".shared_check"  # rank 0's token, looked for by every rank, then removed
 RUN_CONFIG = "run_config.yaml"
 CHECKPOINT = "checkpoint.pt"
-# Keys a resume may change: progress display, threads, logging/checkpoint cadence, evaluation batch
+# Keys a resume may change: progress display, threads, logging/checkpoint cadence, how long ranks wait for
+# each other, evaluation batch
 # size, the budget, the non-finite policy, and how a remote black box is reached (timeouts, retries,
 # rate limit, request size: the answers are the same). Everything else changes the run.
 RESUME_MAY_CHANGE = frozenset({
     "resume", "resume_allow_changes", "progress", "threads", "log_every", "eval_every", "checkpoint_every",
-    "eval_batch_size", "query_budget", "on_nonfinite", "max_skipped_fraction",
+    "dist_timeout", "eval_batch_size", "query_budget", "on_nonfinite", "max_skipped_fraction",
     "classifier.timeout", "classifier.retries", "classifier.backoff", "classifier.rate_limit",
     "classifier.max_batch", "classifier.max_wait",
 })
@@ -232,3 +240,55 @@ def save_hydra_files(cfg: DictConfig, hydra_cfg: DictConfig, subdir: str) -> Non
             atomic_write_text(directory / name, OmegaConf.to_yaml(node))
     except OSError as exc:
         raise RunError(f"cannot write {directory}: {exc.strerror}") from exc
+
+
+def check_ranks_agree(cfg: DictConfig) -> None:
+    """Refuse a run-changing difference between a rank's config and rank 0's (the keys a resume may
+    change may differ), on every rank, before anything is written."""
+    if world_size() == 1:
+        return
+    configs = gather_all(OmegaConf.to_container(cfg, resolve=False))
+    for r, other in enumerate(configs[1:], 1):
+        changes = config_changes(OmegaConf.create(configs[0]), OmegaConf.create(other))
+        if changes:
+            raise ConfigError(
+                f"rank {r}'s config differs from rank 0's (rank 0 -> rank {r}): {'; '.join(changes)}; "
+                "launch every rank with the same overrides"
+            )
+
+
+def check_shared_dir(directory: str | os.PathLike, wait: float = 2.0) -> None:
+    """Refuse a run directory some rank does not see (a node-local path): rank 0 writes a random token
+    there and every rank looks for it, for up to `wait` seconds (a network filesystem's cache)."""
+    if world_size() == 1:
+        return
+    path = Path(directory) / SHARED_CHECK
+
+    def write() -> str:
+        token = os.urandom(8).hex()
+        try:
+            atomic_write_text(path, token)
+        except OSError as exc:
+            raise RunError(f"cannot write {path}: {exc.strerror}") from exc
+        return token
+
+    token = on_rank0(write)
+    deadline = time.monotonic() + wait
+    while not (seen := _reads(path, token)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    views = gather_all((socket.gethostname(), seen))
+    on_rank0(lambda: path.unlink(missing_ok=True))
+    blind = [f"rank {r} on {host}" for r, (host, ok) in enumerate(views) if not ok]
+    if blind:
+        raise ConfigError(
+            f"run directory {directory} is not shared by every rank: {', '.join(blind)} cannot see rank 0's "
+            "files there (a resume, also torchrun's restart, reads rank 0's checkpoint on every rank); "
+            "put hydra.run.dir on a filesystem every node mounts at the same path"
+        )
+
+
+def _reads(path: Path, token: str) -> bool:
+    try:
+        return path.read_text() == token
+    except OSError:
+        return False

@@ -20,9 +20,11 @@ from deepzero_apps.engine import (
     StagedObjective,
     init_distributed,
     make_evaluator,
+    on_rank0,
     rank,
     world_size,
 )
+from deepzero_apps.errors import ConfigError
 from deepzero_apps.models import create_model
 
 STEPS = 3
@@ -149,3 +151,26 @@ def test_torchrun_cli_run_equals_one_process(tmp_path):
     a, b = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (ranks, single))
     assert a["queries"] == b["queries"]
     assert_identical(a["model"], b["model"])
+
+
+def _rank0_fails(r: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    init_distributed("cpu", timeout=60)
+    try:
+        assert on_rank0(lambda: rank() + 10) == 10  # rank 0's result on every rank
+        try:
+            on_rank0(lambda: (_ for _ in ()).throw(ConfigError(f"only rank {rank()} ran this")))
+        except ConfigError as exc:
+            with open(os.path.join(out, f"{r}.txt"), "w") as f:
+                f.write(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failure_on_rank_0_is_raised_on_every_rank(tmp_path):
+    """on_rank0: rank 0's exception (type and message) reaches the other ranks instead of leaving
+    them waiting at the next collective."""
+    mp.spawn(_rank0_fails, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"{r}.txt").read_text() for r in range(2)] == ["only rank 0 ran this"] * 2

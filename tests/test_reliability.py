@@ -225,6 +225,7 @@ def test_failing_model_leaves_the_earlier_checkpoint_intact(tmp_path, importable
         ("log_every=0", "log_every=0"),
         ("eval_batch_size=0", "eval_batch_size=0"),
         ("checkpoint_every=-1", "checkpoint_every=-1"),
+        ("dist_timeout=0", "dist_timeout=0"),
         ("query_budget=0", "query_budget=0"),
         ("threads=0", "threads=0"),
         ("on_nonfinite=ignore", "on_nonfinite='ignore'"),

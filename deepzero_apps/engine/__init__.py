@@ -3,7 +3,7 @@
 from .batched import BatchedEvaluator
 from .batchnorm import frozen_running_stats
 from .coords import Block, CoordinateView
-from .distributed import ShardedEvaluator, barrier, init_distributed, is_main, rank, world_size
+from .distributed import ShardedEvaluator, barrier, init_distributed, is_main, on_rank0, rank, world_size
 from .estimators import CGE, RGE, FirstOrder
 from .evaluators import FeatureReuse, ReferenceEvaluator, make_evaluator
 from .objective import Objective, StagedObjective, model_stages
@@ -55,6 +55,7 @@ __all__ = [
     "call_stacked",
     "barrier",
     "init_distributed",
+    "on_rank0",
     "is_main",
     "rank",
     "world_size",

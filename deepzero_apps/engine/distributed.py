@@ -7,18 +7,26 @@ and take the same optimizer step. Shards are balanced by cost measured at run ti
 its parameter tensors, the timings are all-reduced, and rank 0 cuts the coordinate list into pieces
 of equal predicted time and broadcasts the cuts. The official DeepZero code instead balances one
 coordinate per RPC call with a hard-coded ResNet-20 cost table.
+
+Joining is bounded (`timeout`) and survives torchrun's elastic restarts: torchrun's agent keeps one
+key-value store for the whole job, so each attempt's process group lives under its own prefix there
+(torch's own env:// join would find the dead attempt's addresses), and the job-wide keys let a
+restarted attempt find what the first one decided (`job_get`, `job_set`).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from ..errors import RunError, one_line
 from .coords import Block
 from .evaluators import EVALUATORS, ReferenceEvaluator, make_evaluator
 from .objective import Batch, Objective
@@ -31,19 +39,95 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(device: str | torch.device | None = None, backend: str | None = None) -> torch.device:
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0: the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+_job_store: dist.Store | None = None  # torchrun's agent store: outlives this attempt's processes
+
+
+def init_distributed(
+    device: str | torch.device | None = None, backend: str | None = None, timeout: float | None = None
+) -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
     gloo on CPU, NCCL on CUDA. `device` is the run's device ("cpu", "cuda"; None: CUDA when
     available); a CUDA rank uses GPU LOCAL_RANK. A single process (no WORLD_SIZE or 1) initializes
-    nothing. Returns the device this rank should use."""
+    nothing. `timeout` (seconds; None: torch's default) bounds the join and every collective after
+    it: a rank that cannot reach MASTER_ADDR:MASTER_PORT, or a group that does not fill, is a
+    one-line RunError. Returns the device this rank should use."""
+    global _job_store
     local = int(os.environ.get("LOCAL_RANK", "0"))
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device("cuda", local) if kind == "cuda" else torch.device(kind)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if launched_by_torchrun() and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+        wait = timedelta(seconds=timeout) if timeout is not None else timedelta(minutes=30)
+        me, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        try:
+            store, _, _ = next(dist.rendezvous("env://", timeout=wait))
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                _job_store = store
+            attempt = dist.PrefixStore(f"deepzero_apps/attempt_{restart_count()}", store)
+            dist.init_process_group(
+                backend or ("nccl" if device.type == "cuda" else "gloo"),
+                store=attempt, rank=me, world_size=world, timeout=wait,
+            )
+        except (dist.DistError, RuntimeError, ValueError) as exc:
+            raise RunError(
+                f"rank {me} of {world}: the process group at {where} did not form within "
+                f"{wait.total_seconds():g} s ({one_line(exc)[:300]}); a rank cannot reach it or was not "
+                "started (dist_timeout bounds the wait)"
+            ) from exc
     return device
+
+
+def job_get(key: str) -> str | None:
+    """What an earlier torchrun attempt of this job stored under `key` (None: nothing, or no agent
+    store), rank 0's answer on every rank."""
+    answer: list[str | None] = [None]
+    if is_main() and _job_store is not None and _job_store.check([f"deepzero_apps/job/{key}"]):
+        answer = [_job_store.get(f"deepzero_apps/job/{key}").decode()]
+    if _active():
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0]
+
+
+def job_set(key: str, value: str) -> None:
+    """Keep `value` under `key` for later torchrun attempts of this job (rank 0; a no-op without the
+    agent store)."""
+    if is_main() and _job_store is not None:
+        _job_store.set(f"deepzero_apps/job/{key}", value)
+
+
+T = TypeVar("T")
+
+
+def on_rank0(fn: Callable[[], T]) -> T:
+    """`fn()` run by rank 0 alone, its result given to every rank; if it raises, every rank raises it
+    (so the others stop with rank 0's reason instead of waiting at the next collective)."""
+    if not _active():
+        return fn()
+    outcome: list[Any] = [None]
+    error: Exception | None = None
+    if is_main():
+        try:
+            outcome = [(True, fn())]
+        except Exception as exc:  # handed to the other ranks, then raised here too
+            error = exc
+            try:
+                outcome = [(False, pickle.loads(pickle.dumps(exc)))]
+            except Exception:  # an exception that does not pickle travels as its one line
+                outcome = [(False, RunError(one_line(exc)))]
+    dist.broadcast_object_list(outcome, src=0)
+    ok, value = outcome[0]
+    if error is not None:
+        raise error
+    if not ok:
+        raise value
+    return value
 
 
 def _active() -> bool:
@@ -60,6 +144,15 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def gather_all(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` in a single process."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:
