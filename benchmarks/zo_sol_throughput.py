@@ -7,7 +7,8 @@ CGE over a random 10% of each conv weight plus all biases, mu = 1e-4) with ZO-SO
              per step (`ReferenceEvaluator`, the solver's per-state `step` loop): the path before
              batched rollouts;
   batched:   `StackedEvaluator`: the first solver step once per ZO step, K perturbed parameter
-             vectors per vmapped network call, one vectorized solver call on all K x B states;
+             vectors per stacked network call (grouped convolutions), one vectorized solver call
+             on all K x B states;
   ranks:     the batched path under `ShardedEvaluator` on --ranks gloo processes (1 thread each);
 and the wall time of one full ZO-SOL step (base query + all coordinate queries + gradient) for the
 loop and the batched path, plus where the batched path's time goes (solver vs the rest). For the ranks,

@@ -1,8 +1,8 @@
 """Queries of objectives that evaluate many parameter vectors in one call.
 
 A model behind a black box (a rollout through a numpy solver) has no stages to restart from, but it
-can often run K parameter sets at once: the network with stacked weights (`call_stacked`, one vmapped
-call that torch turns into grouped convolutions) and the black box on all K x B inputs in one call.
+can often run K parameter sets at once: the network with stacked weights (`call_stacked`: grouped
+convolutions over the K weight sets, or one vmapped call) and the black box on all K x B inputs in one call.
 Such an objective is a `StackedObjective`; `StackedEvaluator` (and the batched evaluator, which
 delegates to it) turns a CGE coordinate list into chunks of K perturbed parameter vectors.
 """
