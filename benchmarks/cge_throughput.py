@@ -2,7 +2,8 @@
 
 One JSON line per model with coordinates/second for
   (a) reference: every coordinate reruns the whole model (no feature reuse);
-  (b) reuse: one coordinate per forward restarted at its stage (the official DeepZero worker);
+  (b) reuse: one coordinate per forward restarted at its stage (the official DeepZero worker's
+      algorithm, reimplemented here; --official PATH also times the official code itself on ResNet-20);
   (b_cl) the same reuse loop with the model in channels_last, to separate layout from algorithm;
   (c) engine: BatchedEvaluator in one process with 1 thread, and (c_2threads) with 2 threads;
   (d) engine on --ranks processes (1 thread each, gloo), ShardedEvaluator(BatchedEvaluator()).
@@ -14,6 +15,7 @@ coordinates on the same batch; the reference loop runs a uniform subsample of th
 
     python benchmarks/cge_throughput.py                       # both models, 2 ranks
     python benchmarks/cge_throughput.py --models small_cnn --ranks 2
+    python benchmarks/cge_throughput.py --models resnet20 --ranks 1 --official ~/DeepZero  # a git clone
 """
 
 from __future__ import annotations
