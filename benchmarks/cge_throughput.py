@@ -2,7 +2,8 @@
 
 One JSON line per model with coordinates/second for
   (a) reference: every coordinate reruns the whole model (no feature reuse);
-  (b) reuse: one coordinate per forward restarted at its stage (the official DeepZero worker);
+  (b) reuse: one coordinate per forward restarted at its stage (the official DeepZero worker's
+      algorithm, reimplemented here; --official PATH also times the official code itself on ResNet-20);
   (b_cl) the same reuse loop with the model in channels_last, to separate layout from algorithm;
   (c) engine: BatchedEvaluator in one process with 1 thread, and (c_2threads) with 2 threads;
   (d) engine on --ranks processes (1 thread each, gloo), ShardedEvaluator(BatchedEvaluator()).
@@ -14,6 +15,7 @@ coordinates on the same batch; the reference loop runs a uniform subsample of th
 
     python benchmarks/cge_throughput.py                       # both models, 2 ranks
     python benchmarks/cge_throughput.py --models small_cnn --ranks 2
+    python benchmarks/cge_throughput.py --models resnet20 --ranks 1 --official ~/DeepZero  # a git clone
 """
 
 from __future__ import annotations
@@ -190,7 +192,66 @@ def with_threads(n: int, fn: Callable[[], dict]) -> dict:
         torch.set_num_threads(old)
 
 
-def bench(name: str, sample: int, reference_sample: int, seed: int, world: int, malloc: bool) -> dict:
+class _Here:
+    """Stands in for an rpc.RRef in-process: the official worker only calls to_here()."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def to_here(self):
+        return self.value
+
+
+def official_worker(path: str, obj: StagedObjective, coords: torch.Tensor):
+    """The official DeepZero worker (`DistributedCGEModel.calculate_grads`, feature reuse on) from a
+    checkout at `path`, on a copy of `obj`'s ResNet-20 weights (same parameter order) and `coords`."""
+    sys.path.insert(0, path)
+    from models.distributed_model import DistributedCGEModel
+    from models.resnet_s import param_name_to_module_id_rn20, resnet20
+
+    worker = DistributedCGEModel("cpu", resnet20, F.cross_entropy, param_name_to_module_id_rn20, pruned=False)
+    theirs, ours = list(worker.network.named_parameters()), list(obj.module.parameters())
+    if [p.shape for _, p in theirs] != [p.shape for p in ours]:
+        raise SystemExit(f"--official {path}: its resnet20 does not have this ResNet-20's parameters")
+    with torch.no_grad():
+        for (_, t), o in zip(theirs, ours):
+            t.copy_(o)
+    owner = torch.cat([torch.full((p.numel(),), i) for i, p in enumerate(ours)])
+    start = torch.cumsum(torch.tensor([0] + [p.numel() for p in ours]), 0)
+    instruction = torch.stack([owner[coords], coords - start[owner[coords]]], 1)
+    worker.set_params_to_be_perturbed(_Here(instruction), [n for n, _ in theirs])
+    return worker
+
+
+def official_vs_engine(path: str, obj: StagedObjective, b, coords: torch.Tensor, rounds: int) -> dict:
+    """The official worker and the engine on the same coordinates and batch, timed in turn (best of
+    `rounds`, one thread), with the largest difference between their gradient estimates."""
+    worker = official_worker(path, obj, coords)
+    ev, x, y = BatchedEvaluator(), _Here(b[0]), _Here(b[1])
+    best = {"official": float("inf"), "engine": float("inf")}
+    with torch.no_grad(), frozen_running_stats(obj.module):
+        f0, ctx = ev.base(obj, b)
+        ev.coordinate_losses(obj, b, ctx, coords, STEP)  # chunk tuning, as timed_call's warmup
+        ev.coordinate_losses(obj, b, ctx, coords, STEP)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            theirs = worker.calculate_grads(x, y, STEP)[:, 2]
+            best["official"] = min(best["official"], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ours = (ev.coordinate_losses(obj, b, ctx, coords, STEP) - float(f0)) / STEP
+            best["engine"] = min(best["engine"], time.perf_counter() - t0)
+    return {
+        "coords_per_s": {k: round(len(coords) / v, 2) for k, v in best.items()},
+        "engine_vs_official": round(best["official"] / best["engine"], 2),
+        "max_abs_gradient_difference": float(f"{(ours - theirs.double()).abs().max():.3g}"),
+        "gradient_cosine": round(float(F.cosine_similarity(ours, theirs.double(), dim=0)), 6),
+        "rounds_interleaved": rounds,
+    }
+
+
+def bench(
+    name: str, sample: int, reference_sample: int, seed: int, world: int, malloc: bool, official: str | None = None
+) -> dict:
     obj, b, coords = setup(name, sample, seed)
     ref_coords = coords[
         torch.randperm(len(coords), generator=torch.Generator().manual_seed(seed))[:reference_sample]
@@ -238,6 +299,9 @@ def bench(name: str, sample: int, reference_sample: int, seed: int, world: int, 
         "malloc_tuned": malloc,
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
+    if official and name == "resnet20":
+        out["official_deepzero_worker"] = with_threads(1, lambda: official_vs_engine(official, obj, b, coords, 2))
+    out["load_average"] = open("/proc/loadavg").read().split()[:3]
     if d is not None:
         out["coords_per_s"][f"d_engine_{world}ranks"] = round(rate(d), 2)
         out["speedup"][f"{world}ranks_vs_1rank"] = round(rate(d) / rate(c), 2)
@@ -258,12 +322,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reference-sample", type=int, default=200, help="subsample for the slow reference loop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's mmap threshold alone")
+    p.add_argument(
+        "--official",
+        metavar="PATH",
+        help="a checkout of github.com/OPTML-Group/DeepZero: also time its worker on ResNet-20 (not vendored)",
+    )
     args = p.parse_args(argv)
     malloc = not args.no_malloc_tuning and tune_malloc()
     for name in args.models:
         sample = 0 if name == "small_cnn" else args.sample
         print(
-            json.dumps(bench(name, sample, args.reference_sample, args.seed, args.ranks, malloc)), flush=True
+            json.dumps(bench(name, sample, args.reference_sample, args.seed, args.ranks, malloc, args.official)), flush=True
         )
 
 

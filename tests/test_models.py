@@ -18,6 +18,7 @@ from deepzero_apps.models import (
     small_cnn,
 )
 from deepzero_apps.models.cnn import MaybeMaxPool2d
+from deepzero_apps.models.correction import wrap_pad
 from deepzero_apps.models.resnet import ShortcutA
 
 
@@ -188,6 +189,27 @@ def test_correction_net_circular_is_translation_equivariant():
     with torch.no_grad():
         shifted = model(torch.roll(x, shifts=(3, 5), dims=(2, 3)))
         assert torch.allclose(shifted, torch.roll(model(x), shifts=(3, 5), dims=(2, 3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 3, 4, 9])
+def test_wrap_pad_equals_indexing_modulo_the_size(pad):
+    """Slices and copies, also when the pad wraps more than once (pad > size 4)."""
+    x = torch.randn(2, 3, 4, 5)
+    for axis in (-2, -1):
+        n = x.shape[axis]
+        want = x.index_select(axis, torch.arange(-pad, n + pad) % n)
+        assert torch.equal(wrap_pad(x, pad, axis), want)
+
+
+def test_circular_conv_under_vmap_gathers_nothing():
+    """Stacked ZO-SOL queries vmap the correction net: an index-based wrap became a gather there."""
+    conv = correction_net(2, 2, width=3, blocks=0, kernel_size=5, padding_mode="circular")[0][0]
+    x = torch.randn(6, 2, 2, 8, 8)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = torch.func.vmap(conv)(x)
+    assert torch.allclose(out, conv(x.flatten(0, 1)).view_as(out), atol=1e-6)
+    ops = {e.key for e in prof.key_averages()}
+    assert not ops & {"aten::gather", "aten::index_select", "aten::index"}, ops
 
 
 def test_registry_lists_all_models():

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.func import functional_call
 
 from deepzero_apps.engine import (
     CGE,
@@ -19,6 +20,7 @@ from deepzero_apps.engine import (
     ReferenceEvaluator,
     ShardedEvaluator,
     StackedEvaluator,
+    call_stacked,
     init_distributed,
 )
 from deepzero_apps.models import create_model
@@ -113,6 +115,40 @@ def test_stacked_rollout_queries_equal_the_loop(solver, evaluator):
         assert float(f0) == pytest.approx(float(obj.loss(BATCH)), rel=1e-14)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     assert (got - float(f0)).abs().min() > 0  # every perturbation moved the loss
+
+
+@pytest.mark.parametrize("padding_mode", ["circular", "zeros", "reflect"])
+def test_call_stacked_grouped_convs_equal_one_call_per_parameter_set(padding_mode, monkeypatch):
+    """A fully convolutional net runs as grouped convs on the (B, K x C, H, W) layout, never vmapped."""
+    model = create_model(
+        "correction_net", in_channels=2, out_channels=2, width=3, blocks=1, kernel_size=3, padding_mode=padding_mode
+    ).double()
+    if padding_mode == "reflect":  # a plain nn.Conv2d (its own padding) beside the WrapConv2d ones
+        model[-1] = torch.nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect").double()
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() + 0.1 * torch.randn(4, *p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
+    x = torch.randn(4, 2, 2, 6, 5, dtype=torch.float64)
+    want = torch.stack([functional_call(model, {n: params[n][k] for n in names}, (x[k],)) for k in range(4)])
+    torch.testing.assert_close(call_stacked(model, params, x), want, rtol=1e-12, atol=1e-14)  # checked once
+    monkeypatch.setattr(torch.func, "vmap", None)  # then the grouped path runs alone
+    torch.testing.assert_close(call_stacked(model, params, x), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        lambda: [torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 3, 2)],  # not all convs
+        lambda: [torch.nn.Conv2d(2, 4, 3), torch.nn.ChannelShuffle(2), torch.nn.Conv2d(4, 2, 1)],  # reads channels
+    ],
+    ids=["linear", "channel_shuffle"],
+)
+def test_call_stacked_vmaps_networks_the_grouped_layout_does_not_fit(layers):
+    model = torch.nn.Sequential(*layers()).double()
+    params = {n: p.detach() + 0.1 * torch.randn(3, *p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
+    x = torch.randn(3, 2, 2, 6, 5, dtype=torch.float64)
+    want = torch.stack([functional_call(model, {n: v[k] for n, v in params.items()}, (x[k],)) for k in range(3)])
+    for _ in range(2):  # the check's call and a later one
+        torch.testing.assert_close(call_stacked(model, params, x), want, rtol=1e-12, atol=1e-14)
 
 
 def test_cge_gradient_through_the_stacked_path_matches_autograd():

@@ -3,7 +3,7 @@
 A small fully convolutional ResNet (5x5 kernels, 32 filters) that maps a solver state to a
 correction of the same spatial size; ``padding_mode="circular"`` suits periodic domains.
 Input conv, every residual block and the output conv are separate stages for feature reuse.
-Circular padding wraps by index, so any grid works, including 1-D problems (``ny = 1``) where torch's
+Circular padding wraps by slices, so any grid works, including 1-D problems (``ny = 1``) where torch's
 own circular padding refuses to wrap more than once.
 """
 
@@ -16,16 +16,29 @@ from torch import nn
 from .registry import register_model
 
 
+def wrap_pad(x: torch.Tensor, pad: int, axis: int) -> torch.Tensor:
+    """Periodic padding of `axis` by `pad` cells on each side, wrapping as often as needed.
+
+    Built from slices and one concatenation: under `vmap` (the stacked ZO-SOL queries) an index-based
+    wrap becomes a gather, which cost more than the convolution it feeds.
+    """
+    n = x.shape[axis]
+    if pad == 0:
+        return x
+    if pad > n:  # wrap more than once: whole copies first, then the remainder
+        whole = -(-pad // n)
+        x = torch.cat([x] * (2 * whole + 1), dim=axis)
+        return x.narrow(axis, whole * n - pad, n + 2 * pad)
+    return torch.cat([x.narrow(axis, n - pad, pad), x, x.narrow(axis, 0, pad)], dim=axis)
+
+
 class WrapConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose circular padding wraps any number of times (periodic axes of any size)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.padding_mode != "circular":
             return super()._conv_forward(input, weight, bias)
-        for axis, pad in ((-2, self.padding[0]), (-1, self.padding[1])):
-            n = input.shape[axis]
-            index = torch.arange(-pad, n + pad, device=input.device) % n
-            input = input.index_select(axis, index)
+        input = wrap_pad(wrap_pad(input, self.padding[0], -2), self.padding[1], -1)
         return F.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
