@@ -9,7 +9,7 @@ and is trained so corrected rollouts follow the reference. Methods (``method=``)
 * ``zo_sol``: the loss of an unrolled, corrected rollout through the numpy solver, whose gradient with
   respect to the network comes from loss queries only (the engine's CGE / sparse CGE / RGE): DeepZero;
 * ``fo_sol``: the same rollout loss backpropagated through the solver's differentiable torch twin
-  (the upper bound; solvers with a ``torch_twin``: Burgers, PhiFlow wake).
+  (the upper bound; solvers with a ``torch_twin``: Burgers, wake, PhiFlow wake).
 
 Every method is evaluated the same way: corrected rollouts of the numpy solver on held-out simulations,
 mean absolute error against the reference averaged over time (``eval.json``, PNG plots).
