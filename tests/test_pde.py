@@ -331,3 +331,11 @@ def test_fo_sol_without_a_twin_is_one_line_exit_2(tmp_path, cache, capsys):
         unregister_solver("twinless_burgers")
     err = capsys.readouterr().err.strip()
     assert "method=fo_sol needs a differentiable torch twin" in err and len(err.splitlines()) == 1, err
+
+
+def test_fo_sol_runs_on_the_numpy_wake_through_its_torch_twin(tmp_path, cache):
+    assert run(tmp_path, cache, "solver=wake", "method=fo_sol", "data.warmup_steps=2") == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["solver"] == "wake" and np.isfinite(result["mae"]) and result["train"]["steps"] >= 1
+    assert [s["seed"] for s in result["simulations"]["train"]] == [0, 1]
+    assert all(100 <= s["re"] <= 1000 for s in result["simulations"]["train"])
