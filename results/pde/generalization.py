@@ -104,17 +104,19 @@ def table(root: Path, key: str) -> str:
     order = [("src", "SRC"), ("non", "NON"), ("non_more", "NON, compute-matched"), ("zo_sol", "ZO-SOL from NON")]
     order += [(best, f"FO-SOL from NON (lr {best.removeprefix('fo_sol_lr')}, chosen on validation)")] if best else []
     sims = runs["src"][0]["simulations"]["test"]
-    groups = sorted({s[key] for s in sims}, key=lambda v: (v != sims[0][key], v))
+    spec = runs["src"][0]["conditions"]["test"][key]
+    items = spec if isinstance(spec, list) else [spec]  # a list is cycled: simulation i has item i mod n
+    labels = [f"{i['range'][0]:g}-{i['range'][1]:g}" if isinstance(i, dict) else f"{i:g}" for i in items]
     lines += [f"| {key} (test) | sims | " + " | ".join(label for _, label in order) + " |",
               "|---|---|" + "---|" * len(order)]
     tests = []
-    for g in groups:
-        idx = [i for i, s in enumerate(sims) if s[key] == g]
+    for n, g in enumerate(labels):
+        idx = [i for i in range(len(sims)) if i % len(items) == n]
         row = []
         for cell, _ in order:
             rs = runs.get(cell, [])
             row.append(fmt([statistics.mean(r["mae_per_sim"][i] for i in idx) for r in rs]) if rs else "not run")
-        lines.append(f"| {g:g} | {len(idx)} | " + " | ".join(row) + " |")
+        lines.append(f"| {g} | {len(idx)} | " + " | ".join(row) + " |")
         for other in ("non", "non_more"):
             if runs.get("zo_sol") and runs.get(other):
                 pairs = [(z["mae_per_sim"][i], o["mae_per_sim"][i]) for z, o in zip(runs["zo_sol"], runs[other])
@@ -122,7 +124,7 @@ def table(root: Path, key: str) -> str:
                 below = sum(z < o for z, o in pairs)
                 p = wilcoxon([z for z, _ in pairs], [o for _, o in pairs]).pvalue
                 gain = statistics.mean((o - z) / o for z, o in pairs)
-                tests.append(f"- {key} = {g:g}: ZO-SOL below {other.replace('_', ' ')} in {below} of {len(pairs)} "
+                tests.append(f"- {key} {g}: ZO-SOL below {other.replace('_', ' ')} in {below} of {len(pairs)} "
                              f"(seed, simulation) pairs, mean relative gain {100 * gain:.1f} %, Wilcoxon p = {p:.2g}")
     walls = {c: [r["train"].get("wall_s") for r in runs[c]] for c in ("non", "non_more", "zo_sol") if c in runs}
     lines += ["", "Paired tests (seeds x test simulations, two-sided Wilcoxon signed-rank):", *tests, "",
