@@ -12,6 +12,7 @@ import pytest
 
 from deepzero_apps.checkpoint import load_checkpoint
 from deepzero_apps.cli import main
+from deepzero_apps.solvers import Solver
 from deepzero_apps.solvers.burgers import BurgersSolver
 from deepzero_apps.solvers.registry import register_solver, unregister_solver
 
@@ -339,3 +340,30 @@ def test_fo_sol_runs_on_the_numpy_wake_through_its_torch_twin(tmp_path, cache):
     assert result["solver"] == "wake" and np.isfinite(result["mae"]) and result["train"]["steps"] >= 1
     assert [s["seed"] for s in result["simulations"]["train"]] == [0, 1]
     assert all(100 <= s["re"] <= 1000 for s in result["simulations"]["train"])
+
+
+class DampedBurgers(BurgersSolver):
+    """A plug-in with a condition of its own: a damping rate applied after every Burgers step."""
+
+    name = "damped_burgers"
+    condition_defaults = {**BurgersSolver.condition_defaults, "damping": 0.0}
+
+    def step(self, state, forcing=None, nu=None, damping=0.0, **params):
+        return (1.0 - damping) * super().step(state, forcing=forcing, nu=nu)
+
+    def step_batch(self, states, forcing=None, nu=None, damping=0.0, **params):
+        return Solver.step_batch(self, states, forcing=forcing, nu=nu, damping=damping)
+
+
+def test_a_plugin_declares_its_own_conditions(tmp_path, cache, capsys):
+    register_solver("damped_burgers", DampedBurgers)
+    try:
+        assert main(["pde", "--cfg", "job", "solver=damped_burgers"]) == 0
+        assert "damping: 0.0" in capsys.readouterr().out
+        assert run(tmp_path / "a", cache, "solver=damped_burgers", "method=src") == 0
+        assert run(tmp_path / "b", cache, "solver=damped_burgers", "method=src", "solver.conditions.test.damping=[0.2]") == 0
+    finally:
+        unregister_solver("damped_burgers")
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in "ab")
+    assert b["simulations"]["test"] == [{"seed": 1000, "nu": 0.1, "damping": 0.2}]
+    assert a["mae_src"] != b["mae_src"]  # the damped reference and source are other simulations
