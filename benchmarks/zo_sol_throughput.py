@@ -59,6 +59,7 @@ from deepzero_apps.solvers import Solver
 from deepzero_apps.solvers.burgers import BurgersSolver
 from deepzero_apps.solvers.wake import WakeSolver
 from deepzero_apps.tasks.pde.app import RolloutObjective, black_box_step
+from deepzero_apps.tasks.pde.conditions import make_split
 from deepzero_apps.tasks.pde.data import Stepper
 
 MU, UNROLL, SIMS, STEPS = 1e-4, 8, 8, 64
@@ -80,9 +81,10 @@ def problem(
     else:
         solver, warmup = WakeSolver(resolution=(16, 32), dt=1.0), 200
     seeds = list(range(SIMS))
+    values = make_split("train", seeds, dict(solver.condition_defaults)).values  # per-seed nu / Re, as the app
     refs = []
-    for s in seeds:
-        conditions = solver.conditions(s)
+    for s, v in zip(seeds, values):
+        conditions = solver.conditions(s, **v)
         state = solver.initial_state(s)
         for _ in range(warmup):
             state = solver.step(state, **conditions)
@@ -102,7 +104,7 @@ def problem(
         kernel_size=5,
         padding_mode=padding,
     )
-    stepper = (LoopStepper if loop else Stepper)(solver, seeds)
+    stepper = (LoopStepper if loop else Stepper)(solver, seeds, values)
     obj = RolloutObjective(model, black_box_step(stepper), refs, UNROLL)
     ratios = compute_ratios("random", model, sparsity=0.9, ordering="magnitude", seed=0)
     coords = SparseCoordinateSampler(obj.coords, ratios, mask_interval=1, seed=0, dense_unscored=True).coords(

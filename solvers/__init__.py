@@ -8,7 +8,8 @@ Built-ins (``list_solvers()`` also shows plug-ins):
 
 * ``burgers`` -- :class:`~.burgers.BurgersSolver`, 2D forced viscous Burgers, periodic
   (``burgers_torch.BurgersTorch`` is its differentiable twin for the first-order upper bound);
-* ``wake`` -- :class:`~.wake.WakeSolver`, incompressible flow past a cylinder (staggered grid);
+* ``wake`` -- :class:`~.wake.WakeSolver`, incompressible flow past a cylinder (staggered grid;
+  ``wake_torch.WakeTorch`` is its differentiable twin);
 * ``phiflow_wake`` -- :class:`~.phiflow_wake.PhiflowWakeSolver`, the same problem in PhiFlow (optional
   extra ``[phiflow]``), whose torch backend is its differentiable twin;
 * ``external`` -- :class:`~.external.ExternalSolver`, any executable exchanging ``.npy`` files.

@@ -176,6 +176,11 @@ class Solver(ABC):
     Per-simulation quantities that stay fixed during a rollout (a forcing field, a Reynolds number)
     are produced by :meth:`conditions` from the same seed as the initial state and passed to every
     :meth:`step` call as keyword arguments: ``solver.step(state, **solver.conditions(seed))``.
+
+    The physical parameters a study varies between simulations (Burgers' ``nu``, the wake's ``re``)
+    are *conditions*, declared in :attr:`condition_defaults`: the app draws their values per
+    simulation from the train / validation / test condition sets of its config and passes them to
+    :meth:`conditions` and every :meth:`step` as keywords (docs/solvers.md).
     """
 
     #: Registry name; used in error messages.
@@ -190,6 +195,11 @@ class Solver(ABC):
     #: Defaults of the config option ``solver=<name>`` over the constructor's own: ``"params"`` (both
     #: instances), ``"reference"`` and ``"source"`` (per instance, e.g. ``{"resolution": [64, 64]}``).
     defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: The parameters that are conditions, each with its default condition set (used for all three
+    #: splits): a value, a list of values (or of ranges) cycled over a split's simulations, or a range
+    #: ``{"range": [low, high], "scale": "linear" | "log"}`` drawn per simulation from its seed.
+    #: A condition is a keyword of :meth:`conditions` and :meth:`step`, never a config ``params`` key.
+    condition_defaults: ClassVar[Mapping[str, Any]] = {}
 
     # -- required API ---------------------------------------------------------------------------
     @abstractmethod
@@ -202,8 +212,10 @@ class Solver(ABC):
 
     # -- optional API ---------------------------------------------------------------------------
     def conditions(self, seed: int, **params: Any) -> dict[str, Any]:
-        """Per-simulation keyword arguments for :meth:`step` (forcing field, parameters)."""
-        return {}
+        """Per-simulation keyword arguments for :meth:`step` (forcing field, parameters); ``params``
+        holds the simulation's drawn condition values, passed on to :meth:`step` unless overridden
+        here (raise ``ValueError`` for a value the solver cannot run)."""
+        return dict(params)
 
     @property
     def state_shape(self) -> tuple[int, int, int]:

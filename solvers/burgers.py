@@ -33,7 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import factorized
 
-from .base import Grid, Solver
+from .base import Grid, Solver, require
 from .burgers_setup import burgers_grid
 
 __all__ = ["BurgersSolver", "periodic_bilinear", "periodic_bilinear_batch", "smooth_random_field"]
@@ -142,6 +142,7 @@ class BurgersSolver(Solver):
     # Small grids so the default ZO run fits a few CPU minutes; the paper-scale grids are the presets
     # solver.reference.resolution=reference (128x128) and solver.source.resolution=source (32x32).
     defaults = {"reference": {"resolution": [64, 64]}, "source": {"resolution": [16, 16]}}
+    condition_defaults = {"nu": 0.1}
     batch_native = property(lambda self: self.native_batch(BurgersSolver))
 
     def __init__(
@@ -165,11 +166,7 @@ class BurgersSolver(Solver):
         self.kmax = int(kmax)
         self.advection = bool(advection)
         self.diffusion = bool(diffusion) and self.nu > 0
-        self._solve = None
-        if self.diffusion:
-            n = shape[0] * shape[1]
-            a = sp.eye(n, format="csc") - (self.dt * self.nu) * periodic_laplacian(self.grid).tocsc()
-            self._solve = factorized(a.tocsc())
+        self._solvers: dict[float, Any] = {}  # the factorised implicit-diffusion system per viscosity
         jj, ii = np.meshgrid(
             np.arange(shape[0], dtype=np.float64), np.arange(shape[1], dtype=np.float64), indexing="ij"
         )
@@ -187,8 +184,11 @@ class BurgersSolver(Solver):
         rng = np.random.default_rng([int(seed), 1])
         return smooth_random_field(self.grid, rng, 2, amp, kmax=self.kmax)
 
-    def conditions(self, seed: int, **params: Any) -> dict[str, Any]:
-        return {"forcing": self.forcing(seed, **params)}
+    def conditions(self, seed: int, nu: float | None = None, **params: Any) -> dict[str, Any]:
+        """The seed's forcing and the viscosity ``nu`` (a condition; default: the constructor's)."""
+        nu = self.nu if nu is None else float(nu)
+        require(nu > 0 or not self.diffusion, f"condition nu={nu} must be > 0")
+        return {"forcing": self.forcing(seed, **params), "nu": nu}
 
     # -- dynamics -----------------------------------------------------------------------------
     def advect(self, state: np.ndarray) -> np.ndarray:
@@ -198,26 +198,37 @@ class BurgersSolver(Solver):
         px = self._ii - (self.dt / dx) * u
         return periodic_bilinear(state, py, px)
 
-    def diffuse(self, state: np.ndarray) -> np.ndarray:
-        if self._solve is None:
+    def _solver(self, nu: float):
+        """The sparse LU of ``I - dt nu L``, factorised once per viscosity."""
+        if nu not in self._solvers:
+            n = self.grid.shape[0] * self.grid.shape[1]
+            a = sp.eye(n, format="csc") - (self.dt * nu) * periodic_laplacian(self.grid).tocsc()
+            self._solvers[nu] = factorized(a.tocsc())
+        return self._solvers[nu]
+
+    def diffuse(self, state: np.ndarray, nu: float | None = None) -> np.ndarray:
+        if not self.diffusion:
             return state
         c = state.shape[0]
         rhs = state.reshape(c, -1).T  # (n, C)
-        out = self._solve(np.ascontiguousarray(rhs))
+        out = self._solver(self.nu if nu is None else float(nu))(np.ascontiguousarray(rhs))
         return np.asarray(out).T.reshape(state.shape)
 
-    def step(self, state: np.ndarray, forcing: np.ndarray | None = None, **params: Any) -> np.ndarray:
+    def step(
+        self, state: np.ndarray, forcing: np.ndarray | None = None, nu: float | None = None, **params: Any
+    ) -> np.ndarray:
         state = np.asarray(state, dtype=np.float64)
         new = self.advect(state) if self.advection else state.copy()
         if forcing is not None:
             new = new + self.dt * np.asarray(forcing, dtype=np.float64)
-        return self.diffuse(new)
+        return self.diffuse(new, nu)
 
-    def step_batch(self, states: np.ndarray, forcing: Any = None, **params: Any) -> np.ndarray:
+    def step_batch(self, states: np.ndarray, forcing: Any = None, nu: Any = None, **params: Any) -> np.ndarray:
         """:meth:`step` on ``(B, 2, ny, nx)`` in array operations: one backtrace, one gather and one
-        multi-right-hand-side solve for the whole batch; ``forcing`` is one field or one per state."""
+        multi-right-hand-side solve for the whole batch; ``forcing`` is one field or one per state,
+        ``nu`` one viscosity or one per state."""
         if not self.batch_native:
-            return super().step_batch(states, forcing=forcing, **params)
+            return super().step_batch(states, forcing=forcing, nu=nu, **params)
         states = np.asarray(states, dtype=np.float64)
         if self.advection:
             dy, dx = self.grid.spacing
@@ -228,20 +239,19 @@ class BurgersSolver(Solver):
             new = states.copy()
         if forcing is not None:
             new = new + self.dt * np.asarray(forcing, dtype=np.float64)
-        if self._solve is None:
+        if not self.diffusion:
             return new
         # The periodic implicit-Euler system is diagonal in Fourier space: one batched FFT solve
         # (SuperLU loops over right-hand sides: slower than the per-state loop).
-        return np.fft.irfft2(np.fft.rfft2(new) * self._fourier_factor(), s=self.grid.shape)
+        nu = np.asarray(self.nu if nu is None else nu, dtype=np.float64).reshape(-1, 1, 1, 1)
+        return np.fft.irfft2(np.fft.rfft2(new) * self._fourier_factor(nu), s=self.grid.shape)
 
-    def _fourier_factor(self) -> np.ndarray:
-        """:meth:`diffusion_factor` of every ``rfft2`` mode, ``(ny, nx // 2 + 1)``."""
-        if getattr(self, "_factor", None) is None:
-            (ny, nx), (dy, dx) = self.grid.shape, self.grid.spacing
-            lam_y = 4.0 * np.sin(np.pi * np.arange(ny) / ny) ** 2 / dy**2
-            lam_x = 4.0 * np.sin(np.pi * np.arange(nx // 2 + 1) / nx) ** 2 / dx**2
-            self._factor = 1.0 / (1.0 + self.dt * self.nu * (lam_y[:, None] + lam_x[None, :]))
-        return self._factor
+    def _fourier_factor(self, nu: np.ndarray) -> np.ndarray:
+        """:meth:`diffusion_factor` of every ``rfft2`` mode for viscosities ``nu (B, 1, 1, 1)``."""
+        (ny, nx), (dy, dx) = self.grid.shape, self.grid.spacing
+        lam_y = 4.0 * np.sin(np.pi * np.arange(ny) / ny) ** 2 / dy**2
+        lam_x = 4.0 * np.sin(np.pi * np.arange(nx // 2 + 1) / nx) ** 2 / dx**2
+        return 1.0 / (1.0 + self.dt * nu * (lam_y[:, None] + lam_x[None, :]))
 
     # -- analysis helpers -------------------------------------------------------------------------
     def laplacian_eigenvalue(self, ky: int, kx: int) -> float:

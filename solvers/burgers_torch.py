@@ -50,8 +50,8 @@ def periodic_bilinear_torch(field: Tensor, py: Tensor, px: Tensor) -> Tensor:
 class BurgersTorch(nn.Module):
     """Batched torch Burgers step; same constructor arguments as :class:`BurgersSolver`.
 
-    ``step_torch(state[B, 2, H, W], forcing=None)`` (also ``forward``) returns the next state.
-    ``forcing`` may be ``(2, H, W)`` or ``(B, 2, H, W)``.
+    ``step_torch(state[B, 2, H, W], forcing=None, nu=None)`` (also ``forward``) returns the next state.
+    ``forcing`` may be ``(2, H, W)`` or ``(B, 2, H, W)``; ``nu`` (the condition) one viscosity or ``(B,)``.
     """
 
     def __init__(
@@ -77,8 +77,7 @@ class BurgersTorch(nn.Module):
         mx = torch.arange(nx // 2 + 1, dtype=torch.float64)
         lam_y = 4.0 * torch.sin(math.pi * my / ny) ** 2 / dy**2
         lam_x = 4.0 * torch.sin(math.pi * mx / nx) ** 2 / dx**2
-        denom = 1.0 + self.dt * self.nu * (lam_y[:, None] + lam_x[None, :])
-        self.register_buffer("inv_denom", 1.0 / denom, persistent=False)
+        self.register_buffer("lam", lam_y[:, None] + lam_x[None, :], persistent=False)
         jj, ii = torch.meshgrid(
             torch.arange(ny, dtype=torch.float64), torch.arange(nx, dtype=torch.float64), indexing="ij"
         )
@@ -105,14 +104,16 @@ class BurgersTorch(nn.Module):
         px = ii - (self.dt / dx) * state[:, 0]
         return periodic_bilinear_torch(state, py, px)
 
-    def diffuse(self, state: Tensor) -> Tensor:
+    def diffuse(self, state: Tensor, nu: Tensor | float | None = None) -> Tensor:
+        """Implicit diffusion with one viscosity or one per state (``nu`` of shape ``(B,)``)."""
         if not self.diffusion:
             return state
         h, w = state.shape[-2:]
-        coef = torch.fft.rfft2(state) * self.inv_denom.to(state.dtype)
-        return torch.fft.irfft2(coef, s=(h, w))
+        nu = torch.as_tensor(self.nu if nu is None else nu, dtype=state.dtype, device=state.device)
+        inv_denom = 1.0 / (1.0 + self.dt * nu.reshape(-1, 1, 1, 1) * self.lam.to(state.dtype))
+        return torch.fft.irfft2(torch.fft.rfft2(state) * inv_denom, s=(h, w))
 
-    def step_torch(self, state: Tensor, forcing: Tensor | None = None) -> Tensor:
+    def step_torch(self, state: Tensor, forcing: Tensor | None = None, nu: Tensor | float | None = None) -> Tensor:
         if state.dim() != 4 or tuple(state.shape[1:]) != (2, *self.grid.shape):
             raise ValueError(
                 f"expected state of shape (B, 2, {self.grid.ny}, {self.grid.nx}), got {tuple(state.shape)}"
@@ -120,7 +121,7 @@ class BurgersTorch(nn.Module):
         new = self.advect(state) if self.advection else state
         if forcing is not None:
             new = new + self.dt * torch.as_tensor(forcing, dtype=new.dtype, device=new.device)
-        return self.diffuse(new)
+        return self.diffuse(new, nu)
 
-    def forward(self, state: Tensor, forcing: Tensor | None = None) -> Tensor:
-        return self.step_torch(state, forcing)
+    def forward(self, state: Tensor, forcing: Tensor | None = None, nu: Tensor | float | None = None) -> Tensor:
+        return self.step_torch(state, forcing, nu)

@@ -5,8 +5,8 @@ a ``Ly x Lx`` channel (default 100 x 200) with a cylinder of radius 10 at (50, 5
 the first column of cells, zero-gradient velocity on the other sides (pressure 0 there). One step of
 ``dt``: semi-Lagrangian advection, explicit diffusion with ``nu = U 2R / Re``, the inflow imposed, and a
 pressure projection (``fluid.make_incompressible``, conjugate gradients, compact stencil) with the cylinder imposed by
-penalisation (velocity zeroed in the cells it covers, by volume fraction). The Reynolds number is drawn
-per simulation (log-uniform in ``re_range``) and rides in PhiFlow's batch dimension, so
+penalisation (velocity zeroed in the cells it covers, by volume fraction). The Reynolds number is a
+condition drawn per simulation (log-uniform in 100-1000 by default) and rides in PhiFlow's batch dimension, so
 :meth:`PhiflowWakeSolver.step_batch` steps many simulations in one call.
 
 The state is cell-centred, ``(2, ny, nx)`` = ``(u, v)``. The same code runs on PhiFlow's numpy backend
@@ -57,7 +57,6 @@ class PhiflowWakeSolver(CylinderFlow):
         size: Sequence[float] = (100.0, 200.0),
         dt: float = 1.0,
         re: float = 200.0,
-        re_range: Sequence[float] = (100.0, 1000.0),
         inflow: float = 1.0,
         center: Sequence[float] = (50.0, 50.0),
         radius: float = 10.0,
@@ -67,7 +66,7 @@ class PhiflowWakeSolver(CylinderFlow):
         require(radius > 0, f"radius={radius} must be > 0")
         require(0 < tolerance < 1e-3, f"tolerance={tolerance} must be in (0, 1e-3)")
         self.tolerance = float(tolerance)
-        super().__init__(resolution, size, dt, re, re_range, inflow, center, radius, perturbation)
+        super().__init__(resolution, size, dt, re, inflow, center, radius, perturbation)
 
     # -- the PhiFlow step, backend-agnostic -------------------------------------------------------------
     def _simulate(self, native: Any, re: Any, steps: int = 1, project_only: bool = False) -> Any:

@@ -154,6 +154,7 @@ def _describe(obj: Any) -> str:
 
 # ---- configs: `solver=<name>` with the class's own defaults ------------------------------------------
 ROLES = ("params", "reference", "source")
+CONDITION_SPLITS = ("train", "validation", "test")
 
 
 def _plain(value: Any) -> Any:
@@ -181,37 +182,46 @@ def _signature(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter
 
 
 def solver_config(name: str) -> dict[str, Any]:
-    """The config node of ``solver=<name>``: ``{"name", "params", "reference", "source"}``.
+    """The config node of ``solver=<name>``: ``{"name", "params", "reference", "source", "conditions"}``.
 
     ``params`` lists every constructor argument (``"???"`` when required, so it must be set) with the
     class's declared ``defaults["params"]`` on top; ``reference``/``source`` are the per-instance
-    arguments of ``defaults`` (typically ``resolution``), which are then left out of ``params``.
+    arguments of ``defaults`` (typically ``resolution``), which are then left out of ``params``, as
+    are the solver's conditions: ``conditions`` holds their train / validation / test sets, each
+    starting from the class's ``condition_defaults``.
     """
     factory = get_solver_class(name)
     declared = getattr(factory, "defaults", None) or {}
+    conditions = dict(getattr(factory, "condition_defaults", None) or {})
     per_role = {role: dict(declared.get(role, {})) for role in ("reference", "source")}
     named, _ = _signature(factory)
     params: dict[str, Any] = {}
     for key, p in named.items():
-        if key in per_role["reference"] or key in per_role["source"]:
+        if key in per_role["reference"] or key in per_role["source"] or key in conditions:
             continue
         if p.default is inspect.Parameter.empty:
             params[key] = "???"
         elif (value := _plain(p.default)) is not None or p.default is None:
             params[key] = value
     params.update(declared.get("params", {}))
-    return {"name": name, "params": _plain(params), **{r: _plain(v) for r, v in per_role.items()}}
+    sets = {split: _plain(conditions) for split in CONDITION_SPLITS}
+    return {"name": name, "params": _plain(params), **{r: _plain(v) for r, v in per_role.items()}, "conditions": sets}
 
 
 def check_solver_config(name: str, sections: Mapping[str, Mapping[str, Any]]) -> None:
     """``ValueError`` naming an argument the solver's constructor does not take, with the accepted ones."""
     factory = get_solver_class(name)
     named, open_kwargs = _signature(factory)
-    if open_kwargs:
-        return
+    conditions = getattr(factory, "condition_defaults", None) or {}
     for role in ROLES:
         for key in sections.get(role) or {}:
-            if key not in named:
+            if key in conditions:
+                raise ValueError(
+                    f"solver.{role}.{key}: '{key}' is a condition of solver '{name}', set per split: "
+                    f"solver.conditions.train.{key}=..., solver.conditions.validation.{key}=..., "
+                    f"solver.conditions.test.{key}=... (docs/solvers.md)"
+                )
+            if key not in named and not open_kwargs:
                 how = ("select a solver with solver=NAME to get its own defaults" if name in list_solvers() else
                        f"an unregistered class brings no defaults: write a solver config file with name: {name} "
                        "and its params, reference and source (docs/solvers.md)")
@@ -228,9 +238,12 @@ def _store_config(name: str) -> None:
         spec = solver_config(name)
     except Exception:  # noqa: BLE001 - a broken plug-in is reported when selected, not at start-up
         spec = {"name": name, "params": {}, "reference": {}, "source": {}}
+    spec.setdefault("conditions", {split: {} for split in CONDITION_SPLITS})
     node = OmegaConf.create(spec)
     for role in ROLES:  # open dicts: `solver.params.KEY=VALUE` needs no `+`; unknown keys are
         OmegaConf.set_struct(node[role], False)  # reported by check_solver_config with the accepted ones
+    for split in CONDITION_SPLITS:  # likewise unknown conditions (tasks/pde/conditions.py)
+        OmegaConf.set_struct(node.conditions[split], False)
     ConfigStore.instance().store(group="solver", name=name, node=node, provider="deepzero_apps.solvers")
 
 

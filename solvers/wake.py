@@ -5,9 +5,9 @@
 Setup (defaults): domain ``200 x 100`` (``Lx x Ly``), cylinder of radius 10 centred at (50, 50),
 inflow ``u = 1, v = 0`` at the left, outflow at the right (zero-gradient velocity, ``p = 0``),
 free-slip walls at the bottom and top. *Reference* grid 256x128 (``nx x ny``, spacing 0.78125),
-*source* grid 64x32 (spacing 3.125); ``dt = 1``. Each seed picks a Reynolds number log-uniformly in
-``re_range`` (unless ``re`` is given) and a small random perturbation of the uniform initial flow that
-breaks the symmetry, so vortex shedding (a Karman street) develops after a transient.
+*source* grid 64x32 (spacing 3.125); ``dt = 1``. The Reynolds number is a condition (``re``, drawn
+per simulation by the app, log-uniformly in 100-1000 by default), and each seed draws a small random
+perturbation of the uniform initial flow that breaks the symmetry, so vortex shedding (a Karman street) develops after a transient.
 
 Staggered (MAC) layout in a ``(2, ny, nx)`` state (``grid.staggered = True``):
 
@@ -36,14 +36,13 @@ from functools import cache
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 from scipy.ndimage import map_coordinates
 from scipy.sparse.linalg import factorized
 from threadpoolctl import ThreadpoolController
 
-from .base import Grid, Solver, SolverError, _ratio, _target_shape
+from .base import Grid, Solver, _ratio, _target_shape
 from .burgers import smooth_random_field
-from .cylinder import CylinderFlow
+from .cylinder import CylinderFlow, StaggeredGeometry
 
 __all__ = ["WakeSolver"]
 
@@ -77,67 +76,20 @@ class WakeSolver(CylinderFlow):
         """The geometry's fixed faces, the LU-factorised pressure matrix and the face positions."""
         ny, nx = self.grid.shape
         dy, dx = self.grid.spacing
-        yc, xc = self.grid.cell_centers()
-        self.solid = (xc - self.center[0]) ** 2 + (yc - self.center[1]) ** 2 < self.radius**2
-        # Fixed faces (velocity 0, never changed by the projection) in the stored layout.
-        fixed_u = self.solid.copy()
-        fixed_u[:, :-1] |= self.solid[:, 1:]
-        fixed_v = self.solid.copy()
-        fixed_v[:-1, :] |= self.solid[1:, :]
-        fixed_v[-1, :] = True  # top wall
-        self.fixed = np.stack([fixed_u, fixed_v])
-        self.open = ~self.fixed
-        self._solve = factorized(self._pressure_matrix().tocsc())
+        geometry = StaggeredGeometry(self.grid, self.center, self.radius)
+        self.solid, self.fixed, self.open = geometry.solid, geometry.fixed, geometry.open
+        self._solve = factorized(geometry.matrix.tocsc())
 
         # Face positions (physical) of the stored components.
         jj, ii = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij")
         self._u_pos = ((jj + 0.5) * dy, (ii + 1.0) * dx)
         self._v_pos = ((jj + 1.0) * dy, (ii + 0.5) * dx)
 
-    # -- geometry ---------------------------------------------------------------------------------
-    def _pressure_matrix(self) -> sp.csr_matrix:
-        """``L_w`` with ``(L_w p)_c = sum over open faces f of c of (p_nb - p_c) / h_f^2``."""
-        ny, nx = self.grid.shape
-        dy, dx = self.grid.spacing
-        idx = np.arange(ny * nx).reshape(ny, nx)
-        open_u, open_v = self.open
-        rows, cols, vals = [], [], []
-        diag = np.zeros((ny, nx))
+    def torch_twin(self):
+        """The differentiable torch version of this solver (:class:`.wake_torch.WakeTorch`)."""
+        from .wake_torch import WakeTorch
 
-        def couple(a: np.ndarray, b: np.ndarray, w: float) -> None:
-            rows.extend([a, b])
-            cols.extend([b, a])
-            vals.extend([np.full(a.size, w), np.full(a.size, w)])
-
-        # Interior x-faces: u[:, i] for i < nx - 1 joins cells i and i + 1.
-        m = open_u[:, :-1]
-        couple(idx[:, :-1][m], idx[:, 1:][m], 1.0 / dx**2)
-        diag[:, :-1] -= m / dx**2
-        diag[:, 1:] -= m / dx**2
-        # Outflow faces: ghost pressure 0.
-        diag[:, -1] -= open_u[:, -1] / dx**2
-        # Interior y-faces: v[j, :] for j < ny - 1 joins cells j and j + 1 (v[ny - 1] is the wall).
-        m = open_v[:-1, :]
-        couple(idx[:-1, :][m], idx[1:, :][m], 1.0 / dy**2)
-        diag[:-1, :] -= m / dy**2
-        diag[1:, :] -= m / dy**2
-        # Cells without any open face (inside the obstacle): p = 0.
-        isolated = diag == 0.0
-        diag[isolated] = 1.0
-        rows.append(idx.ravel())
-        cols.append(idx.ravel())
-        vals.append(diag.ravel())
-        n = ny * nx
-        return sp.coo_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
-        ).tocsr()
-
-    def nu(self, re: float | None = None) -> float:
-        """Kinematic viscosity for Reynolds number ``re`` (default: the constructor's)."""
-        re = self.re if re is None else float(re)
-        if not re > 0:
-            raise SolverError(f"solver {self.name!r}: Reynolds number must be positive, got {re}")
-        return self.inflow * 2.0 * self.radius / re if self.radius > 0 else self.inflow * 20.0 / re
+        return WakeTorch.from_solver(self)
 
     # -- full face arrays ----------------------------------------------------------------------------
     # Every array method below takes states ``(..., 2, ny, nx)``: one state or a batch (`step_batch`).

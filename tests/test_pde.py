@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from deepzero_apps.checkpoint import load_checkpoint
 from deepzero_apps.cli import main
+from deepzero_apps.solvers import Solver
 from deepzero_apps.solvers.burgers import BurgersSolver
 from deepzero_apps.solvers.registry import register_solver, unregister_solver
 
@@ -94,7 +96,7 @@ def test_reference_simulations_are_cached_and_reused(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reused 1 cached reference simulation" in out  # the held-out one
     assert "generated 2 reference simulation(s)" in out and "reused 0" in out  # training sims are new
-    assert run(tmp_path / "c", cache, "method=src", "solver.params.nu=0.2") == 0
+    assert run(tmp_path / "c", cache, "method=src", "solver.params.forcing_amplitude=0.2") == 0
     assert "generated 1 reference simulation" in capsys.readouterr().out  # another solver config, another key
 
 
@@ -106,7 +108,6 @@ def test_help_lists_registered_solvers(capsys):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("method=fo_sol solver=wake", "method=fo_sol needs a differentiable torch twin"),
         ("method=sol", "method='sol' is unknown"),
         ("mode=fo", "mode='fo' is not used by pde"),
         ("solver.name=heat", "unknown solver 'heat'"),
@@ -227,11 +228,16 @@ def test_damaged_cache_file_is_resimulated(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("solver.params.nu=-1", "nu=-1 must be > 0"),
+        ("solver.conditions.test.nu=-1", "condition nu=-1.0 must be > 0"),
         ("solver.params.dt=1000", "dt=1000 is beyond the stability limit"),
-        ("solver=wake solver.params.re_range=[0,10]", "re_range"),
+        ("solver=wake solver.conditions.train.re=[0,10]", "condition re=0.0 must be > 0"),
         ("solver.params.viscosity=0.1", "solver 'burgers' has no parameter 'viscosity'; accepted: resolution, size, nu"),
-        ("solver.name=wake", "solver 'wake' has no parameter 'nu'"),
+        ("solver.name=wake", "solver 'wake' has no parameter 'velocity_amplitude'"),
+        ("solver.params.nu=0.2", "'nu' is a condition of solver 'burgers', set per split"),
+        ("solver.conditions.test.re=500", "solver 'burgers' has no condition 're' (its conditions: nu)"),
+        ("solver.conditions.test.nu={range:[0.3,0.03]}", "solver.conditions.test.nu.range=[0.3, 0.03] must be"),
+        ("solver.conditions.test.nu={range:[0,1],scale:log}", "must be positive for scale=log"),
+        ("data.val_sims=2 data.val_seed_start=1", "validation seeds 1..2 overlap"),
     ],
 )
 def test_meaningless_solver_values_are_one_line_exit_2(tmp_path, cache, capsys, override, needle):
@@ -306,3 +312,101 @@ def test_a_non_finite_metric_is_an_error_not_a_result(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "non-finite metric mae=nan" in err and "eval.json not written" in err
     assert not (tmp_path / "eval.json").exists()
+
+
+# ------------------------------------------------------------------------- conditions as data
+def test_conditions_split_the_reference_and_the_cache(tmp_path, capsys):
+    """Train / validation / test condition sets: a test viscosity outside the training one changes the
+    test reference (and its cache entry) but not the training simulations'; eval.json records them."""
+    cache = str(tmp_path / "cache")
+    val = ["data.val_sims=1"]
+    assert run(tmp_path / "a", cache, "method=non", *val) == 0
+    assert capsys.readouterr().out.count("reused 0 from cache") == 3  # test, train, validation: all new
+    assert run(tmp_path / "b", cache, "method=non", *val, "solver.conditions.test.nu=0.3") == 0
+    out = capsys.readouterr().out  # the test simulation is new; training and validation ones are reused
+    assert out.count("generated 1 reference simulation(s)") == 1 and "reused 2 cached" in out and "reused 1 cached" in out
+    files = sorted(Path(cache).glob("*.npz"))
+    assert len(files) == 5
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in "ab")
+    assert a["simulations"]["test"] == [{"seed": 1000, "nu": 0.1}] and b["simulations"]["test"] == [{"seed": 1000, "nu": 0.3}]
+    assert a["simulations"]["train"] == b["simulations"]["train"] == [{"seed": 0, "nu": 0.1}, {"seed": 1, "nu": 0.1}]
+    assert b["conditions"]["test"] == {"nu": 0.3} and b["conditions"]["train"] == {"nu": 0.1}
+    assert a["mae_src"] != b["mae_src"] and a["mae_val"] == b["mae_val"]
+    refs = {f.name: np.load(f)["trajectory"] for f in files}
+    assert len({r.tobytes() for r in refs.values()}) == 5  # every simulation is a different trajectory
+    assert len(a["mae_per_sim"]) == 1 and a["mae"] == pytest.approx(a["mae_per_sim"][0])
+
+
+def test_condition_sets_draw_ranges_and_cycle_lists():
+    from deepzero_apps.solvers.wake import WakeSolver
+    from deepzero_apps.tasks.pde.conditions import make_split, resolve_conditions
+
+    sets = resolve_conditions("wake", WakeSolver.condition_defaults, {
+        "test": {"re": [{"range": [1500, 3000], "scale": "log"}, {"range": [40, 90], "scale": "log"}, 500]}})
+    train = make_split("train", range(8), sets["train"])
+    assert all(100 <= v["re"] <= 1000 for v in train.values) and len({v["re"] for v in train.values}) == 8
+    # the drawing stream of the first condition is the one the wake used before conditions were data
+    u = np.random.default_rng([3, 2]).uniform()
+    assert train.values[3]["re"] == pytest.approx(math.exp(math.log(100) + u * (math.log(1000) - math.log(100))), rel=1e-15)
+    test = make_split("test", range(1000, 1006), sets["test"])
+    re = [v["re"] for v in test.values]
+    assert all(1500 <= r <= 3000 for r in re[0::3]) and all(40 <= r <= 90 for r in re[1::3]) and re[2::3] == [500, 500]
+    assert make_split("test", range(1000, 1006), sets["test"]) == test  # a function of the seeds
+
+
+def test_cfg_job_shows_the_three_condition_sets(capsys):
+    assert main(["pde", "--cfg", "job", "solver=wake", "solver.conditions.test.re=[2000]"]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("  conditions:"):]
+    assert "train:" in block and "validation:" in block and "test:" in block and "- 2000" in block
+    assert "scale: log" in block
+
+
+class TwinlessBurgers(BurgersSolver):
+    name = "twinless_burgers"
+    torch_twin = None
+
+
+def test_fo_sol_without_a_twin_is_one_line_exit_2(tmp_path, cache, capsys):
+    register_solver("twinless_burgers", TwinlessBurgers)
+    try:
+        assert run(tmp_path, cache, "solver=twinless_burgers", "method=fo_sol") == 2
+    finally:
+        unregister_solver("twinless_burgers")
+    err = capsys.readouterr().err.strip()
+    assert "method=fo_sol needs a differentiable torch twin" in err and len(err.splitlines()) == 1, err
+
+
+def test_fo_sol_runs_on_the_numpy_wake_through_its_torch_twin(tmp_path, cache):
+    assert run(tmp_path, cache, "solver=wake", "method=fo_sol", "data.warmup_steps=2") == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["solver"] == "wake" and np.isfinite(result["mae"]) and result["train"]["steps"] >= 1
+    assert [s["seed"] for s in result["simulations"]["train"]] == [0, 1]
+    assert all(100 <= s["re"] <= 1000 for s in result["simulations"]["train"])
+
+
+class DampedBurgers(BurgersSolver):
+    """A plug-in with a condition of its own: a damping rate applied after every Burgers step."""
+
+    name = "damped_burgers"
+    condition_defaults = {**BurgersSolver.condition_defaults, "damping": 0.0}
+
+    def step(self, state, forcing=None, nu=None, damping=0.0, **params):
+        return (1.0 - damping) * super().step(state, forcing=forcing, nu=nu)
+
+    def step_batch(self, states, forcing=None, nu=None, damping=0.0, **params):
+        return Solver.step_batch(self, states, forcing=forcing, nu=nu, damping=damping)
+
+
+def test_a_plugin_declares_its_own_conditions(tmp_path, cache, capsys):
+    register_solver("damped_burgers", DampedBurgers)
+    try:
+        assert main(["pde", "--cfg", "job", "solver=damped_burgers"]) == 0
+        assert "damping: 0.0" in capsys.readouterr().out
+        assert run(tmp_path / "a", cache, "solver=damped_burgers", "method=src") == 0
+        assert run(tmp_path / "b", cache, "solver=damped_burgers", "method=src", "solver.conditions.test.damping=[0.2]") == 0
+    finally:
+        unregister_solver("damped_burgers")
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in "ab")
+    assert b["simulations"]["test"] == [{"seed": 1000, "nu": 0.1, "damping": 0.2}]
+    assert a["mae_src"] != b["mae_src"]  # the damped reference and source are other simulations

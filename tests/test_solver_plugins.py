@@ -347,9 +347,13 @@ def test_every_solver_has_a_config_node_with_its_own_defaults(plugin_on_path):
     from deepzero_apps.solvers import solver_config
 
     burgers = solver_config("burgers")
-    assert burgers["reference"] == {"resolution": [64, 64]} and burgers["params"]["nu"] == 0.1
+    assert burgers["reference"] == {"resolution": [64, 64]} and burgers["params"]["size"] == 32.0
+    assert "nu" not in burgers["params"]  # a condition: set per split
+    assert burgers["conditions"] == {split: {"nu": 0.1} for split in ("train", "validation", "test")}
     demo = solver_config("demo_decay")  # defaults from the plug-in's signature: no Burgers leftovers
-    assert demo == {"name": "demo_decay", "params": {"resolution": 8, "rate": 0.5, "dt": 0.1}, "reference": {}, "source": {}}
+    no_conditions = {split: {} for split in ("train", "validation", "test")}
+    assert demo == {"name": "demo_decay", "params": {"resolution": 8, "rate": 0.5, "dt": 0.1}, "reference": {},
+                    "source": {}, "conditions": no_conditions}
     assert solver_config("external")["params"]["command"] == "???"  # required: must be set
 
 

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .evaluators import EVALUATORS, FeatureReuse
-from .objective import Batch, Objective, close
+from .objective import Batch, Objective
+from .stage_check import close
 
 DEFAULT_CHUNK = 256  # perturbed parameter vectors per call
 

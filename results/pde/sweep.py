@@ -30,22 +30,24 @@ from matplotlib.figure import Figure
 sys.path.insert(0, str(Path(__file__).parent))
 from seed_table import table  # noqa: E402
 
-# Each problem: its protocol, condition overrides, ZO-SOL's budget (150 steps x 135 queries, or 100 x 136
+# Each problem: its protocol, condition overrides, ZO-SOL's budget (150 steps x 135 queries, or 101 x 135
 # on the wake grids as in results/pde/README.md), its extra ZO-SOL overrides, and whether a twin exists.
 PROBLEMS: dict[str, dict] = {
     "burgers": {"experiment": "pde_burgers", "conditions": [], "zo_budget": 20250, "zo": [], "twin": True},
     "wake": {"experiment": "pde_wake", "conditions": [], "zo_budget": 13600, "zo": ["optimizer.lr=0.001"],
-             "twin": False},
+             "twin": True},  # solvers/wake_torch.py; the committed wake runs predate it (no FO-SOL)
     # PhiFlow's numpy backend costs ~0.2 s per solver call whatever the grid: a 100-step ZO-SOL run took 20
     # minutes here, so this protocol stops SOL at 30 steps (30 x 135 queries).
     "phiflow_wake": {"experiment": "pde_phiflow_wake", "conditions": [], "zo_budget": 4050,
                      "zo": ["optimizer.lr=0.001"], "twin": True},
     # Conditions not used for tuning: the Burgers protocol at a third of the viscosity on a 96 -> 24 grid.
     "burgers_nu0.03": {"experiment": "pde_burgers", "zo_budget": 20250, "zo": [], "twin": True, "conditions": [
-        "solver.params.nu=0.03", "solver.reference.resolution=[96,96]", "solver.source.resolution=[24,24]"]},
+        *(f"solver.conditions.{split}.nu=0.03" for split in ("train", "validation", "test")),
+        "solver.reference.resolution=[96,96]", "solver.source.resolution=[24,24]"]},
     # ... and the wake protocol at Reynolds numbers 1500-3000 (trained and tested there).
-    "wake_re1500-3000": {"experiment": "pde_wake", "zo_budget": 13600, "zo": ["optimizer.lr=0.001"], "twin": False,
-                         "conditions": ["solver.params.re_range=[1500,3000]"]},
+    "wake_re1500-3000": {"experiment": "pde_wake", "zo_budget": 13600, "zo": ["optimizer.lr=0.001"], "twin": True,
+                         "conditions": [f"solver.conditions.{split}.re=[{{range:[1500,3000],scale:log}}]"
+                                        for split in ("train", "validation", "test")]},
 }  # fmt: skip
 EVAL_EVERY = 10
 

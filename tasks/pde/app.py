@@ -9,7 +9,7 @@ and is trained so corrected rollouts follow the reference. Methods (``method=``)
 * ``zo_sol``: the loss of an unrolled, corrected rollout through the numpy solver, whose gradient with
   respect to the network comes from loss queries only (the engine's CGE / sparse CGE / RGE): DeepZero;
 * ``fo_sol``: the same rollout loss backpropagated through the solver's differentiable torch twin
-  (the upper bound; solvers with a ``torch_twin``: Burgers, PhiFlow wake).
+  (the upper bound; solvers with a ``torch_twin``: Burgers, wake, PhiFlow wake).
 
 Every method is evaluated the same way: corrected rollouts of the numpy solver on held-out simulations,
 mean absolute error against the reference averaged over time (``eval.json``, PNG plots).
@@ -57,8 +57,9 @@ from deepzero_apps.loggers import build_logger
 from deepzero_apps.solvers import SolverError, list_solvers, register_solver_configs
 from deepzero_apps.trainer import CHECKPOINT, Trainer
 
+from .conditions import Split, make_split
 from .config import PdeConfig
-from .data import SolverPair, Stepper, build_solvers, reference_data, split_seeds
+from .data import SolverPair, Stepper, build_solvers, reference_data
 
 EVAL = "eval.json"
 LABELS = {"src": "SRC", "non": "NON", "zo_sol": "ZO-SOL", "fo_sol": "FO-SOL"}
@@ -187,6 +188,19 @@ def mae_over_time(traj: torch.Tensor, refs: torch.Tensor) -> list[float]:
     return (traj[:, 1:] - refs[:, 1 : steps + 1]).abs().mean(dim=(0, 2, 3, 4)).tolist()
 
 
+def per_simulation_mae(traj: torch.Tensor, refs: torch.Tensor) -> list[float]:
+    """Mean absolute error of each simulation over steps 1..T, channels and cells (for paired tests)."""
+    steps = traj.shape[1] - 1
+    return (traj[:, 1:] - refs[:, 1 : steps + 1]).abs().mean(dim=(1, 2, 3, 4)).tolist()
+
+
+def held_out(cfg: DictConfig, pair: SolverPair, split: Split) -> tuple[Stepper, torch.Tensor]:
+    """The source solver on a held-out split's simulations and their reference trajectories."""
+    d = cfg.data
+    refs = reference_data(pair, cfg.solver, split.seeds, d.steps, d.warmup_steps, d.cache_dir, split.values)
+    return Stepper(pair.coarse, split.seeds, split.values), torch.from_numpy(refs)
+
+
 def build_model(model_cfg: DictConfig, pair: SolverPair) -> nn.Module:
     """The correction network, sized from the solver's channels and padded to match its boundaries.
 
@@ -241,10 +255,10 @@ def rollout_windows(num_sims: int, steps: int, unroll: int) -> TensorDataset:
 
 
 def build_training(
-    cfg: DictConfig, pair: SolverPair, model: nn.Module, train_refs: torch.Tensor, out_dir: Path
+    cfg: DictConfig, pair: SolverPair, model: nn.Module, train: Split, train_refs: torch.Tensor, out_dir: Path
 ) -> tuple[Objective, Any, TensorDataset, SparseCoordinateSampler | None]:
     """Objective, estimator, training set and coordinate sampler of `cfg.method`."""
-    stepper = Stepper(pair.coarse, split_seeds(cfg.data)[0])
+    stepper = Stepper(pair.coarse, train.seeds, train.values)
     if cfg.method == "non":
         return OneStepObjective(model), FirstOrder(), one_step_pairs(stepper, train_refs), None
     windows = rollout_windows(len(train_refs), cfg.data.steps, cfg.unroll)
@@ -267,14 +281,15 @@ def train(
     model: nn.Module,
     evaluate: Callable[[], dict],
     out_dir: Path,
+    split: Split,
 ) -> dict:
-    """Fit `model` with the shared Trainer (checkpoints, resume, metrics.jsonl, learning curve, budget)."""
-    d = cfg.data
-    seeds = split_seeds(d)[0]
+    """Fit `model` on the training `split` with the shared Trainer (checkpoints, resume, metrics.jsonl,
+    learning curve, budget)."""
+    d, seeds = cfg.data, split.seeds
     train_refs = torch.from_numpy(
-        reference_data(pair, cfg.solver, seeds, d.steps, d.warmup_steps, d.cache_dir)
+        reference_data(pair, cfg.solver, seeds, d.steps, d.warmup_steps, d.cache_dir, split.values)
     )
-    objective, estimator, train_set, sampler = build_training(cfg, pair, model, train_refs, out_dir)
+    objective, estimator, train_set, sampler = build_training(cfg, pair, model, split, train_refs, out_dir)
     per_step = f", {sampler.num_coords:,} of {objective.coords.dim:,} coordinates per step" if sampler else ""
     unit = "pairs" if cfg.method == "non" else "windows"
     log.info(
@@ -340,12 +355,11 @@ def run(cfg: DictConfig) -> dict:
         f"output {out_dir}"
     )
     eval_steps = cfg.eval_steps or d.steps
-    train_seeds, test_seeds = split_seeds(d)
+    conditions = typed.solver.condition_sets()
+    splits = {k: make_split(k, seeds, conditions[k]) for k, seeds in typed.data.seeds().items()}
+    test_seeds = splits["test"].seeds
     try:
-        test_refs = torch.from_numpy(
-            reference_data(pair, cfg.solver, test_seeds, d.steps, d.warmup_steps, d.cache_dir)
-        )
-        test_stepper = Stepper(pair.coarse, test_seeds)
+        test_stepper, test_refs = held_out(cfg, pair, splits["test"])
         src = corrected_rollout(None, test_stepper, test_refs, eval_steps)
         model, summary = None, {}
         if cfg.method != "src":
@@ -357,8 +371,15 @@ def run(cfg: DictConfig) -> dict:
                 traj = corrected_rollout(model, test_stepper, test_refs, eval_steps)
                 return {"test_mae": float(np.mean(mae_over_time(traj, test_refs)))}
 
-            summary = train(cfg, typed, pair, model, evaluate, out_dir)
+            summary = train(cfg, typed, pair, model, evaluate, out_dir, splits["train"])
         traj = src if model is None else corrected_rollout(model, test_stepper, test_refs, eval_steps)
+        validation = {}
+        if splits["validation"].seeds:  # for choosing hyper-parameters, never the test split
+            val_stepper, val_refs = held_out(cfg, pair, splits["validation"])
+            validation = {
+                "mae_val": per_simulation_mae(corrected_rollout(model, val_stepper, val_refs, eval_steps), val_refs),
+                "mae_val_src": per_simulation_mae(corrected_rollout(None, val_stepper, val_refs, eval_steps), val_refs),
+            }
     except SolverError as exc:
         ckpt = out_dir / CHECKPOINT
         kept = f"last good checkpoint: {ckpt} (resume=true continues it)" if ckpt.exists() else "no checkpoint written"
@@ -376,9 +397,15 @@ def run(cfg: DictConfig) -> dict:
         "mae_src": float(np.mean(src_curve)),
         "mae_over_time": curve,
         "mae_src_over_time": src_curve,
+        "mae_per_sim": per_simulation_mae(traj, test_refs),
+        "mae_src_per_sim": per_simulation_mae(src, test_refs),
+        **{k: float(np.mean(v)) for k, v in validation.items()},
+        **{f"{k}_per_sim": v for k, v in validation.items()},
         "eval_steps": eval_steps,
         "test_seeds": test_seeds,
-        "train_seeds": train_seeds,
+        "train_seeds": splits["train"].seeds,
+        "conditions": conditions,
+        "simulations": {k: split.simulations() for k, split in splits.items()},
         "reference_grid": list(pair.fine.grid.shape),
         "source_grid": list(pair.coarse.grid.shape),
         "parameters": sum(p.numel() for p in model.parameters()) if model is not None else 0,

@@ -12,6 +12,8 @@ from deepzero_apps.config import ZOTrainConfig, method_mode, require
 from deepzero_apps.errors import ConfigError
 from deepzero_apps.solvers import check_solver_config, get_solver_class
 
+from .conditions import resolve_conditions
+
 
 @dataclass
 class PdeSolverConfig:
@@ -21,21 +23,34 @@ class PdeSolverConfig:
     params: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    # train / validation / test condition sets of the solver's declared conditions (tasks/pde/conditions.py)
+    conditions: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
             check_solver_config(self.name, {"params": self.params, "reference": self.reference, "source": self.source})
         except (ValueError, ImportError) as exc:
             raise ConfigError(f"solver.name: {exc}" if "solver." not in str(exc) else str(exc)) from exc
+        self.condition_sets()
+
+    def condition_sets(self) -> dict[str, dict[str, Any]]:
+        """The checked train / validation / test condition sets, unset conditions at the solver's defaults.
+        (Not stored back: the schema's own instance would otherwise carry one solver's conditions into
+        every other solver's config.)"""
+        declared = getattr(get_solver_class(self.name), "condition_defaults", None) or {}
+        return resolve_conditions(self.name, declared, self.conditions)
 
 
 @dataclass
 class PdeDataConfig:
-    """Reference simulations: seeds 0.. for training, test_seed_start.. held out; `warmup_steps` discarded,
-    then `steps` kept (cached in `cache_dir`)."""
+    """Reference simulations: seeds 0.. for training, val_seed_start.. for validation (choosing
+    hyper-parameters), test_seed_start.. held out; `warmup_steps` discarded, then `steps` kept (cached in
+    `cache_dir`). Each split's conditions are `solver.conditions.<split>`."""
 
     train_sims: int = 8
+    val_sims: int = 0  # validation simulations (eval.json: mae_val); 0: none
     test_sims: int = 4
+    val_seed_start: int = 2000
     test_seed_start: int = 1000
     steps: int = 32
     warmup_steps: int = 0
@@ -44,14 +59,29 @@ class PdeDataConfig:
     def __post_init__(self) -> None:
         require(self.train_sims >= 1, f"data.train_sims={self.train_sims} must be >= 1")
         require(self.test_sims >= 1, f"data.test_sims={self.test_sims} must be >= 1")
+        require(self.val_sims >= 0, f"data.val_sims={self.val_sims} must be >= 0")
         require(
             self.test_seed_start >= self.train_sims,
             f"data.test_seed_start={self.test_seed_start} must be >= data.train_sims={self.train_sims} "
             "(test simulations are held out)",
         )
+        val, test = range(self.val_seed_start, self.val_seed_start + self.val_sims), self.seeds()["test"]
+        require(
+            self.val_sims == 0 or (self.val_seed_start >= self.train_sims and not set(val) & set(test)),
+            f"data.val_seed_start={self.val_seed_start}: validation seeds {val.start}..{val.stop - 1} overlap the "
+            f"training (0..{self.train_sims - 1}) or test ({test[0]}..{test[-1]}) seeds",
+        )
         require(self.steps >= 1, f"data.steps={self.steps} must be >= 1")
         require(self.warmup_steps >= 0, f"data.warmup_steps={self.warmup_steps} must be >= 0")
         require(_writable(Path(self.cache_dir)), f"data.cache_dir='{self.cache_dir}' cannot be created or written")
+
+    def seeds(self) -> dict[str, list[int]]:
+        """The simulation seeds of each split (disjoint, by the checks above)."""
+        return {
+            "train": list(range(self.train_sims)),
+            "validation": list(range(self.val_seed_start, self.val_seed_start + self.val_sims)),
+            "test": list(range(self.test_seed_start, self.test_seed_start + self.test_sims)),
+        }
 
 
 def _writable(path: Path) -> bool:
@@ -106,7 +136,7 @@ class PdeConfig(ZOTrainConfig):
         require(
             self.method != "fo_sol" or callable(twin),
             f"method=fo_sol needs a differentiable torch twin of the solver and '{self.solver.name}' has "
-            "none (burgers and phiflow_wake have one); use method=zo_sol",
+            "none (burgers, wake and phiflow_wake have one); use method=zo_sol",
         )
 
 

@@ -85,33 +85,48 @@ def _same_simulation(spec: dict[str, Any], fine: Solver) -> str:
     )
 
 
-def split_seeds(data_cfg: DictConfig) -> tuple[list[int], list[int]]:
-    """Training seeds 0..train_sims-1 and held-out seeds test_seed_start..; disjoint by validation."""
-    start = data_cfg.test_seed_start
-    return list(range(data_cfg.train_sims)), list(range(start, start + data_cfg.test_sims))
-
-
 def solver_identity(pair: SolverPair, solver_cfg: DictConfig) -> dict[str, Any]:
-    """What the reference solver is: its configuration, resolved description and code fingerprint."""
+    """What the reference solver is: its configuration, resolved description and code fingerprint.
+    The condition sets are left out: a simulation's key has its own drawn condition values instead."""
+    spec = OmegaConf.to_container(solver_cfg, resolve=True)
+    spec.pop("conditions", None)
     return {
         "format": CACHE_FORMAT,
-        "solver": OmegaConf.to_container(solver_cfg, resolve=True),
+        "solver": spec,
         "fine": {**pair.fine.describe(), **pair.fine.fingerprint()},
         "coarse_shape": list(pair.coarse.grid.shape),
     }
 
 
-def cache_key(identity: dict[str, Any], seed: int, steps: int, warmup_steps: int) -> str:
-    """A hash of everything a reference simulation depends on (`solver_identity`, seed, step counts)."""
+def cache_key(
+    identity: dict[str, Any], seed: int, steps: int, warmup_steps: int, conditions: dict[str, Any] | None = None
+) -> str:
+    """A hash of everything a reference simulation depends on (`solver_identity`, seed, step counts, its
+    condition values)."""
     spec = {**identity, "seed": int(seed), "steps": int(steps), "warmup_steps": int(warmup_steps)}
+    if conditions:
+        spec["conditions"] = conditions
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def simulate(pair: SolverPair, seed: int, steps: int, warmup_steps: int) -> np.ndarray:
-    """Fine run of `seed` (every step checked), downsampled to the source grid: (steps + 1, C, ny, nx)."""
+def step_conditions(solver: Solver, seed: int, values: dict[str, Any] | None) -> dict[str, Any]:
+    """The keywords of every `step` of simulation `seed`: its condition values and the solver's
+    per-seed data; a value the solver refuses is a ConfigError (one line)."""
+    values = values or {}
+    try:
+        return {**values, **solver.conditions(int(seed), **values)}
+    except ValueError as exc:
+        raise ConfigError(f"solver.conditions (simulation {seed}, {values}): {exc}") from exc
+
+
+def simulate(
+    pair: SolverPair, seed: int, steps: int, warmup_steps: int, values: dict[str, Any] | None = None
+) -> np.ndarray:
+    """Fine run of `seed` with condition `values` (every step checked), downsampled to the source grid:
+    (steps + 1, C, ny, nx)."""
     fine = pair.fine
     state = fine.check(fine.initial_state(seed), step="initial_state", what="initial state")
-    conditions = fine.conditions(seed)
+    conditions = step_conditions(fine, seed, values)
     frames = []
     for i in range(warmup_steps + steps + 1):
         if i >= warmup_steps:
@@ -187,17 +202,19 @@ def reference_data(
     steps: int,
     warmup_steps: int,
     cache_dir: str,
+    values: Sequence[dict[str, Any]] | None = None,
 ) -> np.ndarray:
-    """Downsampled reference trajectories of `seeds`, (S, steps + 1, C, ny, nx): cached or simulated."""
+    """Downsampled reference trajectories of `seeds` with condition `values` (one dict per seed),
+    (S, steps + 1, C, ny, nx): cached or simulated."""
     root = Path(cache_dir)
     shape = (steps + 1, *pair.coarse.state_shape)
     identity, prefix = solver_identity(pair, solver_cfg), re.sub(r"[^\w.-]", "_", pair.name)
     trajectories, made, start = [], 0, time.perf_counter()
-    for seed in seeds:
-        path = root / f"{prefix}-{cache_key(identity, seed, steps, warmup_steps)}.npz"
+    for seed, cond in zip(seeds, values or [{}] * len(seeds)):
+        path = root / f"{prefix}-{cache_key(identity, seed, steps, warmup_steps, cond)}.npz"
         traj = load_cached(path, shape) if path.exists() else None
         if traj is None:
-            traj = simulate(pair, seed, steps, warmup_steps)
+            traj = simulate(pair, seed, steps, warmup_steps, cond)
             save_cached(path, traj)
             made += 1
         trajectories.append(traj)
@@ -219,9 +236,11 @@ class Stepper:
     (NaN/inf/shape -> `SolverError` naming the solver and the rollout step).
     """
 
-    def __init__(self, solver: Solver, seeds: Sequence[int]):
+    def __init__(self, solver: Solver, seeds: Sequence[int], values: Sequence[dict[str, Any]] | None = None):
         self.solver = solver
-        self.conditions: list[dict[str, Any]] = [solver.conditions(int(s)) for s in seeds]
+        self.conditions: list[dict[str, Any]] = [
+            step_conditions(solver, s, v) for s, v in zip(seeds, values or [{}] * len(seeds))
+        ]
 
     def batched_conditions(self, sims: Sequence[int]) -> dict[str, list[Any]]:
         """Per-simulation conditions as lists of length B (split per sample by `Solver.step_batch`)."""
