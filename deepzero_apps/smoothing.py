@@ -177,7 +177,12 @@ class Smoothed:
 
 @dataclass(frozen=True)
 class CertifyRow:
-    """One line of a certification table; ``time`` is wall-clock seconds spent certifying it."""
+    """One line of a certification table; ``time`` is wall-clock seconds spent certifying it.
+
+    ``idx`` is the row's position in the certified subset (it seeds the row's noise); ``image`` names the
+    image itself (a dataset path or index, see `data.image_ids`), so tables of different subsets pair
+    by image; tables written before it existed read as ``""``.
+    """
 
     idx: int
     label: int
@@ -185,6 +190,7 @@ class CertifyRow:
     radius: float
     correct: int
     time: float
+    image: str = ""
 
 
 _COLUMNS = tuple(f.name for f in fields(CertifyRow))
@@ -211,16 +217,20 @@ def certify_dataset(
     max_examples: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    ids: Sequence[str] | None = None,
 ) -> list[CertifyRow]:
     """Certify every ``skip``-th ``(x, label)`` example and write a tab-separated table to ``out_csv``.
 
-    Columns are Cohen's ``idx label predict radius correct time`` (time in seconds). Rows are
+    Columns are Cohen's ``idx label predict radius correct time`` (time in seconds) and ``image``,
+    ``ids[idx]`` (default: ``idx``), which identifies the image across tables. Rows are
     appended and flushed to ``<out_csv>.partial`` as they come, so a crash keeps partial results
     there while any previous ``out_csv`` stays intact; the finished table replaces ``out_csv``
     atomically. Each example draws noise from a generator seeded by ``(seed, idx)``.
     """
     if skip < 1:
         raise ValueError(f"skip must be >= 1, got {skip}")
+    if ids is not None and hasattr(data, "__len__") and len(ids) != len(data):
+        raise ValueError(f"{len(ids)} image ids for {len(data)} examples")
     out_path = Path(out_csv)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")
@@ -245,7 +255,8 @@ def certify_dataset(
             gen = _example_generator(seed, idx, x.device)
             prediction, radius = smoothed.certify(x, n0, n, alpha, batch_size, gen)
             row = CertifyRow(
-                idx, label, prediction, radius, int(prediction == label), time.perf_counter() - start
+                idx, label, prediction, radius, int(prediction == label), time.perf_counter() - start,
+                str(ids[idx]) if ids is not None else str(idx),
             )
             rows.append(row)
             writer.writerow(astuple(row))
@@ -263,7 +274,7 @@ def load_certification(path: str | os.PathLike) -> list[CertifyRow]:
         header = fh.readline()
         fh.seek(0)
         reader = csv.DictReader(fh, delimiter="\t" if "\t" in header else ",")
-        missing = set(_COLUMNS) - set(reader.fieldnames or ())
+        missing = set(_COLUMNS) - set(reader.fieldnames or ()) - {"image"}  # older tables have no image column
         if missing:
             raise ValueError(f"{path}: missing columns {sorted(missing)}")
         return [
@@ -274,6 +285,7 @@ def load_certification(path: str | os.PathLike) -> list[CertifyRow]:
                 float(r["radius"]),
                 int(r["correct"]),
                 float(r["time"]),
+                r.get("image") or "",
             )
             for r in reader
         ]

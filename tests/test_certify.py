@@ -15,6 +15,7 @@ from deepzero_apps.cli import main
 from deepzero_apps.engine import CGE, FirstOrder, StagedObjective
 from deepzero_apps.models import create_model
 from deepzero_apps.rundir import LOCK
+from deepzero_apps.smoothing import load_certification
 from deepzero_apps.tasks.certify.data import NoisyInputs
 from deepzero_apps.tasks.certify.zoae import AEObjective, autoencoder, latent_estimator
 from deepzero_apps.trainer import Trainer
@@ -343,3 +344,19 @@ def test_a_stage_in_use_by_another_run_is_waited_for_not_refused(tmp_path, monke
     assert waited == [d.resolve() for d in cache.values()] and not held
     out = capsys.readouterr().out
     assert f"waiting for {cache['classifier']}: in use by another run (PID 4242)" in out, out
+
+
+def test_certify_tsv_names_each_image_so_tables_of_other_subsets_pair_by_image(tmp_path):
+    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain")]
+    tables = {}
+    for limit in (4, 8):
+        run = tmp_path / f"limit{limit}"
+        assert main(["certify", f"hydra.run.dir={run}", *TINY, *cache, "method=mse", f"certify.limit={limit}"]) == 0
+        tables[limit] = load_certification(run / "certify.tsv")
+    small, large = ({r.image: r for r in tables[k]} for k in (4, 8))
+    assert len(small) == 4 and len(large) == 8 and set(small) < set(large)
+    assert [r.image for r in tables[4]] != [r.image for r in tables[8]][:4]  # rows are not images
+    assert all(small[i].label == large[i].label for i in small)
+    old = tmp_path / "old.tsv"  # a table written before the image column still reads
+    old.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.3\t1\t0.5\n")
+    assert load_certification(old)[0].image == ""

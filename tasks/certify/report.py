@@ -53,7 +53,8 @@ def certify_pipeline(cfg: DictConfig, data: DataBundle, classifier: Any, pipelin
     smoothed = Smoothed(lambda z: blackbox(pipeline(z)), data.num_classes, cfg.sigma, seed=cfg.seed)
     subset = balanced_subset(data.test, ccfg.limit, cfg.seed)
     rows = certify_dataset(smoothed, subset, out_csv=out_dir / "certify.tsv", n0=ccfg.n0, n=ccfg.n, alpha=ccfg.alpha,
-                           batch_size=ccfg.batch_size, seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+                           batch_size=ccfg.batch_size, seed=cfg.seed, device=cfg.device, progress=cfg.progress,
+                           ids=subset.ids)
     accuracy = certified_accuracy(rows, RADII)
     result = {"certified_accuracy": {str(r): a for r, a in accuracy.items()}, "examples": len(rows),
               "n0": ccfg.n0, "n": ccfg.n, "alpha": ccfg.alpha, "sigma": cfg.sigma, "queries": blackbox.queries,
