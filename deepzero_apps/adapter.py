@@ -25,6 +25,7 @@ from .engine import (
     compute_ratios,
     is_main,
     load_ratios,
+    prunable_weights,
     save_ratios,
 )
 from .engine.distributed import shard_over_ranks
@@ -87,11 +88,21 @@ def ratio_settings(cfg: DictConfig, model_name: str) -> dict[str, Any]:
     return settings
 
 
-def _load_ratios(path: str | Path, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, Any]]:
+def _load_ratios(path: str | Path, model: torch.nn.Module, only: list[str] | None) -> tuple[dict[str, float], dict[str, Any]]:
     try:
-        return load_ratios(path, model)
+        return load_ratios(path, model, only)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"sparsity.ratios: {one_line(exc)}") from exc
+
+
+def _trainable_weights(objective: Objective) -> list[str] | None:
+    """The conv/linear weights of a subset-trained objective (None when it trains all of them)."""
+    try:
+        weights = list(prunable_weights(objective.module))
+    except ValueError:  # nothing to score at all: compute_ratios says so below
+        return None
+    trainable = {b.name for b in objective.coords.blocks}
+    return None if trainable >= set(weights) else [n for n in weights if n in trainable]
 
 
 def build_sampler(
@@ -107,16 +118,25 @@ def build_sampler(
     The one rule for ratios: `sparsity.ratios=FILE` is used as given; otherwise the run's own
     `ratios.json` is reused only on resume and only if its recorded settings equal this run's, and
     anything else scores the model now (scoring queries count in the run) and records the settings.
-    `examples` draws the scorers' batch lazily, so reuse and `random` cost no data.
+    `examples` draws the scorers' batch lazily, so reuse and `random` cost no data. An objective that
+    trains a subset of the model (`engine.subsets`) gets ratios over its own weights only (recorded in
+    the settings); a subset without conv/linear weights (normalisation parameters, say) is estimated
+    densely, as the sampler treats unscored tensors.
     """
     sp = cfg.sparsity
     if sp.ratios is None and sp.method == "dense":
         return None
     model = objective.module
     own, settings = out_dir / RATIOS, ratio_settings(cfg, model_name)
+    only = _trainable_weights(objective)
+    if only is not None:
+        settings["trainable"] = only
+        if not only:
+            return SparseCoordinateSampler(objective.coords, {}, mask_interval=sp.mask_interval, seed=cfg.seed,
+                                           dense_unscored=sp.dense_unscored)
     if sp.ratios is not None:
-        ratios, _ = _load_ratios(sp.ratios, model)
-    elif cfg.resume and own.exists() and (saved := _load_ratios(own, model))[1] == settings:
+        ratios, _ = _load_ratios(sp.ratios, model, only)
+    elif cfg.resume and own.exists() and (saved := _load_ratios(own, model, only))[1] == settings:
         ratios = saved[0]
     else:
         if not cfg.resume and (out_dir / CHECKPOINT).exists():
@@ -125,7 +145,7 @@ def build_sampler(
             ratios = compute_ratios(
                 sp.method, model, loss_fn, examples() if examples and sp.method != "random" else None,
                 sparsity=sp.sparsity, ordering=sp.ordering, seed=cfg.seed, q=sp.q, mu=sp.mu,
-                samples_per_class=sp.samples_per_class, counter=objective.counter,
+                samples_per_class=sp.samples_per_class, counter=objective.counter, only=only,
             )
         except ValueError as exc:
             raise ConfigError(f"sparsity: {one_line(exc)}") from exc

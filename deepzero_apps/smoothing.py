@@ -178,7 +178,12 @@ class Smoothed:
 
 @dataclass(frozen=True)
 class CertifyRow:
-    """One line of a certification table; ``time`` is wall-clock seconds spent certifying it."""
+    """One line of a certification table; ``time`` is wall-clock seconds spent certifying it.
+
+    ``idx`` is the row's position in the certified subset (it seeds the row's noise); ``image`` names the
+    image itself (a dataset path or index, see `data.image_ids`), so tables of different subsets pair
+    by image; tables written before it existed read as ``""``.
+    """
 
     idx: int
     label: int
@@ -186,6 +191,7 @@ class CertifyRow:
     radius: float
     correct: int
     time: float
+    image: str = ""
 
 
 _COLUMNS = tuple(f.name for f in fields(CertifyRow))
@@ -213,10 +219,12 @@ def certify_dataset(
     device: torch.device | str | None = None,
     progress: bool = True,
     done: Sequence[CertifyRow] = (),
+    ids: Sequence[str] | None = None,
 ) -> list[CertifyRow]:
     """Certify every ``skip``-th ``(x, label)`` example and write a tab-separated table to ``out_csv``.
 
-    Columns are Cohen's ``idx label predict radius correct time`` (time in seconds). Rows are
+    Columns are Cohen's ``idx label predict radius correct time`` (time in seconds) and ``image``,
+    ``ids[idx]`` (default: ``idx``), which identifies the image across tables. Rows are
     appended and flushed to ``<out_csv>.partial`` as they come, so a crash keeps partial results
     there while any previous ``out_csv`` stays intact; the finished table replaces ``out_csv``
     atomically. Each example draws noise from a generator seeded by ``(seed, idx)``, so ``done`` (the
@@ -226,6 +234,8 @@ def certify_dataset(
     """
     if skip < 1:
         raise ValueError(f"skip must be >= 1, got {skip}")
+    if ids is not None and hasattr(data, "__len__") and len(ids) != len(data):
+        raise ValueError(f"{len(ids)} image ids for {len(data)} examples")
     out_path = Path(out_csv)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")
@@ -247,9 +257,11 @@ def certify_dataset(
             label = int(label)
             if len(rows) < len(done):
                 row = done[len(rows)]
-                if (row.idx, row.label) != (idx, label):
-                    raise ValueError(f"{out_path}: a kept row is example {row.idx} (label {row.label}), this run's "
-                                     f"is {idx} (label {label}); not the same certification")
+                image = str(ids[idx]) if ids is not None else str(idx)
+                if (row.idx, row.label, row.image or image) != (idx, label, image):
+                    raise ValueError(f"{out_path}: a kept row is example {row.idx} (label {row.label}, image "
+                                     f"{row.image or '?'}), this run's is {idx} (label {label}, image {image}); "
+                                     "not the same certification")
                 rows.append(row)
                 writer.writerow(astuple(row))
                 bar.update(1)
@@ -259,7 +271,8 @@ def certify_dataset(
             gen = _example_generator(seed, idx, x.device)
             prediction, radius = smoothed.certify(x, n0, n, alpha, batch_size, gen)
             row = CertifyRow(
-                idx, label, prediction, radius, int(prediction == label), time.perf_counter() - start
+                idx, label, prediction, radius, int(prediction == label), time.perf_counter() - start,
+                str(ids[idx]) if ids is not None else str(idx),
             )
             rows.append(row)
             writer.writerow(astuple(row))
@@ -297,7 +310,7 @@ def load_certification(path: str | os.PathLike) -> list[CertifyRow]:
 
 def _parse_rows(lines: Sequence[str], path: str | os.PathLike) -> list[CertifyRow]:
     reader = csv.DictReader(lines, delimiter="\t" if lines and "\t" in lines[0] else ",")
-    missing = set(_COLUMNS) - set(reader.fieldnames or ())
+    missing = set(_COLUMNS) - set(reader.fieldnames or ()) - {"image"}  # older tables have no image column
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)}")
     return [
@@ -308,6 +321,7 @@ def _parse_rows(lines: Sequence[str], path: str | os.PathLike) -> list[CertifyRo
             float(r["radius"]),
             int(r["correct"]),
             float(r["time"]),
+            r.get("image") or "",
         )
         for r in reader
     ]

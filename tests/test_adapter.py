@@ -92,7 +92,8 @@ def test_certify_runs_the_sparsity_asked_for(tmp_path, capsys):
         per_step[choice] = epoch["queries_per_step"]
         assert (out / RATIOS).exists() == (choice == "random")
         if choice == "dense":
-            assert f"{d} trainable parameters, {d + 1} queries of the batch per step" in capsys.readouterr().out
+            assert f"{d} of {d} parameters trainable (every stage), {d + 1} queries of the batch per step" \
+                in capsys.readouterr().out
     tensors = len(list(create_model("dncnn", channels=1, depth=3, width=4).parameters()))
     # the batched evaluator's first step also probes the tensors (does the loss read one again?): a few queries each
     assert (d + 1) * 8 <= per_step["dense"] <= (d + 1 + 2 * tensors) * 8

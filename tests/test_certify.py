@@ -15,6 +15,7 @@ from deepzero_apps.cli import main
 from deepzero_apps.engine import CGE, FirstOrder, StagedObjective
 from deepzero_apps.models import create_model
 from deepzero_apps.rundir import LOCK
+from deepzero_apps.smoothing import load_certification
 from deepzero_apps.tasks.certify.data import NoisyInputs
 from deepzero_apps.tasks.certify.zoae import AEObjective, autoencoder, latent_estimator
 from deepzero_apps.trainer import Trainer
@@ -187,6 +188,30 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
     assert len((out / "compare.csv").read_text().splitlines()) == 5
 
 
+@pytest.mark.parametrize(("method", "params", "trained"), [
+    ("deepzero", "finetune.params=last", {"2.layer.weight"}),
+    ("fo_ds", "finetune.params=norm", {"1.layer.1.weight", "1.layer.1.bias"}),
+    ("deepzero", "finetune.params=adapter", {"3.conv.weight", "3.conv.bias"}),
+])
+def test_finetune_params_trains_only_the_subset_and_reports_its_cost_first(tmp_path, capsys, method, params, trained):
+    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain")]
+    run = tmp_path / "run"
+    assert main(["certify", f"hydra.run.dir={run}", *TINY, *cache, f"method={method}", params, "sparsity=dense",
+                 "certify.limit=1", "certify.n=8"]) == 0
+    pretrained = torch.load(tmp_path / "cache" / "pretrain" / "checkpoint.pt", weights_only=False)["model"]
+    tuned = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    changed = {k for k, v in tuned.items() if k not in pretrained or not torch.equal(v, pretrained[k])}
+    assert changed - {k for k in changed if "running_" in k or "num_batches" in k} == trained
+    cost = json.loads((run / "summary.json").read_text())["train"]["finetune"]
+    assert cost["tensors"] == sorted(trained, key=list(tuned).index)
+    assert cost["trainable"] == sum(tuned[k].numel() for k in trained) and cost["of"] > cost["trainable"]
+    per_step = 1 if method == "fo_ds" else cost["trainable"] + 1
+    assert cost["queries_per_step"] == per_step and cost["images_per_step"] == 8 * per_step
+    lines = capsys.readouterr().out.splitlines()
+    report = next(i for i, m in enumerate(lines) if f"{cost['trainable']:,} of {cost['of']:,} parameters trainable" in m)
+    assert report < next(i for i, m in enumerate(lines) if m.startswith("epoch 1/20"))  # before fine-tuning
+
+
 def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):
     cache = f"pretrain.cache_dir={tmp_path / 'pretrain'}"
     assert main(["certify", f"hydra.run.dir={tmp_path / 'a'}", *TINY, cache, "method=mse"]) == 0
@@ -211,6 +236,11 @@ def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):
         ("sparsity.method=grasp", "gradients through the black box"),
         ("sigma=0", "sigma=0.0 must be > 0"),
         ("classifier.output=soft", "classifier.output='soft'"),
+        ("finetune.params=bogus", "finetune.params='bogus' must be one of all, last, norm, adapter"),
+        ("finetune.params=[nope.*] classifier.epochs=1 pretrain.epochs=1 data.train_limit=20 data.test_limit=20 "
+         "eval_limit=10", "finetune.params: parameter pattern 'nope.*' matches none"),
+        ("finetune.params=last finetune.last=0", "finetune.last=0 must be >= 1"),
+        ("method=zo_ae_ds finetune.params=norm", "zo_ae_ds trains the denoiser and encoder first-order"),
     ],
 )
 def test_bad_configuration_is_one_line_exit_2(tmp_path, capsys, override, needle):
@@ -414,3 +444,19 @@ def test_each_training_phase_labels_its_epoch_lines(tmp_path, capsys):
     epochs = [line.split(" loss=")[0] for line in capsys.readouterr().out.splitlines() if " loss=" in line]
     assert epochs[:2] == ["classifier: epoch 1/1", "denoiser pretraining: epoch 1/1"], epochs
     assert epochs[2].startswith("fine-tuning (deepzero): epoch 1/20"), epochs
+
+
+def test_certify_tsv_names_each_image_so_tables_of_other_subsets_pair_by_image(tmp_path):
+    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain")]
+    tables = {}
+    for limit in (4, 8):
+        run = tmp_path / f"limit{limit}"
+        assert main(["certify", f"hydra.run.dir={run}", *TINY, *cache, "method=mse", f"certify.limit={limit}"]) == 0
+        tables[limit] = load_certification(run / "certify.tsv")
+    small, large = ({r.image: r for r in tables[k]} for k in (4, 8))
+    assert len(small) == 4 and len(large) == 8 and set(small) < set(large)
+    assert [r.image for r in tables[4]] != [r.image for r in tables[8]][:4]  # rows are not images
+    assert all(small[i].label == large[i].label for i in small)
+    old = tmp_path / "old.tsv"  # a table written before the image column still reads
+    old.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.3\t1\t0.5\n")
+    assert load_certification(old)[0].image == ""

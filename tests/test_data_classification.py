@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepzero_apps.data import DataBundle, build_datasets
+from deepzero_apps.data import DataBundle, LabeledTensorDataset, balanced_subset, build_datasets, image_ids
 from deepzero_apps.errors import ConfigError
 
 
@@ -237,3 +237,21 @@ def test_a_root_given_to_a_built_in_dataset_is_named_as_ignored(caplog):
         build_datasets("digits", "/some/tree", train_limit=20, test_limit=20)
     assert [r.getMessage() for r in caplog.records] == [
         "warning: data.root is ignored: data=digits is built in (data=imagefolder reads a tree)"]
+
+
+def test_image_ids_name_the_same_images_through_every_subset(tmp_path):
+    # Issue #26: paired tests match certification tables by image, not by row; a smaller balanced subset's
+    # rows are other images than a larger one's at the same positions, so only ids can pair them.
+    root = make_tree(tmp_path, classes=("a", "b", "c"), per_class=6)
+    bundle = build_datasets("imagefolder", str(root), test_limit=12)
+    ids = image_ids(bundle.test)
+    assert len(set(ids)) == 12 and all(i.startswith("test/") and i.endswith(".png") for i in ids)
+    x, y = zip(*(bundle.test[i] for i in range(len(bundle.test))))
+    tensors = LabeledTensorDataset(torch.stack(x), torch.tensor(y), ids)
+    small, large = balanced_subset(tensors, 3, seed=0), balanced_subset(tensors, 6, seed=0)
+    assert set(small.ids) < set(large.ids)
+    assert small.ids != large.ids[:3]  # the same rows are other images: pairing by position is wrong
+    by_id = {i: (xi, yi) for i, xi, yi in zip(large.ids, *large.tensors)}
+    for i, xi, yi in zip(small.ids, *small.tensors):
+        assert torch.equal(by_id[i][0], xi) and by_id[i][1] == yi
+    assert image_ids(build_datasets("digits", test_limit=5).test) == image_ids(build_datasets("digits", test_limit=5).test)

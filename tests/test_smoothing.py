@@ -213,7 +213,8 @@ def test_certify_dataset_csv_round_trip(tmp_path) -> None:
     assert rows[0].predict == 1 and rows[0].radius > 0.4 and rows[0].correct == 1
     assert rows[2].predict == ABSTAIN and rows[2].radius == 0.0  # 0.02 from the boundary
     assert rows[3].correct == 0  # mislabeled example
-    assert out.read_text().splitlines()[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    assert out.read_text().splitlines()[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime\timage"  # Cohen's columns + the image id
+    assert [r.image for r in rows] == [str(i) for i in range(6)]  # no ids given: the position
     assert load_certification(out) == rows
     assert certified_accuracy(out) == certified_accuracy(rows)
     assert not (tmp_path / "sub" / "cert.tsv.partial").exists()

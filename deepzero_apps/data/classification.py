@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,11 +60,15 @@ class DataBundle:
 class LabeledTensorDataset(TensorDataset):
     """In-memory ``(images, labels)`` dataset that yields Python int labels.
 
-    ``tensors`` stays available so full-batch code can skip the DataLoader.
+    ``tensors`` stays available so full-batch code can skip the DataLoader. ``ids`` names each image
+    in the dataset it came from (see `image_ids`; default: its position here).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ids: Sequence[str] | None = None) -> None:
         super().__init__(images, labels)
+        if ids is not None and len(ids) != len(labels):
+            raise ValueError(f"{len(ids)} image ids for {len(labels)} images")
+        self.ids = list(ids) if ids is not None else [str(i) for i in range(len(labels))]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         images, labels = self.tensors
@@ -152,8 +157,24 @@ def balanced_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     if isinstance(dataset, LabeledTensorDataset):
         images, targets = dataset.tensors
         index = torch.from_numpy(chosen)
-        return LabeledTensorDataset(images[index], targets[index])
+        return LabeledTensorDataset(images[index], targets[index], [dataset.ids[i] for i in chosen])
     return Subset(dataset, chosen.tolist())
+
+
+def image_ids(dataset: Dataset) -> list[str]:
+    """Which image each item is, stable across subsets and runs: an image folder's file path relative to
+    the tree (``test/cat/0001.jpg``), a `LabeledTensorDataset`'s own ids, else the index in the dataset
+    the items were taken from (through any `Subset`s). Paired tests match tables by these."""
+    if isinstance(dataset, Subset):
+        parent = image_ids(dataset.dataset)
+        return [parent[i] for i in dataset.indices]
+    if isinstance(dataset, LabeledTensorDataset):
+        return list(dataset.ids)
+    samples, root = getattr(dataset, "samples", None), getattr(dataset, "root", None)
+    if samples is not None and root is not None:  # torchvision's ImageFolder / DatasetFolder
+        top = Path(root)
+        return [Path(path).relative_to(top.parent).as_posix() for path, _ in samples]
+    return [str(i) for i in range(len(dataset))]  # type: ignore[arg-type]
 
 
 def _labels(dataset: Dataset) -> np.ndarray:

@@ -19,6 +19,7 @@ from .pruning import (
 from .queries import QueryBudgetExceeded, QueryCounter
 from .sparsity import DenseSampler, SparseCoordinateSampler, load_ratios, save_ratios
 from .stacked import StackedEvaluator, StackedObjective, call_stacked
+from .subsets import in_subset, select_parameters
 from .zo_core import Directions, difference, direction_seed
 from .zo_function import ZOFunction, zo_function
 
@@ -53,6 +54,8 @@ __all__ = [
     "StackedEvaluator",
     "StackedObjective",
     "call_stacked",
+    "in_subset",
+    "select_parameters",
     "barrier",
     "init_distributed",
     "on_rank0",

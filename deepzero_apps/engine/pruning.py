@@ -11,7 +11,7 @@ uses, so an LPR plugs into the sampler without translation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Literal
 
 import torch
@@ -29,15 +29,19 @@ Ordering = Literal["magnitude", "signed"]
 Method = Literal["zo_grasp", "grasp", "random", "uniform"]
 
 
-def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Conv and linear weights by parameter name, in model order: the tensors an LPR covers."""
+def prunable_weights(model: nn.Module, only: Collection[str] | None = None) -> dict[str, nn.Parameter]:
+    """Conv and linear weights by parameter name, in model order: the tensors an LPR covers; with
+    `only` (the names of a trainable subset), just those among them."""
     weights = {
         f"{name}.weight" if name else "weight": m.weight
         for name, m in model.named_modules()
         if isinstance(m, _ConvNd | nn.Linear)
     }
+    if only is not None:
+        weights = {n: w for n, w in weights.items() if n in only}
     if not weights:
-        raise ValueError(f"{type(model).__name__} has no conv or linear weights to score")
+        subset = "" if only is None else " among the trainable parameters"
+        raise ValueError(f"{type(model).__name__} has no conv or linear weights to score{subset}")
     return weights
 
 
@@ -70,6 +74,7 @@ def zo_grasp_scores(
     samples_per_class: int = 25,
     seed: int = 0,
     counter: QueryCounter | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """ZO-GraSP (DeepZero): score = -theta * Hg with Hg ~ (g(theta + mu g0) - g0) / mu.
 
@@ -77,9 +82,10 @@ def zo_grasp_scores(
     (one seeded `RGE`, same step), so the direction noise largely cancels in the difference. The
     model runs in its current mode; weights are restored bit for bit after every query (from a copy,
     not from `state_dict()` views), BatchNorm running statistics and existing `.grad`s are untouched.
-    The 2 (q + 1) loss queries are added to `counter` (a training run's), when given.
+    The 2 (q + 1) loss queries are added to `counter` (a training run's), when given. `only`
+    restricts the scored weights to a trainable subset (`prunable_weights`).
     """
-    weights = prunable_weights(model)
+    weights = prunable_weights(model, only)
     x, y = _balanced_batch(data, samples_per_class)
     device = next(iter(weights.values())).device
     batch = (x.to(device), y.to(device))
@@ -113,7 +119,12 @@ def zo_grasp_scores(
 
 
 def grasp_scores(
-    model: nn.Module, loss_fn: LossFn, data: tuple[torch.Tensor, torch.Tensor], *, samples_per_class: int = 25
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    samples_per_class: int = 25,
+    only: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """First-order GraSP (Wang et al., 2020), the reference for ZO-GraSP: score = -theta * Hg.
 
@@ -121,7 +132,7 @@ def grasp_scores(
     balanced batch and loss as `zo_grasp_scores` (no temperature: pass a scaled loss_fn for one).
     """
     x, y = _balanced_batch(data, samples_per_class)
-    weights = prunable_weights(model)
+    weights = prunable_weights(model, only)
     params = list(weights.values())
     x, y = x.to(params[0].device), y.to(params[0].device)
     with torch.enable_grad(), frozen_running_stats(model):
@@ -131,19 +142,19 @@ def grasp_scores(
     return {name: -(p.detach() * h) for (name, p), h in zip(weights.items(), hg)}
 
 
-def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_scores(model: nn.Module, seed: int = 0, only: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """Gaussian scores: the random-pruning baseline (every layer ends up near the global sparsity)."""
     gen = torch.Generator().manual_seed(seed)
     return {
         name: torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p)
-        for name, p in prunable_weights(model).items()
+        for name, p in prunable_weights(model, only).items()
     }
 
 
-def uniform_ratios(model: nn.Module, sparsity: float) -> dict[str, float]:
+def uniform_ratios(model: nn.Module, sparsity: float, only: Collection[str] | None = None) -> dict[str, float]:
     """The same ratio for every conv/linear weight: the no-scorer baseline the scored LPRs must beat."""
     sparsity = _check_sparsity(sparsity)
-    return {name: sparsity for name in prunable_weights(model)}
+    return {name: sparsity for name in prunable_weights(model, only)}
 
 
 def _check_sparsity(sparsity: float) -> float:
@@ -195,26 +206,29 @@ def compute_ratios(
     mu: float = 5e-3,
     samples_per_class: int = 25,
     counter: QueryCounter | None = None,
+    only: Collection[str] | None = None,
 ) -> dict[str, float]:
     """Score `model` with `method` and turn the scores into an LPR (one call for configs and the CLI).
 
     q, mu and counter are ZO-GraSP's, samples_per_class both GraSPs'; "random" and "uniform" need no
-    loss or data ("uniform" has no scores: every layer gets `sparsity` itself).
+    loss or data ("uniform" has no scores: every layer gets `sparsity` itself). `only` (a trainable
+    subset's parameter names) scores and thresholds just its weights.
     """
     _check_sparsity(sparsity)
     if method == "uniform":
-        return uniform_ratios(model, sparsity)
+        return uniform_ratios(model, sparsity, only)
     if method == "random":
-        scores = random_scores(model, seed)
+        scores = random_scores(model, seed, only)
     elif method in ("zo_grasp", "grasp"):
         if loss_fn is None or data is None:
             raise ValueError(f"method '{method}' needs loss_fn and data")
         if method == "zo_grasp":
             scores = zo_grasp_scores(
-                model, loss_fn, data, q=q, mu=mu, samples_per_class=samples_per_class, seed=seed, counter=counter
+                model, loss_fn, data, q=q, mu=mu, samples_per_class=samples_per_class, seed=seed, counter=counter,
+                only=only,
             )
         else:
-            scores = grasp_scores(model, loss_fn, data, samples_per_class=samples_per_class)
+            scores = grasp_scores(model, loss_fn, data, samples_per_class=samples_per_class, only=only)
     else:
         raise ValueError(f"unknown pruning method '{method}'; choose zo_grasp, grasp, random or uniform")
     return layer_ratios(scores, sparsity, ordering)

@@ -10,7 +10,7 @@ mask_interval=None keeps the first set for the whole run (a fixed mask, the no-r
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,8 +171,11 @@ def save_ratios(path: str | Path, ratios: Mapping[str, float], meta: Mapping[str
     return path
 
 
-def load_ratios(path: str | Path, model: nn.Module | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-    """Read an LPR written by `save_ratios`; with `model`, check it names exactly its conv/linear weights."""
+def load_ratios(
+    path: str | Path, model: nn.Module | None = None, only: Collection[str] | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Read an LPR written by `save_ratios`; with `model`, check it names exactly its conv/linear weights
+    (those in `only`, a trainable subset's names, when given)."""
     path = Path(path)
     text = path.read_text()
     doc = json.loads(text) if _format(path) == "json" else yaml.safe_load(text)
@@ -181,7 +184,7 @@ def load_ratios(path: str | Path, model: nn.Module | None = None) -> tuple[dict[
     ratios = {str(n): float(r) for n, r in doc["ratios"].items()}
     meta = dict(doc.get("meta") or {})
     if model is not None:
-        expected = set(prunable_weights(model))
+        expected = set(prunable_weights(model, only))
         unknown, missing = sorted(set(ratios) - expected), sorted(expected - set(ratios))
         if unknown or missing:
             raise ValueError(

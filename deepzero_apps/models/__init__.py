@@ -10,6 +10,7 @@ from .correction import correction_net
 from .dncnn import dncnn
 from .mlp import mlp
 from .registry import create_model, get_factory, list_models, register_model
+from .residual_adapter import ResidualAdapter
 from .resnet import resnet, resnet20, resnet32, resnet44, resnet56
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "get_factory",
     "list_models",
     "mlp",
+    "ResidualAdapter",
     "register_model",
     "resnet",
     "resnet20",

@@ -21,6 +21,7 @@ from deepzero_apps.engine.fastpaths import (
 
 from .cnn import MaybeMaxPool2d
 from .correction import ResidualBlock
+from .residual_adapter import ResidualAdapter
 from .resnet import BasicBlock
 
 
@@ -33,6 +34,11 @@ def _residual_block(block: ResidualBlock) -> Node:
     return Residual(Seq((Leaf(block.conv1), Leaf(block.act), Leaf(block.conv2))), Seq(()))
 
 
+def _residual_adapter(adapter: ResidualAdapter) -> Node:
+    return Residual(Leaf(adapter.conv), Seq(()))
+
+
 register_structure(BasicBlock, _basic_block)
+register_structure(ResidualAdapter, _residual_adapter)
 register_structure(ResidualBlock, _residual_block)
 register_channelwise(MaybeMaxPool2d)

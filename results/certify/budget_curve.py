@@ -58,8 +58,11 @@ def command(root: Path, mode: str, sigma: float, budget: int, smoke: bool, data_
             *([f"query_budget={budget}"] if budget else []), *(extra if mode != "mse" else ())]
 
 
-def certified(path: Path) -> dict[int, bool]:
-    return {r.idx: bool(r.correct) and r.radius >= RADIUS for r in load_certification(path / "certify.tsv")}
+def certified(path: Path) -> dict[str, bool]:
+    """Certified correctly at r >= RADIUS, by image id (the `image` column; image_ids.py adds it to older tables)."""
+    rows = load_certification(path / "certify.tsv")
+    assert all(r.image for r in rows), f"{path}/certify.tsv names no images: run results/certify/image_ids.py on it"
+    return {r.image: bool(r.correct) and r.radius >= RADIUS for r in rows}
 
 
 def report(root: Path, plan: dict, tag: str = "") -> list[dict]:

@@ -5,6 +5,10 @@ An image counts as certified at radius r when the smoothed prediction is correct
 (Cohen et al.'s table). For each pair of modes: images certified by one only, and the two-sided exact
 sign test on those discordant images (McNemar's exact test), the paired test a 100-image table needs.
 
+Tables are paired by the image each row names (the `image` column: a dataset path or index), never
+by row position: subsets of different sizes put other images at the same rows. Tables written
+before that column existed get it from `image_ids.py`.
+
 `--exclude TSV` leaves out the images of another table, e.g. those already looked at when a run was
 chosen, so what remains is a test on images that played no part in the choice.
 
@@ -15,16 +19,23 @@ usage: python results/certify/paired.py [RUN_ROOT] [--radius 0.25 ...] [--pairs 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
 from scipy.stats import binomtest
 
+from deepzero_apps.smoothing import load_certification
 
-def certified(tsv: Path, radius: float) -> dict[int, bool]:
-    with tsv.open() as f:
-        return {int(r["idx"]): r["correct"] == "1" and float(r["radius"]) >= radius for r in csv.DictReader(f, delimiter="\t")}
+
+def certified(tsv: Path, radius: float) -> dict[str, bool]:
+    """Whether each image (by id) is certified correctly at `radius` or more."""
+    rows = load_certification(tsv)
+    if not all(r.image for r in rows):
+        raise SystemExit(f"{tsv} names no images (written before the image column): run results/certify/image_ids.py on it")
+    table = {r.image: bool(r.correct) and r.radius >= radius for r in rows}
+    if len(table) != len(rows):
+        raise SystemExit(f"{tsv} names an image twice")
+    return table
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from deepzero_apps.engine import is_main
 
 from .config import CertifyConfig
 from .data import pixel_data
+from .finetune import check_finetune
 from .report import certify_pipeline, compare_runs, denoising_metrics
 from .stages import build_classifier, build_denoiser, pretrain_denoiser
 from .train import fine_tune
@@ -45,6 +46,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.compare:
         return compare_runs(cfg.compare, out_dir)
     data, norm = pixel_data(cfg.data, cfg.seed)
+    check_finetune(cfg, data.in_channels)  # a bad finetune.params stops here, before any training
     classifier, clf_info = build_classifier(cfg, data, norm, out_dir)
     # Class-balanced: an image folder's test set is sorted by class, so its first images are one or two classes.
     eval_x, eval_y = balanced_subset(data.test, cfg.eval_limit, cfg.seed).tensors

@@ -12,6 +12,7 @@ from deepzero_apps.blackbox.loaders import ClassifierConfig
 from deepzero_apps.config import DataConfig, ZOTrainConfig, method_mode, require
 
 CERTIFY_METHODS = ("deepzero", "zo_ae_ds", "fo_ds", "mse")
+FINETUNE_SUBSETS = ("all", "last", "norm", "adapter")
 
 
 @dataclass
@@ -50,6 +51,28 @@ class ZOAEDSConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """What fine-tuning trains; everything else keeps its pretrained weights. A ZO step costs one query
+    per estimated coordinate, so a small subset buys many more steps of the same budget (issue #26)."""
+
+    params: Any = "all"  # all | last (the denoiser's last `last` stages) | norm (normalisation affine parameters)
+    # | adapter (a residual conv on the denoiser's output, zero-initialised: the identity) | a list of
+    # fnmatch patterns over the denoiser's parameter names, e.g. ['5.*']
+    last: int = 1  # params=last: how many of the denoiser's last stages train
+    adapter_kernel: int = 1  # params=adapter: the adapter conv's kernel (1: 12 coordinates on RGB)
+
+    def __post_init__(self) -> None:
+        named = isinstance(self.params, str) and self.params in FINETUNE_SUBSETS
+        patterns = not isinstance(self.params, str) and isinstance(self.params, list | tuple) and bool(self.params) \
+            and all(isinstance(p, str) for p in self.params)
+        require(named or patterns, f"finetune.params={self.params!r} must be one of {', '.join(FINETUNE_SUBSETS)} "
+                                   "or a list of parameter-name patterns")
+        require(self.last >= 1, f"finetune.last={self.last} must be >= 1")
+        require(self.adapter_kernel >= 1 and self.adapter_kernel % 2 == 1,
+                f"finetune.adapter_kernel={self.adapter_kernel} must be odd and >= 1")
+
+
+@dataclass
 class SmoothingConfig:
     """Cohen's CERTIFY on `limit` class-balanced test images."""
 
@@ -85,6 +108,7 @@ class CertifyConfig(ZOTrainConfig):
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     pretrain: DenoiserPretrainConfig = field(default_factory=DenoiserPretrainConfig)
     zo_ae_ds: ZOAEDSConfig = field(default_factory=ZOAEDSConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     certify: SmoothingConfig = field(default_factory=SmoothingConfig)
 
     def __post_init__(self) -> None:
@@ -102,6 +126,11 @@ class CertifyConfig(ZOTrainConfig):
         require(
             self.method != "fo_ds" or self.classifier.kind != "http",
             "method=fo_ds backpropagates through the classifier, and classifier=http can only be queried",
+        )
+        require(
+            self.method != "zo_ae_ds" or self.finetune.params == "all",
+            f"finetune.params={self.finetune.params!r} chooses the denoiser's parameters that DeepZero or FO-DS "
+            "train; zo_ae_ds trains the denoiser and encoder first-order (keep finetune.params=all)",
         )
         require(
             self.sparsity.method != "grasp",

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from deepzero_apps.data import DataBundle, LabeledTensorDataset, build_datasets
+from deepzero_apps.data import DataBundle, LabeledTensorDataset, build_datasets, image_ids
 from deepzero_apps.data.classification import CIFAR10_MEAN, CIFAR10_STD
 from deepzero_apps.data.images import per_channel
 from deepzero_apps.errors import ConfigError
@@ -53,8 +53,8 @@ def pixel_data(data_cfg: DictConfig, seed: int) -> tuple[DataBundle, tuple[Tenso
         lo, hi = train_x.min(), train_x.max()
         train_x, test_x = ((x - lo) / (hi - lo) for x in (train_x, test_x))
         mean, std = train_x.mean().repeat(c), train_x.std(unbiased=False).repeat(c)
-    bundle.train = LabeledTensorDataset(train_x.contiguous(), train_y.long())
-    bundle.test = LabeledTensorDataset(test_x.contiguous(), test_y.long())
+    bundle.train = LabeledTensorDataset(train_x.contiguous(), train_y.long(), image_ids(bundle.train))
+    bundle.test = LabeledTensorDataset(test_x.contiguous(), test_y.long(), image_ids(bundle.test))
     return bundle, (mean, std)
 
 

@@ -73,7 +73,7 @@ def certify_pipeline(cfg: DictConfig, data: DataBundle, classifier: Any, pipelin
     try:
         rows = certify_dataset(smoothed, subset, out_csv=out_csv, n0=ccfg.n0, n=ccfg.n, alpha=ccfg.alpha,
                                batch_size=ccfg.batch_size, seed=cfg.seed, device=cfg.device, progress=cfg.progress,
-                               done=done)
+                               done=done, ids=subset.ids)
     except ValueError as exc:
         raise ConfigError(f"certify: cannot keep the interrupted certification: {one_line(exc)}; move "
                           f"{out_csv.name}.partial away to certify again") from exc

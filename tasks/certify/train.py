@@ -34,12 +34,13 @@ from deepzero_apps.blackbox.loaders import black_box
 from deepzero_apps.blackbox.losses import DenoiserLoss, ImageQueries, WhiteBox, labels_of, stability
 from deepzero_apps.checkpoint import atomic_write
 from deepzero_apps.data import DataBundle, LabeledTensorDataset, balanced_subset
-from deepzero_apps.engine import FirstOrder, Objective, StagedObjective, is_main
+from deepzero_apps.engine import FirstOrder, Objective, StagedObjective, in_subset, is_main
 from deepzero_apps.errors import one_line
 from deepzero_apps.loggers import build_logger
 from deepzero_apps.trainer import Trainer
 
 from .data import NoisyInputs
+from .finetune import step_cost, trainable_denoiser
 from .stages import pretrain_autoencoder
 from .zoae import AEObjective, latent_estimator
 
@@ -62,14 +63,15 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
     if isinstance(classifier, HTTPClassifier):
         extra["http"] = classifier  # its retry counters survive a resume like the budget
     loss = DenoiserLoss(blackbox, kind, cfg.mse_weight, cfg.stab_weight)
-    sampler, pipeline, report, calls = None, denoiser, {}, 1  # calls: classifier calls per loss query
+    module, names = trainable_denoiser(cfg, denoiser, data.in_channels)  # finetune.params; the rest stays frozen
+    sampler, pipeline, report, calls = None, module, {}, 1  # calls: classifier calls per loss query
     if cfg.method == "fo_ds":
         extra["whitebox"] = WhiteBox(classifier, kind)
-        objective: Objective = StagedObjective(denoiser, DenoiserLoss(extra["whitebox"], kind, cfg.mse_weight,
-                                                                      cfg.stab_weight), inputs=noisy)
+        objective: Objective = StagedObjective(module, DenoiserLoss(extra["whitebox"], kind, cfg.mse_weight,
+                                                                    cfg.stab_weight), inputs=noisy, trainable=in_subset(names))
         estimator: Any = FirstOrder()
     elif cfg.method == "deepzero":
-        objective = StagedObjective(denoiser, loss, inputs=noisy)
+        objective = StagedObjective(module, loss, inputs=noisy, trainable=in_subset(names))
         estimator = build_estimator(cfg, objective.coords.dim)
         sampler = build_sampler(cfg, objective, out_dir, cfg.denoiser.get("name", "denoiser"),
                                 lambda out, y: stability(blackbox(out), y, kind), partial(scoring_batch, cfg, data))
@@ -98,13 +100,17 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
         sinks=build_logger(cfg.logger, out_dir), device=cfg.device, extra_state=extra,
         title=f"certify {cfg.data.name} method={cfg.method}", phase=f"fine-tuning ({cfg.method})",
     )
+    dim = sampler.num_coords if sampler is not None else objective.coords.dim
+    cost = step_cost(cfg, objective, calls * estimator.queries_per_step(dim), blackbox.queries)
     if is_main():
-        dim = sampler.num_coords if sampler is not None else objective.coords.dim
-        per_step = calls * estimator.queries_per_step(dim)
-        log.info(f"certify: method={cfg.method}, {objective.coords.dim:,} trainable parameters, "
-              + ("backprop through the classifier" if cfg.method == "fo_ds" else f"{per_step:,} queries of the batch per step")
-              + f", query budget {typed.query_budget or 'none'}, output {out_dir}")
+        first = f"from stage {cost['first_stage']} of {cost['stages']}" if cost["first_stage"] else "every stage"
+        log.info(f"certify: method={cfg.method}, finetune.params={cost['params']}: {cost['trainable']:,} of {cost['of']:,} "
+                 f"parameters trainable ({first}), "
+                 + ("backprop through the classifier" if cfg.method == "fo_ds" else f"{cost['queries_per_step']:,} queries of the batch per step")
+                 + f" = {cost['images_per_step']:,} images, query budget {typed.query_budget or 'none'}"
+                 + (f" (~{cost['steps_in_budget']:,} steps)" if cost["steps_in_budget"] is not None else "") + f", output {out_dir}")
     summary = trainer.fit()
+    summary["finetune"] = cost
     if isinstance(classifier, HTTPClassifier):
         summary["http"] = classifier.state_dict()
     if report:
