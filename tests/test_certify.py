@@ -209,7 +209,7 @@ def test_finetune_params_trains_only_the_subset_and_reports_its_cost_first(tmp_p
     assert cost["queries_per_step"] == per_step and cost["images_per_step"] == 8 * per_step
     lines = capsys.readouterr().out.splitlines()
     report = next(i for i, m in enumerate(lines) if f"{cost['trainable']:,} of {cost['of']:,} parameters trainable" in m)
-    assert report < next(i for i, m in enumerate(lines) if m.startswith("epoch 1/20"))  # before fine-tuning
+    assert report < next(i for i, m in enumerate(lines) if m.startswith(f"fine-tuning ({method}): epoch 1/20"))  # before fine-tuning
 
 
 def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):

@@ -23,16 +23,17 @@ CAPS = ["data.train_sims=1", "data.test_sims=1", "data.steps=3", "unroll=2", "ep
         "estimator=rge", "estimator.q=2", "data.cache_dir=cache"]
 HEAT1D = textwrap.dedent(f"""\
     #!{sys.executable}
-    # The doc's ./bin/heat1d: `--init SEED --out FILE`, or `--in FILE --out FILE --dt DT` (explicit heat step).
+    # The doc's ./bin/heat1d: `--init SEED --n N --out FILE`, or `--in FILE --out FILE --dt DT` (explicit
+    # heat step, u_t = 0.02 u_xx on [0, 1) with as many points as the input has).
     import sys
     import numpy as np
     args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
     if "--init" in args:
-        x = np.linspace(0, 1, 64, endpoint=False)
+        x = np.linspace(0, 1, int(args.get("--n", 64)), endpoint=False)
         u = np.sin(2 * np.pi * (x + int(args["--init"]) / 7))[None, None]
     else:
         u, dt = np.load(args["--in"]), float(args["--dt"])
-        u = u + dt * 100 * (np.roll(u, 1, -1) - 2 * u + np.roll(u, -1, -1))
+        u = u + dt * 0.02 * u.shape[-1] ** 2 * (np.roll(u, 1, -1) - 2 * u + np.roll(u, -1, -1))
     np.save(args["--out"], u)
 """)
 
@@ -49,6 +50,14 @@ def commands() -> list[list[str]]:
             if line.startswith("deepzero-task pde"):
                 found.append(shlex.split(line, comments=True)[1:])
     return found
+
+
+def producer(argv: list[str], run_dir: str) -> list[str]:
+    """The doc's command, before `argv`, whose run `argv` starts from (`init_from=run_dir`): the same
+    experiment with the method named by the directory's last part."""
+    experiment = [a for a in argv if a.startswith("experiment=")]
+    earlier = commands()[: commands().index(argv)]
+    return next(c for c in reversed(earlier) if experiment[0] in c and f"method={Path(run_dir).name}" in c)
 
 
 def test_the_doc_has_the_commands_this_test_runs():
@@ -76,6 +85,8 @@ def test_every_command_of_docs_solvers_md_runs_as_written(argv, tmp_path, monkey
     register_solver("burgers1d", Burgers1D)
     try:
         info = any(a in ("--help", "--cfg") for a in argv)
+        for start in (a.split("=", 1)[1] for a in argv if a.startswith("init_from=")):
+            assert main([*producer(argv, start), *CAPS, f"hydra.run.dir={start}"]) == 0  # the doc's earlier command
         assert main([*argv, *([] if info else CAPS), "hydra.run.dir=run"]) == 0
     finally:
         unregister_solver("burgers1d")

@@ -86,12 +86,12 @@ def run(cfg: DictConfig) -> dict:
         cfg.data.name, cfg.data.root, train_limit=cfg.data.train_limit, test_limit=cfg.data.test_limit,
         augment=cfg.data.augment, seed=cfg.seed, image_size=cfg.data.image_size, channels=cfg.data.channels,
     )
-    if is_main():  # what `classifier=run` and `deepzero-task export` rebuild the model's input from
-        write_input_spec(out_dir, data, cfg.data.name)
     model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         in_features=data.in_features).to(cfg.device)
     objective = StagedObjective(model, cross_entropy)
     estimator = build_estimator(cfg, objective.coords.dim, first_order=cfg.mode == "fo")
+    if is_main():  # the settings are valid: what `classifier=run` and `deepzero-task export` rebuild the model's input from
+        write_input_spec(out_dir, data, cfg.data.name)
 
     def scoring_batch() -> tuple[torch.Tensor, torch.Tensor]:
         x, y = balanced_examples(data.train, cfg.sparsity.samples_per_class, data.num_classes, cfg.seed)
