@@ -142,6 +142,25 @@ def test_zo_grasp_scoring_queries_count_in_the_run(tmp_path):
     assert epoch["queries"] == 2 * (3 + 1) + epoch["step"] * epoch["queries_per_step"]
 
 
+@pytest.mark.parametrize("sparsity", ["random", "dense"])
+def test_first_order_with_a_sparse_setting_says_its_gradient_is_masked(tmp_path, capsys, sparsity):
+    """mode=fo keeps the sparse coordinate sets (an ablation): said at start, and only those weights move;
+    sparsity=dense moves every weight. Issue #29's first FO reference was masked without a word."""
+    init = tmp_path / "init"
+    assert run(init, "mode=fo", "optimizer.lr=0") == 0  # the starting weights of the same seed
+    capsys.readouterr()
+    assert run(tmp_path / "run", "mode=fo", f"sparsity={sparsity}", "sparsity.sparsity=0.9", "optimizer.weight_decay=0") == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "masked-gradient ablation" in line]
+    start, end = (load_checkpoint(d / "checkpoint.pt")["model"] for d in (init, tmp_path / "run"))
+    moved = sum(int((start[k] != end[k]).sum()) for k in start if start[k].is_floating_point())
+    total = sum(start[k].numel() for k in start if start[k].is_floating_point())
+    if sparsity == "dense":
+        assert not said and moved > 0.9 * total
+    else:
+        assert len(said) == 1 and "sparsity=dense for plain first-order training" in said[0]
+        assert 0 < moved < 0.2 * total
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_one_line_exit_2(tmp_path, capsys):
     assert run(tmp_path, "device=cuda") == 2

@@ -2,7 +2,9 @@
 
 Thin adapter: data and model from the registries, a staged cross-entropy objective (so feature
 reuse applies), the estimator / optimizer / scheduler from Hydra `_target_`s, and the shared Trainer.
-`mode=fo` swaps only the estimator for backprop, for side-by-side baselines.
+`mode=fo` swaps only the estimator for backprop, for side-by-side baselines: with a sparse `sparsity=`
+the backprop gradient is restricted to the same coordinate sets (a masked-gradient ablation, said at
+start); `sparsity=dense` is plain first-order training.
 """
 
 from __future__ import annotations
@@ -108,7 +110,11 @@ def run(cfg: DictConfig) -> dict:
     if is_main():
         log.info(f"classify: {cfg.data.name} ({len(data.train)} train / {len(data.test)} test), model {cfg.model.name} "
               f"({objective.coords.dim:,} parameters), mode={cfg.mode}, output {out_dir}")
-        if sampler is not None:
+        if sampler is not None and cfg.mode == "fo":
+            log.info(f"sparsity: mode=fo with sparsity={cfg.sparsity.method}: the backprop gradient is kept on "
+                     f"{sampler.num_coords:,} of {objective.coords.dim:,} coordinates per step (a masked-gradient "
+                     "ablation; sparsity=dense for plain first-order training)")
+        elif sampler is not None:
             log.info(f"sparsity: {sampler.num_coords:,} of {objective.coords.dim:,} coordinates estimated per step "
                   f"({sampler.queries_per_step():,} queries per step with forward differences)")
     summary = {**trainer.fit(), "parameters": objective.coords.dim, "mode": cfg.mode,
