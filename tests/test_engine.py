@@ -187,6 +187,17 @@ def tied_in_one_stage() -> nn.Sequential:
     ).double()
 
 
+def assert_reference_and_autograd(model, b, evaluator):
+    """`evaluator`'s CGE equals the reference loop (float64 rounding) and, at small mu, autograd (cosine)."""
+    truth = autograd_grad(copy.deepcopy(model), b)
+    ref, near = copy.deepcopy(model), copy.deepcopy(model)
+    CGE(mu=5e-3, evaluator="reference").estimate(objective(ref), b)
+    CGE(mu=5e-3, evaluator=make_evaluator_named(evaluator)).estimate(objective(model), b)
+    assert torch.allclose(grads(model), grads(ref), rtol=0, atol=1e-10)
+    CGE(mu=1e-6, evaluator=make_evaluator_named(evaluator)).estimate(objective(near), b)
+    assert F.cosine_similarity(grads(near), truth, dim=0) >= 0.999
+
+
 def make_evaluator_named(name):
     return ShardedEvaluator("batched") if name == "sharded" else name
 
@@ -195,13 +206,7 @@ def make_evaluator_named(name):
 @pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_tied_weights_equal_the_reference_loop_and_autograd(make, evaluator):
     model, b = make(), batch()
-    truth = autograd_grad(copy.deepcopy(model), b)
-    ref, near = copy.deepcopy(model), copy.deepcopy(model)
-    CGE(mu=5e-3, evaluator="reference").estimate(objective(ref), b)
-    CGE(mu=5e-3, evaluator=make_evaluator_named(evaluator)).estimate(objective(model), b)
-    assert torch.allclose(grads(model), grads(ref), rtol=0, atol=1e-10)
-    CGE(mu=1e-6, evaluator=make_evaluator_named(evaluator)).estimate(objective(near), b)
-    assert F.cosine_similarity(grads(near), truth, dim=0) >= 0.999
+    assert_reference_and_autograd(model, b, evaluator)
 
 
 def test_tied_parameter_belongs_to_its_first_stage():

@@ -6,7 +6,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import EVALUATORS, autograd_grad, batch, grads, make_evaluator_named, objective
+from test_engine import (
+    EVALUATORS,
+    assert_reference_and_autograd,
+    autograd_grad,
+    batch,
+    grads,
+    make_evaluator_named,
+    objective,
+)
 from torch import nn
 
 from deepzero_apps.engine import CGE, RGE, FirstOrder, StagedObjective
@@ -192,13 +200,7 @@ BORROWS = ["attribute", "functional", "own stage"]
 @pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_a_parameter_read_outside_its_module_equals_the_reference_and_autograd(how, evaluator):
     model, b = Borrowing(how), batch()
-    truth = autograd_grad(copy.deepcopy(model), b)
-    ref, near = copy.deepcopy(model), copy.deepcopy(model)
-    CGE(mu=5e-3, evaluator="reference").estimate(objective(ref), b)
-    CGE(mu=5e-3, evaluator=make_evaluator_named(evaluator)).estimate(objective(model), b)
-    assert torch.allclose(grads(model), grads(ref), rtol=0, atol=1e-10)
-    CGE(mu=1e-6, evaluator=make_evaluator_named(evaluator)).estimate(objective(near), b)
-    assert F.cosine_similarity(grads(near), truth, dim=0) >= 0.999
+    assert_reference_and_autograd(model, b, evaluator)
 
 
 @pytest.mark.parametrize("how", ["attribute", "functional"])
@@ -260,11 +262,5 @@ def writes_into_its_input(first: nn.Module) -> nn.Sequential:
 def test_a_stage_that_writes_into_its_input_equals_the_reference_and_autograd(first, evaluator):
     model, b = writes_into_its_input(first()), batch()
     x0 = b[0].clone()
-    truth = autograd_grad(copy.deepcopy(model), b)
-    ref, near = copy.deepcopy(model), copy.deepcopy(model)
-    CGE(mu=5e-3, evaluator="reference").estimate(objective(ref), b)
-    CGE(mu=5e-3, evaluator=make_evaluator_named(evaluator)).estimate(objective(model), b)
-    assert torch.allclose(grads(model), grads(ref), rtol=0, atol=1e-10)
-    CGE(mu=1e-6, evaluator=make_evaluator_named(evaluator)).estimate(objective(near), b)
-    assert F.cosine_similarity(grads(near), truth, dim=0) >= 0.999
+    assert_reference_and_autograd(model, b, evaluator)
     assert torch.equal(b[0], x0)
