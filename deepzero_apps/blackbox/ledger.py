@@ -3,8 +3,8 @@
 A checkpoint restores the counters of its own moment; images bought after it (the interrupted
 fine-tuning step, evaluations, the image being certified) were paid all the same. The ledger is an
 append-only text file, one ``<account> <images>`` line per call, written and fsync'ed *before*
-the images are sent and answered by a negative line when the call fails (nothing charged): a run
-killed at any moment has on disk every image a server may have charged. A restarted run's counters
+the images are sent, and answered by a negative line when the call fails (refunding what no server
+answered): a run killed at any moment has on disk every image a server may have charged. A restarted run's counters
 (and the budget checks on them) start from it, so those images are counted as spent, never re-bought
 uncounted. Under torchrun each rank appends to its own file; the paid total sums them all.
 """
