@@ -27,6 +27,11 @@ a batch is one call per state.
 
 Failures raise :class:`SolverError` with one line naming the solver and step: non-zero exit (exit
 code and the last line of stderr), timeout, missing or unreadable output, NaN/inf, wrong shape.
+
+Output costs bounded memory however much a program prints: stdout goes to /dev/null with
+``io="files"``; with ``io="stdio"`` it is read up to a float64 ``.npy`` of the expected shape plus
+``NPY_SLACK`` bytes, and a program writing more is killed (one-line error). Of stderr only the last
+``STDERR_TAIL`` bytes are kept, for the error line.
 Nothing outside the per-step temporary directory is ever deleted.
 
 Each call runs in a new session (its own process group) whose environment carries a unique tag. When
@@ -56,9 +61,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -76,6 +81,8 @@ ENV_ALLOW: tuple[str, ...] = (
 )  # fmt: skip
 _TAG = "DEEPZERO_SOLVER_CALL"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STDERR_TAIL = 64 * 1024  # bytes of a call's stderr kept for its error line; the rest is read and dropped
+NPY_SLACK = 64 * 1024  # bytes io="stdio" output may hold beyond a float64 array of the expected shape
 
 
 def _last_line(text: bytes | str | None) -> str:
@@ -167,14 +174,16 @@ class ExternalSolver(Solver):
                 env[key] = os.environ[key]
         return env
 
-    def _run(self, args: list[str], where: str, stdin: bytes | None) -> bytes:
+    def _run(self, args: list[str], where: str, stdin: bytes | None, stdout_cap: int | None) -> bytes:
+        """Run one call; returns its stdout when `stdout_cap` (the most bytes it may write) is given,
+        else stdout goes to /dev/null. Only the last `STDERR_TAIL` bytes of stderr are kept."""
         tag = uuid.uuid4().hex
         env = {**self.environment(), _TAG: tag}
         try:
             proc = subprocess.Popen(
                 args,
                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdout=subprocess.PIPE if stdout_cap is not None else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 cwd=self.workdir,
                 env=env,
@@ -183,9 +192,13 @@ class ExternalSolver(Solver):
             )
         except OSError as exc:
             raise SolverError(f"{where}: cannot start {args[0]!r}: {exc.strerror or exc}") from None
+        err = _Drain(proc.stderr, STDERR_TAIL)
+        out = None if stdout_cap is None else _Drain(proc.stdout, stdout_cap, overflow=lambda: _kill_group(proc))
+        if stdin is not None:
+            threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
         try:
             with _sigterm_raises():
-                out, err = proc.communicate(input=stdin, timeout=self.timeout)
+                proc.wait(timeout=self.timeout)
         except subprocess.TimeoutExpired:
             _kill_all(proc, tag)
             raise SolverError(
@@ -199,14 +212,19 @@ class ExternalSolver(Solver):
             _kill_all(proc, tag)
             raise
         _kill_all(proc, tag)  # a successful step's background children too: nothing outlives the call
+        if out is not None and out.exceeded:
+            raise SolverError(f"{where}: command wrote more than {stdout_cap:,} bytes to stdout, more than a "
+                              "float64 .npy of the expected shape (process killed)")
         if proc.returncode != 0:
-            tail = _last_line(err) or "(no stderr)"
+            tail = _last_line(err.result()) or "(no stderr)"
             raise SolverError(f"{where}: command exited with code {proc.returncode}: {tail}")
-        return out
+        return b"" if out is None else out.result()
 
     def _call(
-        self, where: str, args: Sequence[str], arrays: Mapping[str, np.ndarray], extra: Mapping[str, str]
+        self, where: str, args: Sequence[str], arrays: Mapping[str, np.ndarray], extra: Mapping[str, str],
+        shape: tuple[int, ...],
     ) -> np.ndarray:
+        """One call of `args`; `shape` is the output's expected shape, which bounds what stdout may hold."""
         if self.workdir is not None:
             self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"dz_{self.name}_", dir=self.workdir))
@@ -223,7 +241,8 @@ class ExternalSolver(Solver):
                 buf = _io.BytesIO()
                 np.save(buf, np.ascontiguousarray(arrays["input"], dtype=np.float64))
                 stdin = buf.getvalue()
-            stdout = self._run(_substitute(args, mapping), where, stdin)
+            cap = 8 * int(np.prod(shape)) + NPY_SLACK if self.io == "stdio" else None
+            stdout = self._run(_substitute(args, mapping), where, stdin, cap)
             if self.io == "stdio":
                 if not stdout:
                     raise SolverError(
@@ -259,7 +278,7 @@ class ExternalSolver(Solver):
             arrays["forcing"] = np.asarray(forcing, dtype=np.float64)
         extra = {"step": str(self.calls)}
         extra.update({k: str(v) for k, v in params.items() if isinstance(v, (int, float, str, np.number))})
-        out = self._call(where, self.command, arrays, extra)
+        out = self._call(where, self.command, arrays, extra, self.state_shape)
         return check_state(self.name, out, self.state_shape, step=self.calls, what="output")
 
     def step_batch(self, states: np.ndarray, forcing: Any = None, **params: Any) -> np.ndarray:
@@ -279,7 +298,7 @@ class ExternalSolver(Solver):
                 extra[key] = str(value)
             elif value is not None:  # one value per state
                 arrays[key] = np.asarray(value, dtype=np.float64).reshape(len(states))
-        out = self._call(where, self.command, arrays, extra)
+        out = self._call(where, self.command, arrays, extra, shape)
         return check_state(self.name, out, shape, step=self.calls, what="output")
 
     def initial_state(self, seed: int, **params: Any) -> np.ndarray:
@@ -290,7 +309,7 @@ class ExternalSolver(Solver):
             extra.update(
                 {k: str(v) for k, v in params.items() if isinstance(v, (int, float, str, np.number))}
             )
-            out = self._call(where, self.init_command, {}, extra)
+            out = self._call(where, self.init_command, {}, extra, self.state_shape)
         elif self.initial_state_file:
             path = Path(self.initial_state_file.replace("{seed}", str(int(seed))))
             if not path.exists():
@@ -376,10 +395,50 @@ def _kill_all(proc: subprocess.Popen, tag: str) -> None:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.02)
-    try:
-        proc.communicate(timeout=5)
-    except Exception:  # noqa: BLE001 - pipes may stay open if a child escaped every sweep
-        pass
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _feed(pipe: IO[bytes], data: bytes) -> None:
+    """Write a call's stdin in a thread (the program may write before it reads); it may exit first."""
+    with contextlib.suppress(OSError), pipe:
+        pipe.write(data)
+
+
+class _Drain:
+    """Read a pipe to its end in a daemon thread, so a program never blocks on a full pipe, keeping at
+    most `limit` bytes: the last ones, or with `overflow` the first ones, calling `overflow` (and
+    keeping nothing) once the program writes more. Endless output costs no memory."""
+
+    def __init__(self, pipe: IO[bytes], limit: int, overflow: Callable[[], None] | None = None) -> None:
+        self.data, self.limit, self.overflow, self.exceeded = bytearray(), limit, overflow, False
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe: IO[bytes]) -> None:
+        with pipe:
+            while chunk := os.read(pipe.fileno(), 1 << 16):
+                if self.exceeded:
+                    continue
+                self.data += chunk
+                if len(self.data) <= self.limit:
+                    continue
+                if self.overflow is None:
+                    del self.data[: len(self.data) - self.limit]
+                else:
+                    self.exceeded = True
+                    self.data.clear()
+                    self.overflow()
+
+    def result(self) -> bytes:
+        """What was kept, once the pipe is closed (waits at most 5 s: a child that escaped may hold it)."""
+        self.thread.join(5)
+        return bytes(self.data)
 
 
 def _die_with_parent() -> None:

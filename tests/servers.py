@@ -82,7 +82,8 @@ class Server:
             self.proc.wait()
 
     def rows(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines()] if self.log.exists() else []
+        """The request log's rows (a line still being written, without its newline, is not one yet)."""
+        return [json.loads(line) for line in self.log.read_text().split("\n")[:-1]] if self.log.exists() else []
 
     def images(self) -> int:
         return sum(r["images"] for r in self.rows() if r["status"] == 200)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
+from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError, QueryLedger
+from deepzero_apps.blackbox.ledger import LEDGER
 
 
 def _model() -> nn.Module:
@@ -187,3 +188,36 @@ def test_a_hung_black_box_times_out_in_a_daemon_thread() -> None:
         assert all(t.daemon for t in threading.enumerate() if t.name == "blackbox stuck")
     finally:
         release.set()
+
+
+class _Remote:
+    """A paid black box that answers its first `answers` calls and then fails, counting answered images."""
+
+    def __init__(self, answers: int) -> None:
+        self.answers, self.images = answers, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.answers == 0:
+            raise ConnectionError("server gone")
+        self.answers -= 1
+        self.images += len(x)
+        return torch.zeros(len(x), 5)
+
+
+def test_a_query_ledger_charges_what_was_sent_refunds_failures_and_restores_counts(tmp_path) -> None:
+    box = BlackBoxClassifier(_Remote(answers=2), batch_size=4)
+    box.charge_to(QueryLedger(tmp_path), "train")
+    box(_batch(8))  # two chunks of 4, both answered
+    with pytest.raises(BlackBoxError, match="server gone"):
+        box(_batch(3))
+    assert QueryLedger(tmp_path).paid("train") == 8 and QueryLedger(tmp_path).paid("eval") == 0
+    with (tmp_path / LEDGER).open("a") as f:
+        f.write("train 99")  # a line a kill cut short: never sent, never read
+    again = BlackBoxClassifier(_Remote(answers=1))
+    again.charge_to(QueryLedger(tmp_path), "train")
+    assert again.queries == 8
+    again.load_state_dict({"queries": 4, "calls": 1})  # a checkpoint older than the last paid images
+    assert again.queries == 8
+    again(_batch(2))
+    assert QueryLedger(tmp_path).paid("train") == again.queries == 10
+    assert (tmp_path / LEDGER).read_text().splitlines()[-2:] == ["train 99 torn", "train 2"]

@@ -1,19 +1,21 @@
 """Remote black boxes: certify through a real `deepzero-task serve` process (FastAPI + uvicorn) on 127.0.0.1.
 
 Against the in-process black box (same TorchScript file, same seed) the certified table is the same;
-the server's request log counts exactly the images the run was charged for; a server killed mid-run
-stops the run with one line, and the resumed run ends as if nothing had happened.
+the server's request log counts exactly the images the run was charged for, also across server
+deaths and SIGKILLs of the run; a server killed mid-run stops the run with one line.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from servers import Server, digits_model, free_port
 
 from deepzero_apps.cli import main
@@ -104,12 +106,30 @@ def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, 
                      f"classifier.url={server.url}", "classifier.max_batch=1024", "resume=true"]) == 0
     finally:
         server.kill()
-    assert table(run_dir) == table(root / "http")
-    assert summary(run_dir)["train"]["queries"] == summary(root / "http")["train"]["queries"]
+    assert server.images() == _charged(run_dir) == paid(run_dir)  # the failed requests were refunded
+    done, reference = summary(run_dir)["train"]["queries"], summary(root / "http")["train"]["queries"]
+    assert reference <= done <= 2500  # images answered in the step the server died in stay counted
+    if done == reference:  # none were: the run ends as if nothing had happened
+        assert table(run_dir) == table(root / "http")
 
 
-def _run_until(cmd: list[str], ready) -> None:
-    """Start the run, SIGKILL it as soon as `ready()` holds (it must not finish first)."""
+def paid(run_dir: Path, account: str | None = None) -> int:
+    """Images in the run's query ledger (every account by default)."""
+    ledger = run_dir / "queries.ledger"
+    assert ledger.is_file(), f"no query ledger in {run_dir}"
+    return sum(int(images) for name, images in (line.split() for line in ledger.read_text().splitlines())
+               if account in (None, name))
+
+
+def checkpointed(run_dir: Path) -> int:
+    """The fine-tuning black box's image count in the run's last checkpoint (0 before the first)."""
+    path = run_dir / "checkpoint.pt"
+    return int(torch.load(path, weights_only=True)["extra"]["blackbox"]["queries"]) if path.exists() else 0
+
+
+def _kill_settled(cmd: list[str], ready, server: Server, run_dir: Path) -> None:
+    """Start the run and SIGKILL it once `ready()` holds, stopped (SIGSTOP) at a moment when no request
+    is in flight: the server has answered every image in the run's ledger, so counts compare exactly."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 600
@@ -117,24 +137,47 @@ def _run_until(cmd: list[str], ready) -> None:
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        while True:
+            proc.send_signal(signal.SIGSTOP)
+            for _ in range(20):  # a request sent just before the stop is answered meanwhile
+                if server.images() == paid(run_dir):
+                    return
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGCONT)  # stopped between its ledger line and sending: let it go on
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     finally:
         proc.kill()
         proc.communicate()
 
 
+def _charged(run_dir: Path) -> int:
+    """Every image the finished run reports it paid: fine-tuning (labels, scoring, steps), evaluations, certification."""
+    done = summary(run_dir)
+    return done["train"]["queries"] + done["eval_queries"] + done["certify"]["queries"]
+
+
 def test_a_run_killed_while_certifying_buys_nothing_twice_on_resume(runs, model_file):
     """A resume used to label the training images again and certify every image again, uncounted
-    (84,552 images at the server vs 62,384 in the summary): now only the image being certified when
-    the run died can be bought twice."""
+    (84,552 images at the server vs 62,384 in the summary): now the finished rows are kept and the
+    images of the one being certified when the run died are counted as spent."""
     root, cache, uninterrupted, _ = runs
     server = Server(model_file, free_port(), root / "requests_twice.jsonl").start()
     run_dir = root / "twice"
     args = [f"hydra.run.dir={run_dir}", *RUN, cache, "classifier=http", f"classifier.url={server.url}",
             "classifier.max_batch=1024"]
     partial = run_dir / "certify.tsv.partial"
+    example = 8 + 64  # certify.n0 + certify.n
+
+    def mid_image() -> bool:  # two images certified, the third one partly
+        rows = len(partial.read_text().splitlines()) - 1 if partial.exists() else 0
+        return rows >= 2 and paid(run_dir, "certify") > rows * example
+
     try:
-        _run_until([sys.executable, "-m", "deepzero_apps.cli", "certify", *args],  # two images certified
-                   lambda: partial.exists() and len(partial.read_text().splitlines()) >= 3)
+        _kill_settled([sys.executable, "-m", "deepzero_apps.cli", "certify", *args], mid_image, server, run_dir)
+        lost = paid(run_dir, "certify") - (len(partial.read_text().splitlines()) - 1) * example
+        assert 0 < lost <= example
         assert main(["certify", *args, "resume=true"]) == 0
         bought = server.images()
     finally:
@@ -142,6 +185,30 @@ def test_a_run_killed_while_certifying_buys_nothing_twice_on_resume(runs, model_
     assert table(run_dir) == table(root / "http")
     done, reference = summary(run_dir), summary(root / "http")
     assert done["train"]["queries"] == reference["train"]["queries"] <= 2500
-    assert done["certify"]["queries"] == reference["certify"]["queries"]
-    example = 8 + 64  # certify.n0 + certify.n: the one image in flight
-    assert uninterrupted <= bought <= uninterrupted + example, (bought, uninterrupted)
+    assert done["certify"]["queries"] == reference["certify"]["queries"] + lost  # paid, so counted
+    assert bought == _charged(run_dir) == paid(run_dir) == uninterrupted + lost
+
+
+def test_kills_mid_step_and_mid_certification_leave_the_server_count_equal_to_the_runs(runs, model_file):
+    """The images of a fine-tuning step cut short after the last checkpoint used to be bought again
+    on resume, uncounted (server 3,568 images vs summary 2,696): now they are counted as spent, the
+    budget included, across a kill in each phase."""
+    root, cache, _, _ = runs
+    server = Server(model_file, free_port(), root / "requests_steps.jsonl").start()
+    run_dir = root / "steps"
+    args = [f"hydra.run.dir={run_dir}", *RUN, cache, "classifier=http", f"classifier.url={server.url}",
+            "classifier.max_batch=1024"]
+    cmd = [sys.executable, "-m", "deepzero_apps.cli", "certify", *args]
+    partial = run_dir / "certify.tsv.partial"
+    try:
+        _kill_settled(cmd, lambda: checkpointed(run_dir) > 0 and paid(run_dir, "train") > checkpointed(run_dir),
+                      server, run_dir)
+        assert paid(run_dir, "train") > checkpointed(run_dir)  # a step's images bought after the checkpoint
+        _kill_settled([*cmd, "resume=true"], lambda: partial.exists() and paid(run_dir, "certify") > 0, server, run_dir)
+        assert main(["certify", *args, "resume=true"]) == 0
+        bought = server.images()
+    finally:
+        server.kill()
+    done = summary(run_dir)
+    assert done["train"]["queries"] <= 2500 and done["certify"]["examples"] == 6
+    assert bought == _charged(run_dir) == paid(run_dir)

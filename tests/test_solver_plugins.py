@@ -514,3 +514,47 @@ def test_a_run_terminated_mid_step_takes_its_solver_processes_with_it(tmp_path, 
         for pid in map(int, pids.read_text().split()) if pids.exists() else ():
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# A solver program that floods stdout and stderr (100 MiB each) and then fails.
+FLOOD = """
+import sys
+for _ in range(1600):
+    sys.stdout.buffer.write(b"o" * 65536)
+    sys.stderr.buffer.write(b"e" * 65535 + b"\\n")
+sys.stderr.write("FATAL: the last line\\n")
+sys.exit(3)
+"""
+# The run: one step of the program in argv[1]; prints the error and the growth of its peak RSS in MiB.
+FLOODED_RUN = """
+import resource, sys
+import numpy as np
+from deepzero_apps.solvers.external import ExternalSolver, SolverError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    ExternalSolver([sys.executable, sys.argv[1]], grid={"shape": [2, 2]}, timeout=120).step(np.zeros((1, 2, 2)))
+except SolverError as exc:
+    print(exc)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_program_flooding_stdout_and_stderr_costs_the_run_no_memory(tmp_path):
+    """200 MiB of output used to be buffered whole in the run (its peak RSS grew by as much)."""
+    program, run = tmp_path / "flood.py", tmp_path / "run.py"
+    program.write_text(FLOOD)
+    run.write_text(FLOODED_RUN)
+    done = subprocess.run([sys.executable, str(run), str(program)], capture_output=True, text=True, timeout=300)
+    error, grown = done.stdout.strip().splitlines()
+    assert error.endswith("exited with code 3: FATAL: the last line"), done.stderr
+    assert int(grown) < 64, f"the run's peak RSS grew by {grown} MiB"
+
+
+def test_stdio_output_longer_than_the_expected_array_is_refused(tmp_path):
+    """A program writing 200 MiB to stdout is killed once past a float64 .npy of the state's shape."""
+    code = "import sys\nfor _ in range(3200): sys.stdout.buffer.write(b'x' * 65536)"
+    solver = ExternalSolver([sys.executable, "-c", code], grid=GRID, channels=("u", "v"), io="stdio", timeout=120)
+    with pytest.raises(SolverError) as e:
+        solver.step(np.zeros((2, 4, 6)))
+    assert _one_line_error(e).endswith(f"command wrote more than {8 * 48 + 65536:,} bytes to stdout, more than a "
+                                       "float64 .npy of the expected shape (process killed)")

@@ -5,12 +5,14 @@
     loaders.py      classifier sources from config (train, run, callable, TorchScript, HTTP) -> a black box
     run_source.py   a classify run directory as a classifier ([0, 1] images in), and its export
     http_client.py  HTTPClassifier: the client of the .npy wire format (docs/blackbox.md)
+    ledger.py       QueryLedger: the images a run paid a remote black box for, kept across kills
 
 Import from here; the module split is internal. The reference server is the serve app
 (deepzero_apps.tasks.serve).
 """
 
 from .http_client import NPY, OUTPUT_HEADER, HTTPClassifier, decode, display_url, encode
+from .ledger import QueryLedger
 from .loaders import CLASSIFIER_KINDS, ClassifierConfig, black_box, describe, load_classifier
 from .losses import DenoiserLoss, ImageQueries, WhiteBox, labels_of, stability
 from .wrapper import OUTPUT_KINDS, BlackBoxClassifier, BlackBoxError, OutputKind
@@ -19,5 +21,5 @@ __all__ = [
     "BlackBoxClassifier", "BlackBoxError", "OutputKind", "OUTPUT_KINDS",
     "DenoiserLoss", "ImageQueries", "WhiteBox", "labels_of", "stability",
     "CLASSIFIER_KINDS", "ClassifierConfig", "black_box", "describe", "load_classifier",
-    "HTTPClassifier", "NPY", "OUTPUT_HEADER", "decode", "display_url", "encode",
+    "HTTPClassifier", "NPY", "QueryLedger", "OUTPUT_HEADER", "decode", "display_url", "encode",
 ]

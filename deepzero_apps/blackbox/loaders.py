@@ -24,6 +24,7 @@ from torch import Tensor
 from ..config import require
 from ..errors import ConfigError, one_line
 from .http_client import HTTPClassifier, display_url
+from .ledger import QueryLedger
 from .run_source import load_run
 from .wrapper import BlackBoxClassifier, OutputKind
 
@@ -145,19 +146,23 @@ def load_classifier(ccfg: DictConfig, device: str) -> Callable[[Tensor], Tensor]
 
 
 def black_box(source: Any, ccfg: DictConfig, num_classes: int | None, batch_size: int,
-              output: OutputKind | None = None) -> BlackBoxClassifier:
+              output: OutputKind | None = None, run_dir: Path | None = None, account: str = "") -> BlackBoxClassifier:
     """`source` as a query-only black box returning `output` (default: `classifier.output`).
 
     Local classifiers return logits and get the per-call timeout here; an HTTP one returns what its
-    server sends and times each request itself.
+    server sends, times each request itself and, given the `run_dir`, charges the images it sends to
+    `account` in the run's query ledger (`ledger.py`): they are paid for, whatever becomes of the run.
     """
     remote = isinstance(source, HTTPClassifier)
     if remote and num_classes is not None:
         source.num_classes = num_classes  # caps the size of its answers
-    return BlackBoxClassifier(
+    box = BlackBoxClassifier(
         source, output=output or ccfg.output, provides=ccfg.output if remote else "logits", batch_size=batch_size,
         num_classes=num_classes, name="classifier", timeout=None if remote else ccfg.timeout,
     )
+    if remote and run_dir is not None:
+        box.charge_to(QueryLedger(run_dir), account)
+    return box
 
 
 def describe(ccfg: DictConfig) -> dict[str, Any]:

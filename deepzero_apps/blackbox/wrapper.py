@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RunError, one_line
+from .ledger import QueryLedger
 
 __all__ = ["BlackBoxClassifier", "BlackBoxError", "OutputKind", "OUTPUT_KINDS"]
 
@@ -62,6 +63,10 @@ class BlackBoxClassifier:
     ``limit`` (attribute, default ``None``): the most images ever sent. A call that would go past it
     raises :class:`BlackBoxError` before sending anything, so a paid budget is a hard cap even for
     queries spent outside a training loop's own check (labelling, pruning scores).
+
+    :meth:`charge_to` a :class:`QueryLedger` (a paid black box): every chunk is recorded there before
+    it is sent (refunded if the call fails), and ``queries`` starts from, and is restored to no less
+    than, what the ledger says was paid, so images bought in a unit a kill lost stay counted.
     """
 
     def __init__(
@@ -98,6 +103,8 @@ class BlackBoxClassifier:
         self.queries = 0
         self.calls = 0
         self.limit: int | None = None
+        self.ledger: QueryLedger | None = None
+        self.account = ""
         if isinstance(model_or_callable, nn.Module):
             model_or_callable.eval()
 
@@ -142,15 +149,29 @@ class BlackBoxClassifier:
 
     def _query_chunk(self, chunk: Tensor) -> Tensor:
         """Send one chunk to the wrapped callable and validate what comes back."""
-        self.queries += chunk.shape[0]
+        n = chunk.shape[0]
+        self.queries += n
         if isinstance(self._model, nn.Module):
             self._model.eval()
             param = next(self._model.parameters(), None)
             model_input = chunk if param is None else chunk.to(param.device)
         else:
             model_input = chunk
-        out = self._invoke(model_input)
-        return self._validate(out, chunk.shape[0]).to(chunk.device)
+        if self.ledger is None:
+            return self._validate(self._invoke(model_input), n).to(chunk.device)
+        self.ledger.record(self.account, n)
+        answered = getattr(self._model, "images", 0)  # an HTTP client counts the images it got answers for
+        try:
+            out = self._invoke(model_input)
+        except BlackBoxError:  # no answer or an error status: only the answered requests were charged
+            self.ledger.record(self.account, getattr(self._model, "images", 0) - answered - n)
+            raise
+        return self._validate(out, n).to(chunk.device)
+
+    def charge_to(self, ledger: QueryLedger, account: str) -> None:
+        """Record every image sent in `ledger` under `account`; ``queries`` starts from what it holds."""
+        self.ledger, self.account = ledger, account
+        self.queries = max(self.queries, ledger.paid(account))
 
     def _evaluate(self, x: Tensor) -> object:
         # Grad mode is thread-local, so no_grad must be entered here, inside the worker when timed.
@@ -243,9 +264,10 @@ class BlackBoxClassifier:
         return {"queries": self.queries, "calls": self.calls}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore the counters saved by :meth:`state_dict`."""
+        """Restore the counters saved by :meth:`state_dict`; ``queries`` never below the ledger's paid
+        images (a checkpoint predates those bought after it)."""
         missing = {"queries", "calls"} - set(state)
         if missing:
             raise KeyError(f"black box {self.name!r} state_dict is missing {sorted(missing)}")
-        self.queries = int(state["queries"])
+        self.queries = max(int(state["queries"]), self.ledger.paid(self.account) if self.ledger else 0)
         self.calls = int(state["calls"])

@@ -50,7 +50,8 @@ def run(cfg: DictConfig) -> dict:
     classifier, clf_info = build_classifier(cfg, data, norm, out_dir)
     # Class-balanced: an image folder's test set is sorted by class, so its first images are one or two classes.
     eval_x, eval_y = balanced_subset(data.test, cfg.eval_limit, cfg.seed).tensors
-    eval_box = black_box(classifier, cfg.classifier, data.num_classes, cfg.eval_batch_size, output="label")
+    eval_box = black_box(classifier, cfg.classifier, data.num_classes, cfg.eval_batch_size, output="label",
+                         run_dir=out_dir, account="eval")
 
     def metrics(pipeline: nn.Module) -> dict[str, float]:
         """Evaluation through its own black box, so it never spends the training budget."""

@@ -60,12 +60,14 @@ def denoising_metrics(
 def certify_pipeline(cfg: DictConfig, data: DataBundle, classifier: Any, pipeline: nn.Module, out_dir: Path) -> dict:
     """Cohen's CERTIFY of ``f(pipeline(x + eps))`` on a class-balanced test subset; writes TSV, JSON and PNG."""
     ccfg = cfg.certify
-    blackbox = black_box(classifier, cfg.classifier, data.num_classes, ccfg.batch_size, output="label")
+    blackbox = black_box(classifier, cfg.classifier, data.num_classes, ccfg.batch_size, output="label",
+                         run_dir=out_dir, account="certify")
     pipeline.eval()
     smoothed = Smoothed(lambda z: blackbox(pipeline(z)), data.num_classes, cfg.sigma, seed=cfg.seed)
     subset = balanced_subset(data.test, ccfg.limit, cfg.seed)
     out_csv, stamp_file = out_dir / "certify.tsv", out_dir / CERTIFY_STAMP
-    # A resume keeps the rows already certified with the same config, each paid n0 + n images.
+    # A resume keeps the rows already certified with the same config, each paid n0 + n images (a paid
+    # black box's count starts from its ledger, which holds them and any image certified in part).
     stamp = certify_stamp(cfg, pipeline)
     same = cfg.resume and stamp_file.is_file() and stamp_file.read_text().strip() == stamp
     done = resumable_certification(out_csv) if same else []
@@ -82,7 +84,7 @@ def certify_pipeline(cfg: DictConfig, data: DataBundle, classifier: Any, pipelin
     accuracy = certified_accuracy(rows, RADII)
     result = {"certified_accuracy": {str(r): a for r, a in accuracy.items()}, "examples": len(rows),
               "n0": ccfg.n0, "n": ccfg.n, "alpha": ccfg.alpha, "sigma": cfg.sigma,
-              "queries": blackbox.queries + len(done) * (ccfg.n0 + ccfg.n), "wall_s": sum(r.time for r in rows)}
+              "queries": blackbox.queries + (0 if blackbox.ledger else len(done) * (ccfg.n0 + ccfg.n)), "wall_s": sum(r.time for r in rows)}
     atomic_write_json(out_dir / "certified_accuracy.json", result)
     plot_curves({cfg.method: rows}, out_dir / "certified_accuracy.png", title=f"{cfg.data.name}, sigma={cfg.sigma}")
     return result

@@ -54,7 +54,8 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
     # the pretrained statistics (and no forward pass here may move them).
     denoiser.eval()
     kind = cfg.classifier.output
-    blackbox = black_box(classifier, cfg.classifier, data.num_classes, cfg.eval_batch_size)
+    blackbox = black_box(classifier, cfg.classifier, data.num_classes, cfg.eval_batch_size, run_dir=out_dir,
+                         account="train")
     blackbox.limit = typed.query_budget  # a hard cap also for labelling and ZO-GraSP scoring before training
     x, _ = balanced_subset(data.train, cfg.finetune_limit, cfg.seed).tensors
     train_set = LabeledTensorDataset(x, black_box_labels(blackbox, x, cfg, out_dir))
@@ -124,13 +125,14 @@ LABELS = "train_labels.pt"  # the black box's labels of the training images, pai
 def black_box_labels(blackbox: BlackBoxClassifier, x: Tensor, cfg: DictConfig, out_dir: Path) -> Tensor:
     """The black box's labels of `x`, queried once per run directory and kept in `LABELS`: a restart
     (a resume, or a run killed before its first checkpoint) reads them back instead of buying them
-    again, and still charges their images to the budget (a checkpoint then restores the count anyway)."""
+    again, and still charges their images to the budget (a checkpoint then restores the count anyway;
+    a paid black box's count already holds them, from its query ledger)."""
     path, digest = out_dir / LABELS, hashlib.sha256(x.cpu().contiguous().numpy().tobytes()).hexdigest()
     if path.is_file():
         try:
             saved = torch.load(path, weights_only=True)
             if saved["inputs_sha256"] == digest and saved["labels"].shape == (len(x),):
-                blackbox.queries += int(saved["images"])
+                blackbox.queries = max(blackbox.queries, int(saved["images"]))
                 return saved["labels"]
         except Exception as exc:  # noqa: BLE001 - a damaged file is queried again, never trusted
             log.info(f"certify: {path} unreadable ({one_line(exc)}); labelling the training images again")
