@@ -460,3 +460,91 @@ def test_certify_tsv_names_each_image_so_tables_of_other_subsets_pair_by_image(t
     old = tmp_path / "old.tsv"  # a table written before the image column still reads
     old.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.3\t1\t0.5\n")
     assert load_certification(old)[0].image == ""
+
+
+def _classifier_stage(tmp_path, train_x, train_y, test_x, test_y, epochs: int, batch_size: int):
+    """certify's stage 1 (classifier=train, small_cnn with BatchNorm) on in-memory 8x8 images."""
+    from omegaconf import OmegaConf
+
+    from deepzero_apps.data import DataBundle, LabeledTensorDataset
+    from deepzero_apps.tasks.certify.stages import build_classifier
+
+    cfg = OmegaConf.create({
+        "classifier": {"kind": "train", "output": "logits", "checkpoint": None, "cache_dir": str(tmp_path / "clf"),
+                       "epochs": epochs, "batch_size": batch_size, "lr": 0.05},
+        "model": {"_target_": "deepzero_apps.models.create_model", "name": "small_cnn", "depth": 2, "channels": 4},
+        "data": {"name": "synthetic"}, "seed": 0, "device": "cpu", "eval_batch_size": 100, "log_every": 10,
+        "progress": False,
+    })  # fmt: skip
+    data = DataBundle(LabeledTensorDataset(train_x, train_y), LabeledTensorDataset(test_x, test_y), 10, 1, 8, 8)
+    norm = (torch.tensor([0.5]), torch.tensor([0.25]))
+    return build_classifier(cfg, data, norm, tmp_path / "run")
+
+
+def test_classifier_stage_trains_in_train_mode_after_each_epochs_evaluation(tmp_path):
+    # Regression: the epoch-end test accuracy left the classifier in eval mode, so from the second epoch on it
+    # trained with BatchNorm frozen at the first epoch's statistics (CIFAR-10, lr 0.05: 10 % from epoch 2).
+    # In train mode every step updates the running statistics once: epochs x steps per epoch in all.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8, generator=g), torch.arange(32) % 10
+    classifier, _ = _classifier_stage(tmp_path, x, y, x[:10], y[:10], epochs=3, batch_size=8)
+    counts = {int(m.num_batches_tracked) for m in classifier.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert counts == {3 * 4}, counts
+    assert not classifier.training  # what the stage hands on is the black box, in eval mode
+
+
+def test_classifier_accuracy_keeps_the_models_mode():
+    from deepzero_apps.data import LabeledTensorDataset
+    from deepzero_apps.tasks.certify.stages import accuracy
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.LazyLinear(3))
+    data = LabeledTensorDataset(torch.rand(4, 1, 5, 5), torch.zeros(4, dtype=torch.long))
+    for training in (True, False):
+        model.train(training)
+        accuracy(model, data, 2, "cpu")
+        assert all(m.training == training for m in model.modules())
+
+
+def test_trainer_evaluation_leaves_every_modules_mode_as_it_was(tmp_path):
+    # Any evaluate callback may switch the model to eval mode; the steps after it run in the modes set before.
+    from deepzero_apps.data import LabeledTensorDataset
+    from deepzero_apps.trainer import TrainerConfig
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(18, 3))
+    model[1].eval()  # a deliberately frozen layer stays frozen
+    seen = []
+
+    def loss(out, batch):
+        seen.append([m.training for m in model])
+        return nn.functional.cross_entropy(out, batch[1])
+
+    def evaluate():
+        model.eval()
+        return {"test_acc": 0.0}
+
+    data = LabeledTensorDataset(torch.rand(4, 1, 5, 5), torch.arange(4) % 3)
+    objective = StagedObjective(model, loss, inputs=lambda b: b[0])
+    trainer = Trainer(objective, FirstOrder(), torch.optim.SGD(model.parameters(), lr=0.01), data, evaluate, tmp_path,
+                      TrainerConfig(epochs=2, batch_size=4, progress=False))
+    trainer.fit()
+    assert seen and all(modes == [True, False, True, True] for modes in seen), seen
+
+
+def test_a_classifier_stage_at_chance_warns(tmp_path, caplog):
+    # Every test image is the same: the classifier answers one class for all of them, exactly 1 in 10 right.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 1, 8, 8, generator=g), torch.arange(20) % 10
+    test_x = torch.zeros(20, 1, 8, 8)
+    with caplog.at_level("WARNING"):
+        _, info = _classifier_stage(tmp_path, x, y, test_x, y, epochs=1, batch_size=10)
+    assert info["test_acc"] == pytest.approx(0.1)
+    lines = [r.getMessage() for r in caplog.records if "at chance" in r.getMessage()]
+    assert len(lines) == 1 and "test accuracy 10.00% on 20 images" in lines[0], caplog.text
+
+
+def test_near_chance_is_three_standard_deviations_above_one_over_the_classes():
+    from deepzero_apps.tasks.certify.stages import near_chance
+
+    assert near_chance(0.1, 10, 2000) and near_chance(0.115, 10, 2000)  # chance + 3 sd = 0.120 on 2,000 images
+    assert not near_chance(0.13, 10, 2000) and not near_chance(0.6085, 10, 2000)
+    assert near_chance(0.25, 10, 20) and not near_chance(0.55, 2, 2000)

@@ -232,6 +232,17 @@ class Trainer:
             print(f"resuming from {self.checkpoint_path} at epoch {self.epoch}, step {self.global_step}")
 
     # ---- loop --------------------------------------------------------------------------------
+    def _evaluate(self) -> dict[str, float]:
+        """`evaluate`, with every submodule's train/eval mode as it was before: an evaluation that leaves
+        the model in eval mode must not make the following steps train with frozen BatchNorm statistics
+        (certify's classifier stage collapsed to chance that way from its second epoch)."""
+        modes = [(m, m.training) for m in self.objective.module.modules()]
+        try:
+            return self.evaluate()
+        finally:
+            for m, training in modes:
+                m.training = training
+
     def _log(self, record: dict) -> None:
         if self.main:
             self.metrics.append(record, self._on_disk)
@@ -300,7 +311,7 @@ class Trainer:
             "queries": self.objective.counter.queries,
             "forward_equivalents": self.objective.counter.forward_equivalents,
             "wall_s": self.elapsed,
-            "eval": self.last_eval if self.last_eval is not None else self.evaluate(),
+            "eval": self.last_eval if self.last_eval is not None else self._evaluate(),
         }
 
     def _run_epoch(self, quiet_stop: bool) -> None:
@@ -335,7 +346,7 @@ class Trainer:
                                "lr": self.optimizer.param_groups[0]["lr"], "queries": self.objective.counter.queries})
             if self.cfg.eval_every and self.global_step % self.cfg.eval_every == 0 and self.main:
                 self.elapsed += time.perf_counter() - start  # evaluation is not training time
-                self._log({"kind": "eval", "step": self.global_step, "epoch": epoch, "eval": self.evaluate(),
+                self._log({"kind": "eval", "step": self.global_step, "epoch": epoch, "eval": self._evaluate(),
                            "queries": self.objective.counter.queries, "wall_s": self.elapsed})
                 start = time.perf_counter()
             if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
@@ -347,7 +358,7 @@ class Trainer:
             return  # nothing new: the row was logged when the run first stopped here, or the epoch had no step
         if not self.stopped:
             self.epoch, self.step_in_epoch = epoch + 1, 0
-        metrics = self.evaluate() if self.main else {}
+        metrics = self._evaluate() if self.main else {}
         self.elapsed += time.perf_counter() - start
         steps, loss = self.sums["steps"], self.sums["loss_sum"] / max(1, self.sums["steps"])
         self._log({

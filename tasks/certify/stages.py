@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -145,12 +146,30 @@ def fit_stage(
 
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset: Any, batch_size: int, device: str) -> dict[str, float]:
-    """Test accuracy of a white-box classifier on an in-memory dataset (eval mode)."""
+    """Test accuracy of a white-box classifier on an in-memory dataset, in eval mode; the model's mode is
+    restored (the stage's training runs on after each epoch's evaluation, BatchNorm in train mode)."""
+    was_training = model.training
     model.eval()
     x, y = dataset.tensors
     correct = sum(int((model(xb.to(device)).argmax(1) == yb.to(device)).sum())
                   for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    model.train(was_training)
     return {"test_acc": correct / len(y)}
+
+
+def near_chance(test_acc: float, num_classes: int, n_test: int) -> bool:
+    """Test accuracy within three binomial standard deviations above chance (1 / num_classes)."""
+    chance = 1.0 / num_classes
+    return test_acc <= chance + 3.0 * math.sqrt(chance * (1.0 - chance) / max(1, n_test))
+
+
+def warn_if_chance(info: dict, data: DataBundle, what: str) -> None:
+    """One warning line when the black box built here guesses: certifying it would mean nothing."""
+    acc, n = info.get("test_acc"), len(data.test)
+    if acc is not None and near_chance(acc, data.num_classes, n):
+        log.warning(f"warning: the classifier ({what}) is at chance: test accuracy {acc:.2%} on {n} images, "
+                    f"{data.num_classes} classes; a guessing black box certifies nothing (e.g. lower classifier.lr "
+                    "or train longer)")
 
 
 def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tensor], out_dir: Path) -> tuple[Any, dict]:
@@ -180,7 +199,9 @@ def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tens
             model.load_state_dict(state.get("model", state))
         except RuntimeError as exc:
             raise ConfigError(f"classifier.checkpoint={ccfg.checkpoint} does not fit model: {one_line(exc)[:300]}") from exc
-        return classifier.eval(), {**describe(ccfg), **evaluate()}
+        info = {**describe(ccfg), **evaluate()}
+        warn_if_chance(info, data, f"classifier.checkpoint={ccfg.checkpoint}")
+        return classifier.eval(), info
     stage_dir = cache_dir(ccfg.cache_dir, out_dir, "classifier")
     stamp = fingerprint(data=cfg.data, model=cfg.model, seed=cfg.seed, epochs=ccfg.epochs, batch_size=ccfg.batch_size,
                         lr=ccfg.lr)
@@ -188,7 +209,9 @@ def build_classifier(cfg: DictConfig, data: DataBundle, norm: tuple[Tensor, Tens
     optimizer = torch.optim.SGD(model.parameters(), lr=ccfg.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     summary = fit_stage(stage_dir, out_dir, stamp, objective, optimizer, data.train, evaluate, cfg, ccfg.epochs,
                         ccfg.batch_size, "classifier", scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR))
-    return classifier.eval(), {**describe(ccfg), "source": str(stage_dir), **summary["eval"]}
+    info = {**describe(ccfg), "source": str(stage_dir), **summary["eval"]}
+    warn_if_chance(info, data, f"stage {stage_dir}")
+    return classifier.eval(), info
 
 
 def build_denoiser(cfg: DictConfig, channels: int) -> nn.Module:
