@@ -370,6 +370,20 @@ def test_a_cache_dir_that_is_not_a_stage_of_its_kind_is_refused_untouched(tmp_pa
     assert _snapshot(foreign) == before  # no stage.json, no .lock, nothing rewritten
 
 
+def test_a_stage_written_before_the_batchnorm_fix_is_not_reused(tmp_path, capsys):
+    """Stages trained before revision 2 ran from their second epoch with BatchNorm frozen: retrain, don't reuse."""
+    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain")]
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'a'}", *TINY, *cache, "method=mse"]) == 0
+    stamp_file = tmp_path / "cache" / "classifier" / "stage.json"
+    stamp = json.loads(stamp_file.read_text())
+    assert stamp.pop("revision") == 2
+    stamp_file.write_text(json.dumps(stamp))  # as the code before the fix wrote it
+    capsys.readouterr()
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'b'}", *TINY, *cache, "method=mse"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "before stage revision 2" in err and "delete it to train it again" in err and len(err.splitlines()) == 1
+
+
 def test_a_stage_cache_equal_to_the_runs_own_directory_is_refused(tmp_path, capsys):
     """The stage took the run's own lock and dropped it mid-run: a second run could then write into it."""
     run_dir = tmp_path / "run"

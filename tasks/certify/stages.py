@@ -56,6 +56,10 @@ def fingerprint(**parts: Any) -> dict[str, Any]:
 
 
 STAGE_FILE = "stage.json"
+# The stage training code's revision, part of every stamp. 2: the Trainer restores train mode after each
+# evaluation; stages written before (no "revision") and trained for more than one epoch ran from epoch 2 with
+# BatchNorm frozen at epoch 1's statistics (the classifier collapsed to chance), so they are not reused.
+STAGE_REVISION = 2
 STAGE_WAIT_S = 24 * 3600.0  # longest wait for a stage another run is training (a deadlock is refused at once)
 
 
@@ -84,11 +88,16 @@ def check_stage_dir(stage_dir: Path, out_dir: Path, title: str) -> None:
 def claim_stage(stage_dir: Path, stamp: dict[str, Any], title: str) -> None:
     """Write `stage.json` into a new stage directory, or check that an existing one was trained the same way."""
     path = stage_dir / STAGE_FILE
-    stamp = {**stamp, "stage": title}
+    stamp = {**stamp, "stage": title, "revision": STAGE_REVISION}
     if not path.exists():
         stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, stamp, sort_keys=True)
-    elif {"stage": title, **json.loads(path.read_text())} != stamp:  # caches written before "stage" existed count
+        return
+    found = {"stage": title, **json.loads(path.read_text())}  # caches written before "stage" existed count
+    if found.get("revision", 1) != STAGE_REVISION:
+        raise ConfigError(f"{stage_dir} holds a '{title}' stage trained by deepzero-apps before stage revision "
+                          f"{STAGE_REVISION} (BatchNorm frozen from its second epoch); delete it to train it again")
+    if found != stamp:
         raise ConfigError(f"{stage_dir} holds a '{title}' stage trained with another configuration; "
                           "delete it or point the stage's cache_dir elsewhere")
 
