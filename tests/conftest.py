@@ -1,5 +1,6 @@
 import pytest
 import torch
+from servers import digits_model
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +17,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_model_file(tmp_path_factory):
+    """One TorchScript digits classifier per test process, for the tests that serve or query it."""
+    return digits_model(tmp_path_factory.mktemp("model") / "digits.pt")

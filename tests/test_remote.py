@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from servers import Server, digits_model, free_port
+from servers import Server, free_port
 
 from deepzero_apps.cli import main
 
@@ -32,19 +32,15 @@ RUN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    return digits_model(tmp_path_factory.mktemp("model") / "digits.pt")
-
 
 @pytest.fixture(scope="module")
-def runs(model_file, tmp_path_factory):
+def runs(digits_model_file, tmp_path_factory):
     """One in-process run and one through the server (uninterrupted), sharing the pretrained denoiser."""
     root = tmp_path_factory.mktemp("runs")
     cache = f"pretrain.cache_dir={root / 'pretrain'}"
     assert main(["certify", f"hydra.run.dir={root / 'local'}", *RUN, cache, "classifier=torchscript",
-                 f"classifier.path={model_file}"]) == 0
-    server = Server(model_file, free_port(), root / "requests.jsonl").start()
+                 f"classifier.path={digits_model_file}"]) == 0
+    server = Server(digits_model_file, free_port(), root / "requests.jsonl").start()
     try:
         assert main(["certify", f"hydra.run.dir={root / 'http'}", *RUN, cache, "classifier=http",
                      f"classifier.url={server.url}", "classifier.max_batch=1024"]) == 0
@@ -78,9 +74,9 @@ def test_http_black_box_certifies_like_the_in_process_one_and_the_server_counts_
     assert http["classifier"] == {"kind": "http", "output": "logits", "source": url}
 
 
-def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, model_file):
+def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, digits_model_file):
     root, cache, _, _ = runs
-    server = Server(model_file, free_port(), root / "requests_killed.jsonl").start()
+    server = Server(digits_model_file, free_port(), root / "requests_killed.jsonl").start()
     run_dir = root / "killed"
     cmd = [sys.executable, "-m", "deepzero_apps.cli", "certify", f"hydra.run.dir={run_dir}", *RUN, cache,
            "classifier=http", f"classifier.url={server.url}", "classifier.max_batch=1024", "classifier.retries=1",
@@ -100,7 +96,7 @@ def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, 
     line = err.strip().splitlines()[-1]
     assert f"black box at {server.url} failed after 2 attempts; last error: Connect" in line, err
     assert "Traceback" not in err
-    server = Server(model_file, server.port, server.log).start()
+    server = Server(digits_model_file, server.port, server.log).start()
     try:
         assert main(["certify", f"hydra.run.dir={run_dir}", *RUN, cache, "classifier=http",
                      f"classifier.url={server.url}", "classifier.max_batch=1024", "resume=true"]) == 0
@@ -158,12 +154,12 @@ def _charged(run_dir: Path) -> int:
     return done["train"]["queries"] + done["eval_queries"] + done["certify"]["queries"]
 
 
-def test_a_run_killed_while_certifying_buys_nothing_twice_on_resume(runs, model_file):
+def test_a_run_killed_while_certifying_buys_nothing_twice_on_resume(runs, digits_model_file):
     """A resume used to label the training images again and certify every image again, uncounted
     (84,552 images at the server vs 62,384 in the summary): now the finished rows are kept and the
     images of the one being certified when the run died are counted as spent."""
     root, cache, uninterrupted, _ = runs
-    server = Server(model_file, free_port(), root / "requests_twice.jsonl").start()
+    server = Server(digits_model_file, free_port(), root / "requests_twice.jsonl").start()
     run_dir = root / "twice"
     args = [f"hydra.run.dir={run_dir}", *RUN, cache, "classifier=http", f"classifier.url={server.url}",
             "classifier.max_batch=1024"]
@@ -189,12 +185,12 @@ def test_a_run_killed_while_certifying_buys_nothing_twice_on_resume(runs, model_
     assert bought == _charged(run_dir) == paid(run_dir) == uninterrupted + lost
 
 
-def test_kills_mid_step_and_mid_certification_leave_the_server_count_equal_to_the_runs(runs, model_file):
+def test_kills_mid_step_and_mid_certification_leave_the_server_count_equal_to_the_runs(runs, digits_model_file):
     """The images of a fine-tuning step cut short after the last checkpoint used to be bought again
     on resume, uncounted (server 3,568 images vs summary 2,696): now they are counted as spent, the
     budget included, across a kill in each phase."""
     root, cache, _, _ = runs
-    server = Server(model_file, free_port(), root / "requests_steps.jsonl").start()
+    server = Server(digits_model_file, free_port(), root / "requests_steps.jsonl").start()
     run_dir = root / "steps"
     args = [f"hydra.run.dir={run_dir}", *RUN, cache, "classifier=http", f"classifier.url={server.url}",
             "classifier.max_batch=1024"]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from servers import Server, digits_model, free_port
+from servers import Server, free_port
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -23,9 +23,8 @@ TINY = [
 ]  # fmt: skip
 
 
-def test_no_secret_is_written_or_printed(tmp_path):
-    model = digits_model(tmp_path / "digits.pt")
-    server = Server(model, free_port(), tmp_path / "requests.jsonl", (f"token={SECRETS['token']}",)).start()
+def test_no_secret_is_written_or_printed(tmp_path, digits_model_file):
+    server = Server(digits_model_file, free_port(), tmp_path / "requests.jsonl", (f"token={SECRETS['token']}",)).start()
     dead = free_port()  # a replica that refuses connections: the run retries on the live one
     urls = (f"['http://user:{SECRETS['password']}@127.0.0.1:{dead}/predict',"
             f"'http://127.0.0.1:{server.port}/predict?api_key=${{oc.env:DZ_TEST_KEY}}&x={SECRETS['query']}']")

@@ -11,13 +11,12 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from servers import Server, digits_model, free_port
+from servers import Server, free_port
 
 from deepzero_apps.blackbox import BlackBoxError, HTTPClassifier, encode
 from deepzero_apps.cli import main
@@ -30,15 +29,11 @@ LIMITS = ("token=${oc.env:SERVE_TEST_TOKEN}", "request_timeout=2", "max_connecti
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return digits_model(tmp_path_factory.mktemp("model") / "digits.pt")
-
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
+def server(digits_model_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    s = Server(model, free_port(), root / "requests.jsonl", LIMITS, {"SERVE_TEST_TOKEN": TOKEN}).start()
+    s = Server(digits_model_file, free_port(), root / "requests.jsonl", LIMITS, {"SERVE_TEST_TOKEN": TOKEN}).start()
     yield s
     s.kill()
 
@@ -165,8 +160,8 @@ def test_slow_and_idle_connections_are_closed_and_do_not_starve_health(server):
         client.close()
 
 
-def test_sigterm_is_a_clean_exit_even_with_a_client_trickling_its_body(model, tmp_path):
-    s = Server(model, free_port(), tmp_path / "requests.jsonl", ("request_timeout=2",)).start()
+def test_sigterm_is_a_clean_exit_even_with_a_client_trickling_its_body(digits_model_file, tmp_path):
+    s = Server(digits_model_file, free_port(), tmp_path / "requests.jsonl", ("request_timeout=2",)).start()
     trickle = raw(s, head(s, 1000).replace(f"Authorization: Bearer {TOKEN}\r\n".encode(), b""))
     try:
         s.proc.send_signal(signal.SIGTERM)
@@ -178,24 +173,24 @@ def test_sigterm_is_a_clean_exit_even_with_a_client_trickling_its_body(model, tm
     assert code == 0 and "serve: stopped after 0 images" in out and "Traceback" not in out, out
 
 
-def test_a_request_log_that_is_a_directory_is_refused_in_one_line(model, tmp_path, capsys):
-    code = main(["serve", f"hydra.run.dir={tmp_path / 'run'}", f"classifier.path={model}", f"request_log={tmp_path}"])
+def test_a_request_log_that_is_a_directory_is_refused_in_one_line(digits_model_file, tmp_path, capsys):
+    code = main(["serve", f"hydra.run.dir={tmp_path / 'run'}", f"classifier.path={digits_model_file}", f"request_log={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and f"request_log='{tmp_path}' is a directory" in err and len(err.splitlines()) == 1, err
 
 
-def test_binding_other_machines_without_a_token_warns_in_one_line(model, tmp_path, capsys, monkeypatch):
+def test_binding_other_machines_without_a_token_warns_in_one_line(digits_model_file, tmp_path, capsys, monkeypatch):
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)  # nothing is bound: only the warning is checked
-    assert main(["serve", f"hydra.run.dir={tmp_path}", f"classifier.path={model}", "host=0.0.0.0"]) == 0
+    assert main(["serve", f"hydra.run.dir={tmp_path}", f"classifier.path={digits_model_file}", "host=0.0.0.0"]) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warning) == 1 and "host=0.0.0.0 accepts other machines and no token is set" in warning[0]
 
 
-def test_two_replicas_one_killed_mid_call_answer_everything_once(model, tmp_path):
-    a = Server(model, free_port(), tmp_path / "a.jsonl").start()
-    b = Server(model, free_port(), tmp_path / "b.jsonl").start()
+def test_two_replicas_one_killed_mid_call_answer_everything_once(digits_model_file, tmp_path):
+    a = Server(digits_model_file, free_port(), tmp_path / "a.jsonl").start()
+    b = Server(digits_model_file, free_port(), tmp_path / "b.jsonl").start()
     client = HTTPClassifier([a.url, b.url], max_batch=4, retries=3, backoff=0.05)
     x = torch.rand(400, 1, 8, 8)
 
@@ -214,7 +209,7 @@ def test_two_replicas_one_killed_mid_call_answer_everything_once(model, tmp_path
         client.close()
         a.kill()
         b.kill()
-    expected = torch.jit.load(str(model))(x)
+    expected = torch.jit.load(str(digits_model_file))(x)
     assert torch.allclose(out, expected, atol=1e-5)
     assert client.images == 400 and client.retries >= 1 and client.requests - client.retries == 100  # 100 chunks, once
     # B may have logged the request it died answering, which is then bought again from A (nothing can tell)
