@@ -11,7 +11,8 @@ certified images (those certified at r >= 0.25 by one run and not the other).
 Finished runs (a summary.json) are skipped, so an interrupted sweep continues. `--set KEY=VALUE ...`
 adds overrides to the fine-tuning runs (not to the MSE-only start they are compared with) and `--tag`
 names them apart, e.g. Stab+MSE fine-tuning: `--set mse_weight=1 --tag stabmse` writes
-`<mode>_<budget>_stabmse/`. Writes `<root>/budget_curve[_<tag>].md` and `.json`.
+`<mode>_<budget>_stabmse/`. `--seed S` reruns everything, stages included, with another seed: give it its
+own `--root`. Writes `<root>/budget_curve[_<tag>].md` and `.json`.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ def run_dir(root: Path, mode: str, sigma: float, budget: int, tag: str = "") -> 
 
 
 def command(root: Path, mode: str, sigma: float, budget: int, smoke: bool, data_root: str | None, tag: str = "",
-            extra: tuple[str, ...] = ()) -> list[str]:
+            extra: tuple[str, ...] = (), seed: int | None = None) -> list[str]:
     cache = root / f"sigma{sigma}" / "cache"
     base = SMOKE_OVERRIDES if smoke else ["experiment=certify_budget_curve", f"data.root={data_root}"]
     return ["deepzero-task", "certify", *base, f"method={mode}", f"sigma={sigma}", "progress=false", "threads=1",
             f"classifier.cache_dir={root / 'classifier'}", f"pretrain.cache_dir={cache / 'pretrain'}",
             f"zo_ae_ds.cache_dir={cache / 'autoencoder'}", f"hydra.run.dir={run_dir(root, mode, sigma, budget, tag)}",
-            *([f"query_budget={budget}"] if budget else []), *(extra if mode != "mse" else ())]
+            *([f"query_budget={budget}"] if budget else []), *([f"seed={seed}"] if seed is not None else []),
+            *(extra if mode != "mse" else ())]
 
 
 def certified(path: Path) -> dict[str, bool]:
@@ -103,6 +105,8 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", help="a subset of the plan's fine-tuning modes")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the fine-tuning runs")
     parser.add_argument("--tag", default="", help="names the runs made with --set (their directory suffix)")
+    parser.add_argument("--seed", type=int, help="seed of every run, the MSE-only start and the cached stages included "
+                        "(it also draws the certified images): give each seed its own --root")
     args = parser.parse_args()
     plan = dict(SMOKE if args.smoke else FULL)
     plan.update({k: tuple(v) for k, v in [("sigmas", args.sigmas), ("budgets", args.budgets), ("modes", args.modes)] if v})
@@ -113,7 +117,8 @@ def main() -> int:
     if args.run:
         for mode, sigma, budget in runs(plan):
             if not (run_dir(args.root, mode, sigma, budget, args.tag) / "summary.json").exists():
-                cmd = command(args.root, mode, sigma, budget, args.smoke, args.data_root, args.tag, tuple(args.set))
+                cmd = command(args.root, mode, sigma, budget, args.smoke, args.data_root, args.tag, tuple(args.set),
+                              args.seed)
                 print("+", " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
     report(args.root, plan, args.tag)
