@@ -188,12 +188,14 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
     assert len((out / "compare.csv").read_text().splitlines()) == 5
 
 
-@pytest.mark.parametrize(("method", "params", "trained"), [
-    ("deepzero", "finetune.params=last", {"2.layer.weight"}),
-    ("fo_ds", "finetune.params=norm", {"1.layer.1.weight", "1.layer.1.bias"}),
-    ("deepzero", "finetune.params=adapter", {"3.conv.weight", "3.conv.bias"}),
+@pytest.mark.parametrize(("method", "params", "trained", "first_stage"), [
+    ("deepzero", "finetune.params=last", {"2.layer.weight"}, 2),
+    ("fo_ds", "finetune.params=norm", {"1.layer.1.weight", "1.layer.1.bias"}, 1),
+    ("deepzero", "finetune.params=adapter", {"3.conv.weight", "3.conv.bias"}, 3),
 ])
-def test_finetune_params_trains_only_the_subset_and_reports_its_cost_first(tmp_path, capsys, method, params, trained):
+def test_finetune_params_trains_only_the_subset_and_reports_its_cost_first(
+    tmp_path, capsys, method, params, trained, first_stage
+):
     cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain")]
     run = tmp_path / "run"
     assert main(["certify", f"hydra.run.dir={run}", *TINY, *cache, f"method={method}", params, "sparsity=dense",
@@ -207,8 +209,10 @@ def test_finetune_params_trains_only_the_subset_and_reports_its_cost_first(tmp_p
     assert cost["trainable"] == sum(tuned[k].numel() for k in trained) and cost["of"] > cost["trainable"]
     per_step = 1 if method == "fo_ds" else cost["trainable"] + 1
     assert cost["queries_per_step"] == per_step and cost["images_per_step"] == 8 * per_step
+    assert cost["first_stage"] == first_stage  # the stages before it run once per step
     lines = capsys.readouterr().out.splitlines()
-    report = next(i for i, m in enumerate(lines) if f"{cost['trainable']:,} of {cost['of']:,} parameters trainable" in m)
+    report = next(i for i, m in enumerate(lines) if f"{cost['trainable']:,} of {cost['of']:,} parameters trainable "
+                  f"(from stage {first_stage} of" in m)
     assert report < next(i for i, m in enumerate(lines) if m.startswith(f"fine-tuning ({method}): epoch 1/20"))  # before fine-tuning
 
 

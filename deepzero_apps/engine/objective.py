@@ -47,6 +47,10 @@ class Objective:
     def _stage_of_param(self, p: nn.Parameter) -> int:
         return 0
 
+    def block_stages(self) -> list[int]:
+        """The stage a query perturbing each trainable tensor restarts from (the stages before it run once)."""
+        return [b.stage for b in self.coords.blocks]
+
     def _loss(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
@@ -113,6 +117,18 @@ class StagedObjective(Objective):
 
     def _stage_of_param(self, p: nn.Parameter) -> int:
         return 0  # until the first query finds the stages that read it (0 is always exact)
+
+    def block_stages(self) -> list[int]:
+        """Before the first query, the stage that registers each tensor: what a cost report made before
+        training can say (the first query traces the stages and moves a tensor earlier only if an earlier
+        stage also reads it); after it, the stages the queries really restart from."""
+        if not self._unresolved:
+            return super().block_stages()
+        registered: dict[int, int] = {}
+        for i, stage in enumerate(self.stages):
+            for p in stage.parameters():
+                registered.setdefault(id(p), i)
+        return [registered.get(id(b.param), 0) for b in self.coords.blocks]
 
     def stage_cost(self, stage: int) -> float:
         return 1.0 if self._suffix_cost is None else self._suffix_cost[stage]

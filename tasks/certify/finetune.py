@@ -57,7 +57,7 @@ def step_cost(cfg: DictConfig, objective: Objective, queries_per_step: int, spen
         "trainable": view.dim,
         "of": sum(p.numel() for p in objective.module.parameters()),
         "tensors": [b.name for b in view.blocks],
-        "first_stage": min(b.stage for b in view.blocks),
+        "first_stage": min(objective.block_stages()),
         "stages": objective.num_stages,
         "queries_per_step": queries_per_step,
         "images_per_step": images,

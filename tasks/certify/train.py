@@ -111,7 +111,7 @@ def fine_tune(cfg: DictConfig, typed: Any, data: DataBundle, classifier: Any, de
                  + f" = {cost['images_per_step']:,} images, query budget {typed.query_budget or 'none'}"
                  + (f" (~{cost['steps_in_budget']:,} steps)" if cost["steps_in_budget"] is not None else "") + f", output {out_dir}")
     summary = trainer.fit()
-    summary["finetune"] = cost
+    summary["finetune"] = cost | {"first_stage": min(objective.block_stages())}  # traced by the first query
     if isinstance(classifier, HTTPClassifier):
         summary["http"] = classifier.state_dict()
     if report:
