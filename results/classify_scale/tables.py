@@ -33,6 +33,7 @@ COMPARISONS = [  # (a, b, the question it answers)
     ("ZO-GraSP 90%", "uniform 90%", "does ZO-GraSP beat uniform layer ratios?"),
     ("ZO-GraSP 95%", "ZO-GraSP 90%", "what does going from 90 % to 95 % sparsity cost?"),
     ("ZO-GraSP 90%", "ZO dense", "does sparse CGE stay within 1-2 points of dense CGE?"),
+    ("ZO dense", "FO", "does dense CGE reach FO at the same steps?"),
 ]
 THRESHOLDS = [0.30, 0.40, 0.45]
 
