@@ -27,8 +27,8 @@ FRESH = [("fo_ds_1000000_stabmse", "mse"), ("deepzero_1000000_stabmse", "mse"),
          ("deepzero_1000000_stabmse", "fo_ds_1000000_stabmse"), ("fo_ds_300000_stabmse", "mse")]
 
 
-def compare(a: Path, b: Path, exclude: set[str] = frozenset()) -> dict:
-    ca, cb = ({i: c for i, c in certified(d / "certify.tsv", RADIUS).items() if i not in exclude} for d in (a, b))
+def compare(a: Path, b: Path, exclude: set[str] = frozenset(), radius: float = RADIUS) -> dict:
+    ca, cb = ({i: c for i, c in certified(d / "certify.tsv", radius).items() if i not in exclude} for d in (a, b))
     if ca.keys() != cb.keys():
         raise SystemExit(f"{a} and {b} certified different images")
     only_a, only_b = sum(ca[i] and not cb[i] for i in ca), sum(cb[i] and not ca[i] for i in ca)
