@@ -90,16 +90,17 @@ def table(found: list[dict]) -> str:
 
 
 def plot(found: list[dict], path: Path) -> None:
-    """Training loss (mean of 20 logged steps) against images sent to the black box, seed 0's curve."""
-    curves = [r for r in found if r["seed"] == "seed0" and r["images_used"] == "the curve's 200"]
+    """Training loss against images sent to the black box, seed 0's 1M-image runs (a smaller budget's run of
+    the same seed is the same run stopped earlier), each a running mean over a tenth of its logged steps."""
+    curves = [r for r in found if r["seed"] == "seed0" and r["images_used"] == "the curve's 200" and r["budget"] == 10**6]
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in curves:
         q, loss = zip(*r["curve"])
-        k = 20 if len(loss) > 40 else 1
+        k = max(1, len(loss) // 10)
         smooth = [_mean(list(loss[max(0, i - k + 1) : i + 1])) for i in range(len(loss))]
-        ax.plot(q, smooth, label=f"{r['params']}, {r['budget']:,}")
+        ax.plot(q, smooth, label=f"{r['params']} ({r['steps']:,} steps; running mean over {k * 10} steps)")
     ax.set(xscale="log", xlabel="images sent to the black box", ylabel="training loss (Stab + MSE)",
-           title="DeepZero fine-tuning of denoiser subsets, sigma 0.25, seed 0")
+           title="DeepZero fine-tuning of denoiser subsets, 1M images, sigma 0.25, seed 0")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
