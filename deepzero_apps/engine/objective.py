@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from .batchnorm import frozen_running_stats
 from .coords import CoordinateView
 from .queries import QueryCounter
-from .stage_check import check_composition, owners, record_reads
+from .stage_check import check_composition, owners, record_reads, registering_stages
 
 Batch = Any
 
@@ -124,10 +124,7 @@ class StagedObjective(Objective):
         stage also reads it); after it, the stages the queries really restart from."""
         if not self._unresolved:
             return super().block_stages()
-        registered: dict[int, int] = {}
-        for i, stage in enumerate(self.stages):
-            for p in stage.parameters():
-                registered.setdefault(id(p), i)
+        registered = registering_stages(self.stages)
         return [registered.get(id(b.param), 0) for b in self.coords.blocks]
 
     def stage_cost(self, stage: int) -> float:

@@ -105,15 +105,21 @@ def record_reads(stages: Sequence[nn.Module], x: torch.Tensor, params: Sequence[
     return reads
 
 
+def registering_stages(stages: Sequence[nn.Module]) -> dict[int, int]:
+    """The first stage that registers each parameter (by id)."""
+    registered: dict[int, int] = {}
+    for i, s in enumerate(stages):
+        for p in s.parameters():
+            registered.setdefault(id(p), i)
+    return registered
+
+
 def owners(
     blocks: Sequence[Block], stages: Sequence[nn.Module], reads: Reads, describe_model: str
 ) -> list[int]:
     """The earliest stage that reads or registers each parameter; a parameter that no stage does is
     named in a ConfigError (the engine could not restart a query perturbing it anywhere)."""
-    registered: dict[int, int] = {}
-    for i, s in enumerate(stages):
-        for p in s.parameters():
-            registered.setdefault(id(p), i)
+    registered = registering_stages(stages)
     out = []
     for b in blocks:
         used = set(reads.stages.get(id(b.param), ()))
