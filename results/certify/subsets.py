@@ -49,22 +49,24 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def row(seed: str, images_used: str, start: float, run: Path, mse: Path, exclude: set[str] = frozenset()) -> dict:
+    """One fine-tuning run against its MSE-only start, over the same images less `exclude`."""
+    return {"seed": seed, "images_used": images_used, "mse_noisy_acc": start, **run_facts(run),
+            "r0.25": compare(run, mse, exclude), "r0": compare(run, mse, exclude, 0.0)}
+
+
 def rows() -> list[dict]:
     out = []
     for seed_dir in sorted(ROOT.glob("seed*")):
-        curve = seed_dir / SIGMA
+        curve, fresh = seed_dir / SIGMA, seed_dir / f"{SIGMA}_500images"
         start = json.loads((curve / "mse" / "summary.json").read_text())["train"]["eval"]["noisy_acc"]
-        for run in sorted((d for d in curve.iterdir() if d.name.startswith("deepzero_") and (d / "summary.json").exists()),
-                          key=lambda d: (d.name.split("_")[-1], int(d.name.split("_")[1]))):
-            out.append({"seed": seed_dir.name, "images_used": "the curve's 200", "mse_noisy_acc": start,
-                        **run_facts(run), "r0.25": compare(run, curve / "mse"), "r0": compare(run, curve / "mse", radius=0.0)})
-        fresh = seed_dir / f"{SIGMA}_500images"
+        done = [d for d in curve.iterdir() if d.name.startswith("deepzero_") and (d / "summary.json").exists()]
+        found = [row(seed_dir.name, "the curve's 200", start, run, curve / "mse") for run in done]
+        out += sorted(found, key=lambda r: (r["params"], r["budget"]))
         if fresh.is_dir():
             seen = set(certified(curve / "mse" / "certify.tsv", 0.0))
-            for run in sorted(d for d in fresh.iterdir() if d.name.startswith("deepzero_")):
-                out.append({"seed": seed_dir.name, "images_used": "300 fresh (500 minus the curve's 200)",
-                            "mse_noisy_acc": start, **run_facts(run),
-                            "r0.25": compare(run, fresh / "mse", seen), "r0": compare(run, fresh / "mse", seen, 0.0)})
+            out += [row(seed_dir.name, "300 fresh (500 minus the curve's 200)", start, run, fresh / "mse", seen)
+                    for run in sorted(d for d in fresh.iterdir() if d.name.startswith("deepzero_"))]
     for r in out:
         r["r0.25"]["p_bonferroni"] = min(1.0, r["r0.25"]["p"] * len(out))
     return out
