@@ -22,6 +22,7 @@ from deepzero_apps.engine import (
     StackedEvaluator,
     call_stacked,
     init_distributed,
+    stacked,
 )
 from deepzero_apps.models import create_model
 from deepzero_apps.solvers import Solver
@@ -132,6 +133,24 @@ def test_call_stacked_grouped_convs_equal_one_call_per_parameter_set(padding_mod
     torch.testing.assert_close(call_stacked(model, params, x), want, rtol=1e-12, atol=1e-14)  # checked once
     monkeypatch.setattr(torch.func, "vmap", None)  # then the grouped path runs alone
     torch.testing.assert_close(call_stacked(model, params, x), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("pad", [True, False], ids=["outputs_padded", "plain"])
+def test_grouped_convs_with_padded_outputs_equal_one_call_per_parameter_set(pad, monkeypatch):
+    """Layers with fewer than 4 outputs per group may run zero-padded to 4 (whichever is faster): both
+    forms equal one call per parameter set."""
+    monkeypatch.setattr(stacked, "_padding_pays", lambda plain, padded: pad)
+    monkeypatch.setattr(stacked, "_PADDING_PAYS", {})
+    model = create_model(
+        "correction_net", in_channels=2, out_channels=1, width=4, blocks=0, kernel_size=3, padding_mode="zeros"
+    ).double()  # 2 -> 4 (4 outputs: never padded), 4 -> 1 (padded or not)
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() + 0.1 * torch.randn(5, *p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
+    x = torch.randn(5, 3, 2, 6, 5, dtype=torch.float64)
+    want = torch.stack([functional_call(model, {n: params[n][k] for n in names}, (x[k],)) for k in range(5)])
+    monkeypatch.setattr(stacked, "_GROUPED_OK", stacked.weakref.WeakKeyDictionary({model: True}))
+    torch.testing.assert_close(call_stacked(model, params, x), want, rtol=1e-12, atol=1e-14)
+    assert list(stacked._PADDING_PAYS.values()) == [pad]  # the 4 -> 1 layer alone was timed
 
 
 @pytest.mark.parametrize(
