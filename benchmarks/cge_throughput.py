@@ -8,7 +8,9 @@ One JSON line per model with coordinates/second for
   (c) engine: BatchedEvaluator in one process with 1 thread, and (c_2threads) with 2 threads;
   (d) engine on --ranks processes (1 thread each, gloo), ShardedEvaluator(BatchedEvaluator()).
 Also reported: conv/matmul FLOPs per coordinate of (a), (b) and (c) (torch's FlopCounterMode on the
-reference subsample), the work each algorithm does independent of how fast this CPU runs it.
+reference subsample), the work each algorithm does independent of how fast this CPU runs it; the
+GFLOP/s each algorithm reaches on that work; and the GFLOP/s of each of the model's convolutions run
+alone on a batch of 256 (the rate this core runs them at: how far an algorithm is from it).
 Engine figures are steady state: untimed calls (chunk-size tuning, shard timing) precede the timed one,
 as in training where every step after the first reuses them. Every evaluator runs the same
 coordinates on the same batch; the reference loop runs a uniform subsample of them.
@@ -112,6 +114,35 @@ def flops_per_coordinate(ev: ReferenceEvaluator, obj: StagedObjective, b, coords
         with frozen_running_stats(obj.module), FlopCounterMode(display=False) as counter:
             ev.coordinate_losses(obj, b, ctx, coords, STEP)
     return counter.get_total_flops() / len(coords)
+
+
+def conv_rates(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> dict[str, int]:
+    """GFLOP/s of each distinct convolution of `model` run alone on `batch` NHWC inputs (one thread): the
+    rate this CPU runs the model's convolutions at, beside the rates the evaluators reach."""
+    convs: dict[str, tuple[torch.nn.Module, torch.Size]] = {}
+
+    def record(m, inputs, _):
+        c, h, w = inputs[0].shape[1:]
+        convs.setdefault(f"{c}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]} {h}x{w}", (m, inputs[0].shape[1:]))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad(), frozen_running_stats(model):
+        model(x[:1])
+    for h in hooks:
+        h.remove()
+    rates = {}
+    with torch.no_grad():
+        for key, (m, shape) in convs.items():
+            xin = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+            with FlopCounterMode(display=False) as counter:
+                m(xin)
+            best = float("inf")
+            for _ in range(4):
+                t0 = time.perf_counter()
+                m(xin)
+                best = min(best, time.perf_counter() - t0)
+            rates[key] = round(counter.get_total_flops() / best / 1e9)
+    return rates
 
 
 def rate(m: dict) -> float:
@@ -299,8 +330,14 @@ def bench(
         "malloc_tuned": malloc,
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
+    gflops = {"b_reuse": flops["b_reuse"] * rate(bb), "c_engine_1thread": flops["c_engine"] * rate(c)}
     if official and name == "resnet20":
         out["official_deepzero_worker"] = with_threads(1, lambda: official_vs_engine(official, obj, b, coords, 2))
+        gflops["official_at_reuse_flops"] = flops["b_reuse"] * out["official_deepzero_worker"]["coords_per_s"]["official"]
+    # where the time goes against the FLOP count: the rate each algorithm's conv/matmul work runs at,
+    # and the rate the model's convolutions run at alone on a large batch (this core's ceiling for them)
+    out["conv_matmul_gflop_per_s"] = {k: round(v / 1e9) for k, v in gflops.items()}
+    out["model_convs_alone_gflop_per_s"] = with_threads(1, lambda: conv_rates(obj.module, b[0]))
     out["load_average"] = open("/proc/loadavg").read().split()[:3]
     if d is not None:
         out["coords_per_s"][f"d_engine_{world}ranks"] = round(rate(d), 2)

@@ -260,6 +260,7 @@ def bench(name: str, world: int, reps: int) -> dict:
     if t_ranks is not None:
         out["queries_per_s"][f"{world}_ranks"] = round(n / t_ranks, 1)
         out[f"speedup_{world}_ranks_vs_1"] = round(t_batched / t_ranks, 2)
+        out[f"speedup_{world}_ranks_vs_loop"] = round(t_loop / t_ranks, 2)  # the loop runs on one core
         split, machine = t_batched / t_share, t_batched / t_concurrent
         out[f"{world}_ranks_breakdown"] = {
             "one_share_alone_seconds": round(t_share, 4),
