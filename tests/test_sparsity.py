@@ -249,17 +249,20 @@ def test_zo_grasp_tends_to_fo_grasp_when_q_exceeds_the_dimension():
 
 
 def test_zo_grasp_agrees_with_fo_grasp_on_resnet20_layer_ratios():
-    """The paper's claim at init: ZO-GraSP's LPR ranks layers like GraSP's (q=192, mu=5e-3)."""
+    """The paper's claim at init: ZO-GraSP's LPR ranks layers like GraSP's (q=192, mu=5e-3).
+
+    16x16 inputs (ResNet-20 is fully convolutional up to its global pooling) keep every layer and cost a
+    quarter of 32x32; Spearman's rho was 0.90-0.93 on data seeds 1-3 at 16x16, 0.88-0.92 at 32x32."""
     models = pytest.importorskip("deepzero_apps.models.resnet", reason="ResNet-20 not in this checkout yet")
 
     model = models.resnet20()
     gen = torch.Generator().manual_seed(1)
-    data = torch.randn(20, 3, 32, 32, generator=gen), torch.arange(10).repeat_interleave(2)
+    data = torch.randn(20, 3, 16, 16, generator=gen), torch.arange(10).repeat_interleave(2)
     fo = layer_ratios(grasp_scores(model, F.cross_entropy, data, samples_per_class=2), 0.9)
     zo = layer_ratios(zo_grasp_scores(model, F.cross_entropy, data, samples_per_class=2), 0.9)
     assert list(fo) == list(zo) and len(fo) == 20
     rho = spearmanr(list(fo.values()), list(zo.values()))[0]
-    assert rho >= 0.6, rho
+    assert rho >= 0.8, rho
 
 
 def test_balanced_batch_needs_enough_examples_per_class():
