@@ -315,6 +315,17 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
 # ---- Ctrl-C and a file size limit: one line, the last checkpoint intact ----------------------------
 
 
+@pytest.fixture
+def sigint_as_in_a_shell():
+    """SIGINT handled as in a command started from a shell (Python's KeyboardInterrupt handler here, the
+    default disposition in a child): pytest-xdist workers ignore SIGINT, and a child inherits an ignored
+    signal, so without this a Ctrl-C test passes or fails with the worker it lands on."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_as_in_a_shell")
 def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
     common = [*RANDOMIZED, "epochs=200", "checkpoint_every=1"]
     proc = start_cli(tmp_path, *common)
@@ -349,6 +360,7 @@ class InterruptingFile:
         self.f.flush()
 
 
+@pytest.mark.usefixtures("sigint_as_in_a_shell")
 def test_ctrl_c_inside_a_checkpoint_write_lands_after_it(tmp_path, capsys, monkeypatch):
     """torch.save turns a KeyboardInterrupt raised inside its writer into a RuntimeError (a traceback,
     exit 1): the interrupt waits for the write, then stops the run naming the checkpoint just written."""
