@@ -108,10 +108,15 @@ def reps_for(seconds_per_call: float, min_seconds: float = 3.0) -> int:
 
 
 def flops_per_coordinate(ev: ReferenceEvaluator, obj: StagedObjective, b, coords: torch.Tensor) -> float:
-    """conv/matmul FLOPs of one coordinate_losses call on `coords`, per coordinate."""
-    with torch.no_grad():
+    """conv/matmul FLOPs of one steady-state coordinate_losses call on `coords` (the trace of its step
+    included), per coordinate. One uncounted call comes first, as before every timing: the
+    batched evaluator's one-time work (the check on a parameter's first use that nothing reads it
+    after its layer, two forwards of the later stages per tensor) is not the per-step cost."""
+    with torch.no_grad(), frozen_running_stats(obj.module):
         _, ctx = ev.base(obj, b)
-        with frozen_running_stats(obj.module), FlopCounterMode(display=False) as counter:
+        ev.coordinate_losses(obj, b, ctx, coords, STEP)
+        _, ctx = ev.base(obj, b)
+        with FlopCounterMode(display=False) as counter:
             ev.coordinate_losses(obj, b, ctx, coords, STEP)
     return counter.get_total_flops() / len(coords)
 

@@ -131,11 +131,12 @@ def _standardize(
     x: Tensor, dims: tuple[int, ...], eps: float, weight: Tensor | None = None, bias: Tensor | None = None
 ) -> Tensor:
     """(x - mean) / sqrt(var + eps) over `dims`, then * weight + bias (broadcastable; None: skipped).
-    Two-pass (var_mean is several times slower on CPU); the scale and the affine are folded into one
-    final pass, as these tensors are large and the passes memory-bound."""
+    Two-pass (var_mean is several times slower on CPU, and so is vector_norm than squaring and summing:
+    2-3.5x on ResNet-20's stacked activations); the scale and the affine are folded into one final pass,
+    as these tensors are large and the passes memory-bound."""
     centered = x - x.mean(dims, keepdim=True)
     n = math.prod(x.shape[d] for d in dims)
-    scale = torch.linalg.vector_norm(centered, dim=dims, keepdim=True).square_().div_(n).add_(eps).rsqrt_()
+    scale = centered.square().sum(dims, keepdim=True).div_(n).add_(eps).rsqrt_()
     if weight is not None:
         scale = scale * weight
     if bias is None:
