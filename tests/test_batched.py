@@ -189,13 +189,17 @@ def test_stage_with_a_hook_is_run_opaque():
     assert isinstance(trees[1], Leaf) and trees[1].module is model[1] and not isinstance(trees[0], Leaf)
 
 
-def test_grouped_batchnorm_equals_separate_forwards():
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd_two_pass", "no_grad_native_per_group"])
+def test_grouped_batchnorm_equals_separate_forwards(grad):
     bn = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0), bn.bias.normal_()
     x = torch.randn(4 * 5, 3, 2, 2, dtype=torch.float64)
-    want = torch.cat([F.batch_norm(g, None, None, bn.weight, bn.bias, True) for g in x.split(5)])
+    want = torch.cat([F.batch_norm(g, None, None, bn.weight, bn.bias, True) for g in x.split(5)]).detach()
     for fmt in (torch.contiguous_format, torch.channels_last):
-        with grouped_batchnorm(bn, batch_size=5):
+        with grouped_batchnorm(bn, batch_size=5), torch.set_grad_enabled(grad):
             got = bn(x.contiguous(memory_format=fmt))
+        assert got.requires_grad == grad
         assert torch.allclose(got, want, rtol=0, atol=1e-12)
     assert bn.num_batches_tracked == 0 and torch.equal(bn.running_mean, torch.zeros(3))
 

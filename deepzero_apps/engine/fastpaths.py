@@ -160,6 +160,8 @@ def batch_norm_per_group(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
         )
     if groups == 1:
         return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled():
+        return _native_batch_norm_per_group(bn, x, batch_size)  # ZO queries run without autograd
     c = x.shape[1]
     if is_channels_last(x):  # (K*B, H, W, C) in memory: statistics over (B, H, W), vectorized over C
         g = x.permute(0, 2, 3, 1).reshape(groups, -1, c)
@@ -167,6 +169,19 @@ def batch_norm_per_group(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
         return out.view(x.shape[0], *x.shape[2:], c).permute(0, 3, 1, 2)
     g = x.reshape(groups, batch_size, c, -1)
     return _standardize(g, (1, 3), bn.eps, *_bn_params(bn, (1, 1, c, 1))).view(x.shape)
+
+
+def _native_batch_norm_per_group(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
+    """One native train-mode BatchNorm per group, each written into its slice of one output: on CPU about
+    2x the grouped two-pass arithmetic (ResNet-20's stacked activations), and the kernel the base
+    forward's own BatchNorm runs."""
+    out = torch.empty_like(x)
+    mean, invstd = (torch.empty(x.shape[1], dtype=x.dtype) for _ in range(2))
+    for part, dest in zip(x.split(batch_size), out.split(batch_size)):
+        torch.ops.aten.native_batch_norm.out(
+            part, bn.weight, bn.bias, None, None, True, 0.0, bn.eps, out=dest, save_mean=mean, save_invstd=invstd
+        )
+    return out
 
 
 @contextmanager
