@@ -204,12 +204,17 @@ def test_a_rank_nobody_waits_for_ends_in_one_line_within_dist_timeout(tmp_path):
         cmd = [sys.executable, "-m", "deepzero_apps.cli", "classify", "dist_timeout=3", *CLASSIFY]
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append((rank, needle, port, proc))
-    for rank, needle, port, proc in procs:
-        _, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 1, stderr[-3000:]
-        (line,) = error_lines(stderr)
-        assert f"rank {rank} of 2: the process group at 127.0.0.1:{port} did not form within 3 s" in line, line
-        assert needle in line, line
+    try:
+        for rank, needle, port, proc in procs:
+            _, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 1, stderr[-3000:]
+            (line,) = error_lines(stderr)
+            assert f"rank {rank} of 2: the process group at 127.0.0.1:{port} did not form within 3 s" in line, line
+            assert needle in line, line
+    finally:  # a failed or hung case leaves no process behind
+        for *_, proc in procs:
+            proc.kill()
+            proc.wait()
     assert time.monotonic() - start < 100
     assert not (tmp_path / "runs").exists()
 
