@@ -197,8 +197,10 @@ def test_a_rank_nobody_waits_for_ends_in_one_line_within_dist_timeout(tmp_path):
     stops after dist_timeout with one line naming the address and the cause; nothing is written.
     The two cases run at the same time, on ports of their own."""
     start, procs = time.monotonic(), []
+    nobody = socket.socket()  # rank 1's port: bound, never listening (refused), and no other test's to take
+    nobody.bind(("127.0.0.1", 0))
     for rank, needle in ((0, "1/2 clients joined"), (1, "trying to connect")):
-        port = free_port()
+        port = free_port() if rank == 0 else nobody.getsockname()[1]
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}  # fmt: skip
         cmd = [sys.executable, "-m", "deepzero_apps.cli", "classify", "dist_timeout=3", *CLASSIFY]
@@ -215,6 +217,7 @@ def test_a_rank_nobody_waits_for_ends_in_one_line_within_dist_timeout(tmp_path):
         for *_, proc in procs:
             proc.kill()
             proc.wait()
+        nobody.close()
     assert time.monotonic() - start < 100
     assert not (tmp_path / "runs").exists()
 
