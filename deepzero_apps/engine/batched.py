@@ -333,7 +333,7 @@ class BatchedEvaluator(FeatureReuse):
         prop = Propagator(ctx.traces, k)
         state = prop.resume(site.path, state)
         for s in range(site.stage + 1, len(plan.trees)):
-            state = prop.run(plan.trees[s], state)  # the traced tree reproduces the stage (checked)
+            state = plan.stages[s](state) if isinstance(state, Tensor) else prop.run(plan.trees[s], state)
         outputs = prop.dense(state, ctx.traces[plan.trees[-1]][1])
         return self._losses(plan, objective, batch, outputs.view(k, -1, *outputs.shape[1:]))
 

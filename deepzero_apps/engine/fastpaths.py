@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -120,14 +119,6 @@ def is_standard(module: nn.Module, cls: type[nn.Module]) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward
 
 
-def _is_relu(node: Node) -> TypeGuard[Leaf]:
-    return isinstance(node, Leaf) and type(node.module) is nn.ReLU
-
-
-def _is_batch_norm(node: Node) -> TypeGuard[Leaf]:
-    return isinstance(node, Leaf) and is_standard(node.module, _BatchNorm)
-
-
 def _uses_batch_stats(bn: _BatchNorm) -> bool:
     return bn.training or bn.running_mean is None
 
@@ -158,69 +149,38 @@ def _bn_params(bn: _BatchNorm, shape: tuple[int, ...], index: Tensor | None = No
     return tuple(None if p is None else (p if index is None else p[index]).view(shape) for p in (bn.weight, bn.bias))
 
 
-def batch_norm_per_group(
-    bn: _BatchNorm, x: Tensor, batch_size: int, residual: Tensor | None = None, relu: bool = False
-) -> Tensor:
-    """BatchNorm of K stacked batches, each with its own batch statistics; running stats untouched.
-
-    `residual` (K*B samples, or one batch of B broadcast over the K groups) is then added and `relu`
-    applies a ReLU: the epilogue of a residual block, done group by group while the group is still in
-    cache on the CPU path (1.4-1.8x the separate passes on ResNet-20's stacked activations; same values)."""
+def batch_norm_per_group(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
+    """BatchNorm of K stacked batches, each with its own batch statistics; running stats untouched."""
     if not _uses_batch_stats(bn):
-        out = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        return _epilogue(out, residual, relu)
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     groups = x.shape[0] // batch_size
     if groups * batch_size != x.shape[0]:
         raise ValueError(
             f"BatchNorm input of {x.shape[0]} samples is not a multiple of the batch {batch_size}"
         )
     if groups == 1:
-        out = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-        return _epilogue(out, residual, relu)
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.is_grad_enabled():
-        return _native_batch_norm_per_group(bn, x, batch_size, residual, relu)  # ZO queries run without autograd
+        return _native_batch_norm_per_group(bn, x, batch_size)  # ZO queries run without autograd
     c = x.shape[1]
     if is_channels_last(x):  # (K*B, H, W, C) in memory: statistics over (B, H, W), vectorized over C
         g = x.permute(0, 2, 3, 1).reshape(groups, -1, c)
         out = _standardize(g, (1,), bn.eps, *_bn_params(bn, (1, 1, c)))
-        out = out.view(x.shape[0], *x.shape[2:], c).permute(0, 3, 1, 2)
-    else:
-        g = x.reshape(groups, batch_size, c, -1)
-        out = _standardize(g, (1, 3), bn.eps, *_bn_params(bn, (1, 1, c, 1))).view(x.shape)
-    return _epilogue(out, residual, relu)
+        return out.view(x.shape[0], *x.shape[2:], c).permute(0, 3, 1, 2)
+    g = x.reshape(groups, batch_size, c, -1)
+    return _standardize(g, (1, 3), bn.eps, *_bn_params(bn, (1, 1, c, 1))).view(x.shape)
 
 
-def _epilogue(out: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
-    """out + residual (one batch broadcast over the groups, or as many samples), then ReLU if asked."""
-    if residual is not None:
-        if residual.shape[0] == out.shape[0]:
-            out = out + residual
-        else:
-            out = (out.view(-1, *residual.shape) + residual).view(out.shape)
-    return F.relu(out) if relu else out
-
-
-def _native_batch_norm_per_group(
-    bn: _BatchNorm, x: Tensor, batch_size: int, residual: Tensor | None, relu: bool
-) -> Tensor:
-    """One native train-mode BatchNorm per group, each written into its slice of one output (on CPU about
-    2x the grouped two-pass arithmetic on ResNet-20's stacked activations, and the kernel the base
-    forward's own BatchNorm runs), with the epilogue applied in place to that slice."""
+def _native_batch_norm_per_group(bn: _BatchNorm, x: Tensor, batch_size: int) -> Tensor:
+    """One native train-mode BatchNorm per group, each written into its slice of one output: on CPU about
+    2x the grouped two-pass arithmetic (ResNet-20's stacked activations), and the kernel the base
+    forward's own BatchNorm runs."""
     out = torch.empty_like(x)
     mean, invstd = (torch.empty(x.shape[1], dtype=x.dtype) for _ in range(2))
-    groups = x.shape[0] // batch_size
-    if residual is None or residual.shape[0] != x.shape[0]:
-        parts = [residual] * groups  # nothing, or the one base batch for every group
-    else:
-        parts = residual.split(batch_size)
-    for part, dest, extra in zip(x.split(batch_size), out.split(batch_size), parts):
+    for part, dest in zip(x.split(batch_size), out.split(batch_size)):
         torch.ops.aten.native_batch_norm.out(
             part, bn.weight, bn.bias, None, None, True, 0.0, bn.eps, out=dest, save_mean=mean, save_invstd=invstd
         )
-        if extra is not None:
-            dest.add_(extra)
-        if relu:
-            dest.clamp_min_(0)  # what F.relu computes
     return out
 
 
@@ -414,39 +374,18 @@ class Propagator:
         if isinstance(node, Leaf):
             return self._leaf(node, state)
         if isinstance(node, Seq):
-            return self._seq(node.items, state)
+            for item in node.items:
+                state = self.run(item, state)
+            return state
         return self._add(node, self.run(node.main, state), self.run(node.shortcut, state))
-
-    def _seq(self, items: tuple[Node, ...], state: State) -> State:
-        """Items in order; a dense BatchNorm or BatchNorm-ending residual followed by a ReLU is fused."""
-        i = 0
-        while i < len(items):
-            fused = self._fused(items[i], state) if i + 1 < len(items) and _is_relu(items[i + 1]) else None
-            state, i = (self.run(items[i], state), i + 1) if fused is None else (fused, i + 2)
-        return state
-
-    def _fused(self, node: Node, state: State) -> Tensor | None:
-        """relu(node(state)) with the ReLU (and a residual sum) in `batch_norm_per_group`'s epilogue, when
-        node is a BatchNorm or a residual whose main branch ends in one, and state is dense; else None."""
-        if not isinstance(state, Tensor):
-            return None
-        batch = state.shape[0] // self.k
-        if _is_batch_norm(node):
-            return batch_norm_per_group(node.module, state, batch, relu=True)
-        if isinstance(node, Residual) and isinstance(node.main, Seq) and node.main.items:
-            *rest, last = node.main.items
-            if _is_batch_norm(last):
-                pre, shortcut = self._seq(tuple(rest), state), self.run(node.shortcut, state)
-                assert isinstance(pre, Tensor) and isinstance(shortcut, Tensor)  # dense in, dense out
-                return batch_norm_per_group(last.module, pre, batch, residual=shortcut, relu=True)
-        return None
 
     def resume(self, path: tuple[Node, ...], state: State) -> State:
         """State of `path[0]`'s output when the leaf `path[-1]` outputs `state` (all else base)."""
         for parent, child in zip(reversed(path[:-1]), reversed(path[1:])):
             if isinstance(parent, Seq):
                 at = next(i for i, item in enumerate(parent.items) if item is child)
-                state = self._seq(parent.items[at + 1 :], state) if state is not None else None
+                for item in parent.items[at + 1 :]:
+                    state = self.run(item, state)
             elif child is parent.main:
                 state = self._add(parent, state, None)
             else:
