@@ -14,7 +14,7 @@ import csv
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -350,6 +350,29 @@ def certified_accuracy(rows_or_csv: Rows, radii: Sequence[float] = _DEFAULT_RADI
     """
     acc = _accuracy_curve(_as_rows(rows_or_csv), np.asarray(radii, dtype=float))
     return {float(r): float(a) for r, a in zip(radii, acc, strict=True)}
+
+
+def certified_by_image(rows_or_csv: Rows, radius: float) -> dict[str, bool]:
+    """Whether each image (by its id, the `image` column) is certified correctly at `radius` or more:
+    paired comparisons must match tables by image, as rows of different subsets are other images."""
+    rows = _as_rows(rows_or_csv)
+    where = rows_or_csv if isinstance(rows_or_csv, str | os.PathLike) else "the table"
+    if not all(r.image for r in rows):
+        raise ValueError(f"{where} names no images (written before the image column): run results/certify/image_ids.py on it")
+    table = {r.image: bool(r.correct) and r.radius >= radius for r in rows}
+    if len(table) != len(rows):
+        raise ValueError(f"{where} names an image twice")
+    return table
+
+
+def paired_sign_test(a: Mapping[Hashable, bool], b: Mapping[Hashable, bool]) -> tuple[int, int, float]:
+    """Images certified by `a` only, by `b` only, and the two-sided exact sign test on those discordant
+    images (McNemar's exact test): the paired test for two certifications of the same images."""
+    if a.keys() != b.keys():
+        raise ValueError(f"the two tables certify different images ({len(a.keys() ^ b.keys())} not in both)")
+    only_a = sum(a[i] and not b[i] for i in a)
+    only_b = sum(b[i] and not a[i] for i in a)
+    return only_a, only_b, binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
 
 
 def plot_certified_accuracy(

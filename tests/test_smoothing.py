@@ -12,10 +12,12 @@ from deepzero_apps.smoothing import (
     CertifyRow,
     Smoothed,
     certified_accuracy,
+    certified_by_image,
     certify_dataset,
     clopper_pearson_lower,
     clopper_pearson_lower_array,
     load_certification,
+    paired_sign_test,
     plot_certified_accuracy,
     resumable_certification,
 )
@@ -277,3 +279,22 @@ def test_an_interrupted_certification_keeps_its_rows_and_queries_only_the_rest(t
     assert load_certification(out) == rows
     with pytest.raises(ValueError, match="not the same certification"):
         certify_dataset(_smoothed(), _dataset()[1:], out_csv=tmp_path / "other.tsv", done=done, **kwargs)
+
+
+def test_paired_sign_test_pairs_tables_by_image_not_by_row(tmp_path) -> None:
+    """Two tables of the same images in other row orders (as subsets of different sizes give): the
+    discordant counts and McNemar's exact p come from matching ids; by position they would differ."""
+    a = [CertifyRow(i, 0, 0, r, 1, 0.1, f"img{i}") for i, r in enumerate((0.5, 0.5, 0.5, 0.1, 0.5, 0.5))]
+    b = [CertifyRow(i, 0, 0, r, 1, 0.1, f"img{i}") for i, r in enumerate((0.1, 0.1, 0.1, 0.5, 0.1, 0.5))]
+    b_shuffled = [b[i] for i in (5, 3, 0, 4, 1, 2)]
+    only_a, only_b, p = paired_sign_test(certified_by_image(a, 0.25), certified_by_image(b_shuffled, 0.25))
+    assert (only_a, only_b) == (4, 1) and p == binomtest(4, 5).pvalue
+    assert paired_sign_test({"x": True}, {"x": True}) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="certify different images"):
+        paired_sign_test(certified_by_image(a, 0.25), certified_by_image(b[:5], 0.25))
+    old = tmp_path / "old.tsv"
+    old.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0.2\n")
+    with pytest.raises(ValueError, match=r"old\.tsv names no images .*image_ids\.py"):
+        certified_by_image(old, 0.25)
+    with pytest.raises(ValueError, match="names an image twice"):
+        certified_by_image([a[0], a[0]], 0.25)

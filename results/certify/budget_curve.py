@@ -23,10 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scipy.stats import binomtest
-
 from deepzero_apps.checkpoint import atomic_write_json, atomic_write_text
-from deepzero_apps.smoothing import load_certification
+from deepzero_apps.smoothing import certified_by_image, paired_sign_test
 
 RADIUS = 0.25
 FULL = {"sigmas": (0.25, 0.5), "budgets": (100_000, 300_000, 1_000_000, 3_000_000),
@@ -61,10 +59,8 @@ def command(root: Path, mode: str, sigma: float, budget: int, smoke: bool, data_
 
 
 def certified(path: Path) -> dict[str, bool]:
-    """Certified correctly at r >= RADIUS, by image id (the `image` column; image_ids.py adds it to older tables)."""
-    rows = load_certification(path / "certify.tsv")
-    assert all(r.image for r in rows), f"{path}/certify.tsv names no images: run results/certify/image_ids.py on it"
-    return {r.image: bool(r.correct) and r.radius >= RADIUS for r in rows}
+    """Certified correctly at r >= RADIUS, by image id (image_ids.py adds the ids to older tables)."""
+    return certified_by_image(path / "certify.tsv", RADIUS)
 
 
 def report(root: Path, plan: dict, tag: str = "") -> list[dict]:
@@ -74,10 +70,7 @@ def report(root: Path, plan: dict, tag: str = "") -> list[dict]:
         if not (d / "summary.json").exists():
             continue
         ours, start = certified(d), certified(run_dir(root, "mse", sigma, 0))
-        assert ours.keys() == start.keys(), f"{d}: not the same certified images as MSE-only"
-        only_ours = sum(ours[i] and not start[i] for i in ours)
-        only_start = sum(start[i] and not ours[i] for i in ours)
-        p = binomtest(only_ours, only_ours + only_start).pvalue if only_ours + only_start else 1.0
+        only_ours, only_start, p = paired_sign_test(ours, start)
         summary = json.loads((d / "summary.json").read_text())
         rows.append({"sigma": sigma, "mode": mode, "budget": budget, "train_queries": summary["train"]["queries"],
                      "images": len(ours), "certified_at_r": sum(ours.values()) / len(ours),

@@ -4,7 +4,7 @@
 Every paired comparison at r = 0.25 that the README draws a conclusion from: each fine-tuning run of
 the budget curve against the MSE-only start of its sigma (the same 200 images), and the 1M-image
 runs on the 300 images of the 500-image set that are not among the curve's 200 (they played no part
-in choosing the setting). Pairs are matched by image id (`paired.py`); p is the exact two-sided sign
+in choosing the setting). Pairs are matched by image id (`smoothing.certified_by_image`); p is the exact two-sided sign
 test, and `p x m` its Bonferroni bound over all m rows, applied to the negative findings as to the
 positive ones.
 
@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from paired import certified  # results/certify/paired.py, beside this script
-from scipy.stats import binomtest
-
 from deepzero_apps.checkpoint import atomic_write_json, atomic_write_text
+from deepzero_apps.smoothing import certified_by_image, paired_sign_test
 
 HERE = Path(__file__).parent
 BUDGET = HERE / "budget"
@@ -28,11 +26,9 @@ FRESH = [("fo_ds_1000000_stabmse", "mse"), ("deepzero_1000000_stabmse", "mse"),
 
 
 def compare(a: Path, b: Path, exclude: set[str] = frozenset(), radius: float = RADIUS) -> dict:
-    ca, cb = ({i: c for i, c in certified(d / "certify.tsv", radius).items() if i not in exclude} for d in (a, b))
-    if ca.keys() != cb.keys():
-        raise SystemExit(f"{a} and {b} certified different images")
-    only_a, only_b = sum(ca[i] and not cb[i] for i in ca), sum(cb[i] and not ca[i] for i in ca)
-    p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    ca, cb = ({i: c for i, c in certified_by_image(d / "certify.tsv", radius).items() if i not in exclude}
+              for d in (a, b))
+    only_a, only_b, p = paired_sign_test(ca, cb)
     return {"images": len(ca), "certified_a": sum(ca.values()), "certified_b": sum(cb.values()),
             "only_a": only_a, "only_b": only_b, "p": p}
 
@@ -44,7 +40,7 @@ def main() -> None:
         for run in sorted(d for d in root.iterdir() if (d / "certify.tsv").exists() and d.name != "mse"):
             rows.append({"sigma": sigma, "a": run.name, "b": "mse", "images_used": "the curve's 200",
                          **compare(run, root / "mse")})
-    curve = set(certified(BUDGET / "sigma0.25" / "mse" / "certify.tsv", 0.0))
+    curve = set(certified_by_image(BUDGET / "sigma0.25" / "mse" / "certify.tsv", 0.0))
     for a, b in FRESH:
         root = BUDGET / "sigma0.25_500images"
         rows.append({"sigma": "0.25", "a": a, "b": b, "images_used": "300 fresh (500 minus the curve's 200)",

@@ -22,20 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from scipy.stats import binomtest
-
-from deepzero_apps.smoothing import load_certification
-
-
-def certified(tsv: Path, radius: float) -> dict[str, bool]:
-    """Whether each image (by id) is certified correctly at `radius` or more."""
-    rows = load_certification(tsv)
-    if not all(r.image for r in rows):
-        raise SystemExit(f"{tsv} names no images (written before the image column): run results/certify/image_ids.py on it")
-    table = {r.image: bool(r.correct) and r.radius >= radius for r in rows}
-    if len(table) != len(rows):
-        raise SystemExit(f"{tsv} names an image twice")
-    return table
+from deepzero_apps.smoothing import certified_by_image, paired_sign_test
 
 
 def main() -> None:
@@ -45,18 +32,18 @@ def main() -> None:
     ap.add_argument("--pairs", nargs="+", default=["deepzero:zo_ae_ds", "deepzero:mse", "fo_ds:mse", "fo_ds_lr1e-4:mse"])
     ap.add_argument("--exclude", type=Path, help="a certify.tsv whose images are left out")
     args = ap.parse_args()
-    excluded = certified(args.exclude, 0.0).keys() if args.exclude else set()
-    for pair, radius in ((pair, radius) for pair in args.pairs for radius in args.radius):
-        a, b = pair.split(":")
-        ca, cb = ({i: c for i, c in certified(args.root / m / "certify.tsv", radius).items() if i not in excluded}
-                  for m in (a, b))
-        if ca.keys() != cb.keys():
-            raise SystemExit(f"{a} and {b} certified different images")
-        only_a = sum(ca[i] and not cb[i] for i in ca)
-        only_b = sum(cb[i] and not ca[i] for i in ca)
-        p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-        print(json.dumps({"a": a, "b": b, "radius": radius, "images": len(ca), "certified_a": sum(ca.values()),
-                          "certified_b": sum(cb.values()), "only_a": only_a, "only_b": only_b, "sign_test_p": float(f"{p:.3g}")}))
+    try:
+        excluded = certified_by_image(args.exclude, 0.0).keys() if args.exclude else set()
+        for pair, radius in ((pair, radius) for pair in args.pairs for radius in args.radius):
+            a, b = pair.split(":")
+            ca, cb = ({i: c for i, c in certified_by_image(args.root / m / "certify.tsv", radius).items()
+                       if i not in excluded} for m in (a, b))
+            only_a, only_b, p = paired_sign_test(ca, cb)
+            print(json.dumps({"a": a, "b": b, "radius": radius, "images": len(ca), "certified_a": sum(ca.values()),
+                              "certified_b": sum(cb.values()), "only_a": only_a, "only_b": only_b,
+                              "sign_test_p": float(f"{p:.3g}")}))
+    except ValueError as e:  # a table without image ids, or two tables of different images
+        raise SystemExit(f"paired.py: {e}") from None
 
 
 if __name__ == "__main__":

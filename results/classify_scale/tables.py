@@ -22,7 +22,9 @@ from pathlib import Path
 
 import yaml
 from matplotlib.figure import Figure
-from scipy.stats import binomtest, ttest_rel
+from scipy.stats import ttest_rel
+
+from deepzero_apps.smoothing import paired_sign_test
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["FO", "FO masked 90%", "ZO dense", "ZO-GraSP 90%", "random 90%", "uniform 90%", "ZO-GraSP 95%"]
@@ -95,11 +97,9 @@ def accuracy_table(cells: dict[str, dict[int, dict]]) -> list[str]:
 
 
 def mcnemar(a: str, b: str) -> tuple[int, int, float]:
-    """Images only `a` / only `b` gets right, and the exact two-sided sign test on them."""
-    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
-    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
-    n = only_a + only_b
-    return only_a, only_b, binomtest(only_a, n).pvalue if n else 1.0
+    """Images only `a` / only `b` gets right ('0'/'1' per test image, in the same order), and the exact
+    two-sided sign test on them."""
+    return paired_sign_test(*({i: x == "1" for i, x in enumerate(s)} for s in (a, b)))
 
 
 def comparison_table(cells: dict[str, dict[int, dict]]) -> list[str]:
