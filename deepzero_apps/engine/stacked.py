@@ -9,7 +9,6 @@ delegates to it) turns a CGE coordinate list into chunks of K perturbed paramete
 
 from __future__ import annotations
 
-import time
 import weakref
 from typing import Any
 
@@ -109,42 +108,19 @@ PADDED_WIDTH = 4  # output channels per group that CPU grouped convolutions run 
 def grouped_conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride, padding, dilation) -> Tensor:
     """`conv2d` of x (B, K x C, H, W) with K stacked weights w (K, O, C, kh, kw): one grouped convolution.
 
-    oneDNN runs groups of fewer than 4 output channels on a slow path on this CPU (the correction net's
-    4 -> 2 output layer: 2.2x the time of a 4 -> 4 one), so on the CPU such a layer is timed once per
-    shape with zero weights padding each group to 4 outputs, whose extra channels are dropped, and
-    keeps whichever form is faster (`_padding_pays`).
+    oneDNN runs groups of fewer than 4 output channels on a slow path (the correction net's 4 -> 2
+    output layer: 2.2x the time of the same layer zero-padded to 4 outputs per group), so on the CPU
+    such groups are padded with zero weights and the extra channels dropped. A fixed rule, not a timing:
+    the two forms differ in the last bits, and every rank, every resumed run and the single process they
+    are checked against must run the same kernels (a per-process timing once made 2 ranks differ from
+    1 process by 2e-14).
     """
     k, o = w.shape[:2]
-
-    def conv(w: Tensor, b: Tensor | None) -> Tensor:
-        return F.conv2d(x, w.flatten(0, 1), None if b is None else b.flatten(), stride, padding, dilation, k)
-
-    def padded() -> Tensor:
+    if o < PADDED_WIDTH and x.device.type == "cpu":
         extra = PADDED_WIDTH - o
-        out = conv(F.pad(w, (0, 0, 0, 0, 0, 0, 0, extra)), None if b is None else F.pad(b, (0, extra)))
-        return out.unflatten(1, (k, PADDED_WIDTH))[:, :, :o].flatten(1, 2)
-
-    if o >= PADDED_WIDTH or x.device.type != "cpu":
-        return conv(w, b)
-    key = (tuple(x.shape), tuple(w.shape), x.dtype, b is None, str(stride), str(padding), str(dilation))
-    if key not in _PADDING_PAYS:
-        _PADDING_PAYS[key] = _padding_pays(lambda: conv(w, b), padded)
-    return padded() if _PADDING_PAYS[key] else conv(w, b)
-
-
-_PADDING_PAYS: dict[tuple, bool] = {}
-
-
-def _padding_pays(plain, padded, reps: int = 3) -> bool:
-    """Whether `padded()` runs faster than `plain()` (best of `reps` calls each, in turn, after one each)."""
-    best = [float("inf"), float("inf")]
-    for rep in range(reps + 1):
-        for i, fn in enumerate((plain, padded)):
-            t0 = time.perf_counter()
-            fn()
-            if rep:
-                best[i] = min(best[i], time.perf_counter() - t0)
-    return best[1] < best[0]
+        w, b = F.pad(w, (0, 0, 0, 0, 0, 0, 0, extra)), None if b is None else F.pad(b, (0, extra))
+    out = F.conv2d(x, w.flatten(0, 1), None if b is None else b.flatten(), stride, padding, dilation, k)
+    return out if w.shape[1] == o else out.unflatten(1, (k, w.shape[1]))[:, :, :o].flatten(1, 2)
 
 
 def stacked_coordinate_losses(
