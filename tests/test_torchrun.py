@@ -116,7 +116,7 @@ def assert_unlocked(run_dir: Path) -> None:
     "app, overrides, steps, victim",
     [
         ("classify", [*CLASSIFY, "epochs=2", "checkpoint_every=2"], 8, 1),  # 256 / 64 = 4 steps per epoch
-        ("pde", [*PDE, "epochs=4", "checkpoint_every=1"], 12, 0),  # 2 sims x 3 windows / 2 = 3 steps per epoch
+        ("pde", [*PDE, "epochs=2", "checkpoint_every=1"], 6, 0),  # 2 sims x 3 windows / 2 = 3 steps per epoch
     ],
 )
 def test_killed_worker_is_restarted_and_resumes_to_the_uninterrupted_result(tmp_path, app, overrides, steps, victim):
