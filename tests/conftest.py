@@ -24,8 +24,3 @@ def digits_model_file(tmp_path_factory):
     """One TorchScript digits classifier per test process, for the tests that serve or query it."""
     return digits_model(tmp_path_factory.mktemp("model") / "digits.pt")
 
-
-def pytest_collection_modifyitems(items):
-    """The slow-marked tests first: pytest-xdist hands tests out in collection order, so the long ones
-    then spread over the workers at the start instead of keeping one worker busy at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
