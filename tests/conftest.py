@@ -23,4 +23,3 @@ def one_thread():
 def digits_model_file(tmp_path_factory):
     """One TorchScript digits classifier per test process, for the tests that serve or query it."""
     return digits_model(tmp_path_factory.mktemp("model") / "digits.pt")
-

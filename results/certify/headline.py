@@ -4,9 +4,9 @@
 Every paired comparison at r = 0.25 that the README draws a conclusion from: each fine-tuning run of
 the budget curve against the MSE-only start of its sigma (the same 200 images), and the 1M-image
 runs on the 300 images of the 500-image set that are not among the curve's 200 (they played no part
-in choosing the setting). Pairs are matched by image id (`smoothing.certified_by_image`); p is the exact two-sided sign
-test, and `p x m` its Bonferroni bound over all m rows, applied to the negative findings as to the
-positive ones.
+in choosing the setting). Pairs are matched by image id (`smoothing.certified_by_image`); p is the
+exact two-sided sign test, and `p x m` its Bonferroni bound over all m rows, applied to the negative
+findings as to the positive ones.
 
     python results/certify/headline.py     # writes results/certify/headline.md and headline.json
 """
