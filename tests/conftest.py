@@ -1,22 +1,21 @@
+import os
+
 import pytest
 import torch
 from servers import digits_model
+
+# One thread per test process and per process a test starts: `-n auto` already runs one test process per
+# core, and idle OpenMP threads spin-waiting on a core the other process needs cost the suite ~10 % of
+# its wall time. Exported before any test starts a process, so every CLI run, server and torchrun
+# worker inherits it.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread for modules of tiny ops (extra threads only contend, badly on a loaded
-    machine); spawned ranks set one thread each themselves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ and certify running the sparsity it is asked for."""
 
 import json
 
-import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -16,8 +15,6 @@ from deepzero_apps.engine import StagedObjective
 from deepzero_apps.models import create_model
 from deepzero_apps.tasks.classify import ClassifyConfig
 from deepzero_apps.trainer import TrainerConfig
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(sparsity: float, resume: bool = False, method: str = "zo_grasp"):

@@ -21,7 +21,6 @@ from deepzero_apps.models import correction_net, create_model, dncnn
 ATOL = 1e-10
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: extra threads only contend
 
 
 def ce(out, b):

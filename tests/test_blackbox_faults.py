@@ -12,8 +12,6 @@ from torch import nn
 
 from deepzero_apps.cli import main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 TINY = [
     "data.train_limit=40", "data.test_limit=20", "eval_limit=20", "pretrain.epochs=1", "denoiser.depth=3",
     "denoiser.width=4", "certify.limit=2", "certify.n0=4", "certify.n=16", "progress=false", "method=mse",

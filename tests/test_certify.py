@@ -28,7 +28,6 @@ TINY = [
 ]  # fmt: skip
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny forwards
 
 
 def problem() -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:

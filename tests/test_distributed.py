@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -30,7 +29,6 @@ from deepzero_apps.models import create_model
 STEPS = 3
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: extra threads only contend
 
 
 def ce(out, b):

@@ -10,8 +10,6 @@ from torch import nn
 from deepzero_apps.engine import CGE, RGE, FirstOrder, ShardedEvaluator, StagedObjective
 from deepzero_apps.errors import ConfigError
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: extra threads only contend
-
 EVALUATORS = ["reference", "reuse", "batched", "sharded"]  # sharded: one process, around batched
 
 

@@ -3,10 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -22,7 +22,6 @@ from deepzero_apps.cli import main
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = [
     "data.train_limit=64", "data.test_limit=40", "eval_limit=40", "pretrain.epochs=1", "denoiser.depth=3",

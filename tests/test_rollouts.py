@@ -33,8 +33,6 @@ from deepzero_apps.solvers.wake import WakeSolver
 from deepzero_apps.tasks.pde.app import RolloutObjective, black_box_step
 from deepzero_apps.tasks.pde.data import Stepper
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def loop_step(solver: Solver, states: np.ndarray, **conditions) -> np.ndarray:
     """The base class's per-state loop: the reference for every native step_batch."""

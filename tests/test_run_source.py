@@ -25,8 +25,6 @@ from deepzero_apps.blackbox.run_source import load_run
 from deepzero_apps.cli import main
 from deepzero_apps.tasks.export.app import load_exported
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 CLASSIFY = ["mode=fo", "epochs=1", "progress=false", "data.train_limit=64", "data.test_limit=40"]
 CERTIFY = ["method=mse", "data.train_limit=32", "data.test_limit=40", "eval_limit=20", "pretrain.epochs=1",
            "denoiser.depth=3", "denoiser.width=4", "certify.limit=6", "certify.n0=8", "certify.n=64", "progress=false"]

@@ -65,7 +65,7 @@ def test_the_doc_has_the_commands_this_test_runs():
 
 
 @pytest.mark.parametrize("argv", commands(), ids=lambda argv: " ".join(argv[1:])[:60])
-def test_every_command_of_docs_solvers_md_runs_as_written(argv, tmp_path, monkeypatch, one_thread):
+def test_every_command_of_docs_solvers_md_runs_as_written(argv, tmp_path, monkeypatch):
     if any("phiflow" in a for a in argv):
         pytest.importorskip("phi")
     monkeypatch.chdir(tmp_path)

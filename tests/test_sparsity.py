@@ -25,8 +25,6 @@ from deepzero_apps.engine import (
     zo_grasp_scores,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny forwards
-
 
 def tiny_cnn(dtype=torch.float64) -> nn.Sequential:
     return nn.Sequential(

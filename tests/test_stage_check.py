@@ -20,8 +20,6 @@ from torch import nn
 from deepzero_apps.engine import CGE, RGE, FirstOrder, StagedObjective
 from deepzero_apps.errors import ConfigError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 class Mid(nn.Module):
     """The middle stage; `correct=False` forgets the gated branch that forward adds."""

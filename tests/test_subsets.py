@@ -12,8 +12,6 @@ from deepzero_apps.adapter import build_sampler
 from deepzero_apps.engine import CGE, StagedObjective, in_subset, select_parameters
 from deepzero_apps.models import ResidualAdapter, create_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SUBSETS = {
     "last": ("last", 2),
     "norm": ("norm", 1),

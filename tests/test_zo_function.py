@@ -12,8 +12,6 @@ from torch import nn
 from deepzero_apps.engine import CGE, RGE, QueryCounter, zo_function
 from deepzero_apps.errors import RunError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0))
