@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from deepzero_apps.checkpoint import load_checkpoint
+from deepzero_apps.cli import main
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
@@ -45,13 +46,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def single(app: str, overrides: list[str], cwd: Path) -> Path:
-    """An uninterrupted single-process run in `cwd`; returns its run directory."""
-    cwd.mkdir()
-    cmd = [sys.executable, "-m", "deepzero_apps.cli", app, *overrides]
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = (cwd / "runs" / app).iterdir()
+def single(app: str, overrides: list[str], run_dir: Path) -> Path:
+    """An uninterrupted single-process run in this test process (one thread, as every test process):
+    the reference the ranks must equal, without paying another interpreter's start-up."""
+    assert main([app, *overrides, f"hydra.run.dir={run_dir}"]) == 0
     return run_dir
 
 
