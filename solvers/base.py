@@ -13,7 +13,9 @@ of Solver-in-the-Loop are two instances of the same class; :meth:`Solver.downsam
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -290,13 +292,22 @@ class Solver(ABC):
 def _distribution_version(module: str) -> str | None:
     import importlib.metadata as md
 
-    dists = md.packages_distributions().get(module.partition(".")[0], [])
+    dists = _distributions_by_top_level(tuple(sys.path)).get(module.partition(".")[0], [])
     for dist in dists:
         try:
             return f"{dist} {md.version(dist)}"
         except md.PackageNotFoundError:
             continue
     return None
+
+
+@functools.cache
+def _distributions_by_top_level(path: tuple[str, ...]) -> Mapping[str, list[str]]:
+    """`importlib.metadata.packages_distributions()`, once per `sys.path`: it reads every installed
+    distribution's file list (~0.3 s), and every solver fingerprint (each PDE run, twice) asks it."""
+    import importlib.metadata as md
+
+    return md.packages_distributions()
 
 
 def _source_hash(cls: type) -> str:
@@ -309,7 +320,6 @@ def _source_hash(cls: type) -> str:
     ``deepzero_apps``, whose unrelated edits must not invalidate every cached reference)."""
     import hashlib
     import inspect
-    import sys
 
     files: dict[str, Path] = {}
 
