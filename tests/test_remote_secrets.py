@@ -16,7 +16,12 @@ from servers import Server, free_port
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-SECRETS = {"token": "tokSecret111", "env": "envSecret222", "query": "qrySecret333", "password": "pwdSecret444"}
+SECRETS = {
+    "token": "tokSecret111",
+    "env": "envSecret222",
+    "query": "qrySecret333",
+    "password": "pwdSecret444",
+}
 TINY = [
     "data.train_limit=40", "data.test_limit=20", "eval_limit=20", "pretrain.epochs=1", "denoiser.depth=3",
     "denoiser.width=4", "certify.limit=2", "certify.n0=4", "certify.n=16", "progress=false", "method=mse",
@@ -24,17 +29,36 @@ TINY = [
 
 
 def test_no_secret_is_written_or_printed(tmp_path, digits_model_file):
-    server = Server(digits_model_file, free_port(), tmp_path / "requests.jsonl", (f"token={SECRETS['token']}",)).start()
+    server = Server(
+        digits_model_file, free_port(), tmp_path / "requests.jsonl", (f"token={SECRETS['token']}",)
+    ).start()
     dead = free_port()  # a replica that refuses connections: the run retries on the live one
-    urls = (f"['http://user:{SECRETS['password']}@127.0.0.1:{dead}/predict',"
-            f"'http://127.0.0.1:{server.port}/predict?api_key=${{oc.env:DZ_TEST_KEY}}&x={SECRETS['query']}']")
+    urls = (
+        f"['http://user:{SECRETS['password']}@127.0.0.1:{dead}/predict',"
+        f"'http://127.0.0.1:{server.port}/predict?api_key=${{oc.env:DZ_TEST_KEY}}&x={SECRETS['query']}']"
+    )
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "deepzero_apps.cli", "certify", f"hydra.run.dir={run_dir}", *TINY,
-           f"pretrain.cache_dir={tmp_path / 'pretrain'}", "classifier=http", f"classifier.url={urls}",
-           f"classifier.headers={{Authorization: 'Bearer {SECRETS['token']}'}}", "classifier.backoff=0.05"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepzero_apps.cli",
+        "certify",
+        f"hydra.run.dir={run_dir}",
+        *TINY,
+        f"pretrain.cache_dir={tmp_path / 'pretrain'}",
+        "classifier=http",
+        f"classifier.url={urls}",
+        f"classifier.headers={{Authorization: 'Bearer {SECRETS['token']}'}}",
+        "classifier.backoff=0.05",
+    ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "DZ_TEST_KEY": SECRETS["env"]})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "DZ_TEST_KEY": SECRETS["env"]},
+        )
     finally:
         server.kill()
     assert proc.returncode == 0, proc.stderr
@@ -47,7 +71,8 @@ def test_no_secret_is_written_or_printed(tmp_path, digits_model_file):
         assert not leaks, (name, leaks)
     assert "HTTP Request" not in printed  # httpx's per-request lines
     http = json.loads((run_dir / "summary.json").read_text())["http"]
-    assert http["requests"] == len(server.rows()) + http["retries"] and http["retries"] >= 1  # the dead replica
+    # the dead replica's refusals are retries
+    assert http["requests"] == len(server.rows()) + http["retries"] and http["retries"] >= 1
     assert "<redacted>" in (run_dir / "run_config.yaml").read_text()
 
 
@@ -57,11 +82,20 @@ def test_redaction_of_overrides_and_configs():
     from deepzero_apps.redact import redact, redact_override
 
     assert redact_override("classifier.headers={A: x1, B: y2}") == "classifier.headers=<redacted>"
-    assert redact_override("classifier.url=['http://u:p@a/p?k=1,2&key=S','http://b/p?z=3']") == \
-        "classifier.url=['http://<redacted>@a/p?<redacted>','http://b/p?<redacted>']"
-    cfg = OmegaConf.create({"token": "t", "classifier": {"headers": {"A": "x"}, "url": "https://h/p?k=${oc.env:K}"},
-                            "hydra": {"job": {"override_dirname": "seed=1,classifier.headers={A: x, B: y}"}}})
+    assert (
+        redact_override("classifier.url=['http://u:p@a/p?k=1,2&key=S','http://b/p?z=3']")
+        == "classifier.url=['http://<redacted>@a/p?<redacted>','http://b/p?<redacted>']"
+    )
+    cfg = OmegaConf.create(
+        {
+            "token": "t",
+            "classifier": {"headers": {"A": "x"}, "url": "https://h/p?k=${oc.env:K}"},
+            "hydra": {"job": {"override_dirname": "seed=1,classifier.headers={A: x, B: y}"}},
+        }
+    )
     assert OmegaConf.to_container(redact(cfg)) == {
-        "token": "<redacted>", "classifier": {"headers": {"A": "<redacted>"}, "url": "https://h/p?<redacted>"},
-        "hydra": {"job": {"override_dirname": "<redacted>"}}}
+        "token": "<redacted>",
+        "classifier": {"headers": {"A": "<redacted>"}, "url": "https://h/p?<redacted>"},
+        "hydra": {"job": {"override_dirname": "<redacted>"}},
+    }
     assert redact(redact(cfg)) == redact(cfg)

@@ -3,20 +3,17 @@ classify -> serve -> certify over HTTP with real processes, as the README gives 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
+from servers import free_port, wait_until_healthy
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -26,16 +23,29 @@ from deepzero_apps.cli import main
 from deepzero_apps.tasks.export.app import load_exported
 
 CLASSIFY = ["mode=fo", "epochs=1", "progress=false", "data.train_limit=64", "data.test_limit=40"]
-CERTIFY = ["method=mse", "data.train_limit=32", "data.test_limit=40", "eval_limit=20", "pretrain.epochs=1",
-           "denoiser.depth=3", "denoiser.width=4", "certify.limit=6", "certify.n0=8", "certify.n=64", "progress=false"]
-BUNDLED = sorted(p.stem for p in (Path(configs.__file__).parent / "images" / "model").glob("*.yaml"))  # every bundled model
+CERTIFY = [
+    "method=mse",
+    "data.train_limit=32",
+    "data.test_limit=40",
+    "eval_limit=20",
+    "pretrain.epochs=1",
+    "denoiser.depth=3",
+    "denoiser.width=4",
+    "certify.limit=6",
+    "certify.n0=8",
+    "certify.n=64",
+    "progress=false",
+]
+# every bundled model
+BUNDLED = sorted(p.stem for p in (Path(configs.__file__).parent / "images" / "model").glob("*.yaml"))
 
 
 def digits_pixels(seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """classify's digits test split (seed 0) in [0, 1] pixels, as a user of the black box sends them."""
     d = load_digits()
-    _, x, _, y = train_test_split(d.images.astype(np.float32) / 16.0, d.target, test_size=0.2, stratify=d.target,
-                                  random_state=seed)
+    _, x, _, y = train_test_split(
+        d.images.astype(np.float32) / 16.0, d.target, test_size=0.2, stratify=d.target, random_state=seed
+    )
     return torch.from_numpy(x).unsqueeze(1), y
 
 
@@ -50,8 +60,20 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_a_run_takes_pixel_images_and_gives_the_accuracy_it_reported(tmp_path):
-    assert main(["classify", f"hydra.run.dir={tmp_path}", "mode=fo", "epochs=1", "progress=false",
-                 "model.channels=8"]) == 0  # not the default width: it must come from the run's files
+    # model.channels=8 is not the default width: it must come from the run's files
+    assert (
+        main(
+            [
+                "classify",
+                f"hydra.run.dir={tmp_path}",
+                "mode=fo",
+                "epochs=1",
+                "progress=false",
+                "model.channels=8",
+            ]
+        )
+        == 0
+    )
     x, y = digits_pixels()
     with torch.no_grad():
         acc = float((load_run(tmp_path)(x).argmax(1).numpy() == y).mean())
@@ -60,12 +82,25 @@ def test_a_run_takes_pixel_images_and_gives_the_accuracy_it_reported(tmp_path):
 
 # TorchScript (the default) for every bundled model; torch.export for one of each family (the deeper
 # ResNets are the same blocks, and exporting them takes 6-14 s each here).
-@pytest.mark.parametrize("name, fmt", [(name, "torchscript") for name in BUNDLED]
-                         + [(name, "export") for name in ("small_cnn", "mlp", "resnet20")])
+@pytest.mark.parametrize(
+    "name, fmt",
+    [(name, "torchscript") for name in BUNDLED]
+    + [(name, "export") for name in ("small_cnn", "mlp", "resnet20")],
+)
 def test_every_bundled_model_exports_to_a_file_that_computes_the_run(runs, tmp_path, name, fmt):
     out = tmp_path / "model.bin"
-    assert main(["export", f"run_dir={runs[name]}", f"format={fmt}", f"output={out}",
-                 f"hydra.run.dir={tmp_path / 'export'}"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                f"run_dir={runs[name]}",
+                f"format={fmt}",
+                f"output={out}",
+                f"hydra.run.dir={tmp_path / 'export'}",
+            ]
+        )
+        == 0
+    )
     module, x = load_exported(out, fmt), digits_pixels()[0][:37]  # a batch size it was not exported with
     with torch.no_grad():
         expected = load_run(runs[name])(x)
@@ -78,8 +113,16 @@ def test_serve_and_certify_accept_a_run_and_refuse_what_does_not_fit(runs, tmp_p
         (["serve", "classifier=train"], "classifier=run classifier.run_dir=DIR"),
         (["certify", "classifier=run", f"classifier.run_dir={tmp_path / 'none'}"], "is not a directory"),
         (["certify", "classifier=run", f"classifier.run_dir={tmp_path}"], "has no input.json"),
-        (["certify", "classifier=run", f"classifier.run_dir={runs['small_cnn']}", "data.image_size=16", *CERTIFY],
-         "takes (1, 8, 8) images of 10 classes (data=digits), but this data gives (1, 16, 16)"),
+        (
+            [
+                "certify",
+                "classifier=run",
+                f"classifier.run_dir={runs['small_cnn']}",
+                "data.image_size=16",
+                *CERTIFY,
+            ],
+            "takes (1, 8, 8) images of 10 classes (data=digits), but this data gives (1, 16, 16)",
+        ),
         (["export", f"run_dir={runs['mlp']}", "format=onnx"], "format='onnx' is unknown"),
     ]
     for i, (argv, needle) in enumerate(bad):
@@ -88,50 +131,71 @@ def test_serve_and_certify_accept_a_run_and_refuse_what_does_not_fit(runs, tmp_p
         assert needle in err and len(err.splitlines()) == 1, err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "deepzero_apps.cli", *args]
 
 
 def test_classify_then_serve_then_certify_over_http_with_real_processes(tmp_path):
-    """The README's first day: each step a separate `deepzero-task` process, the server on 127.0.0.1."""
+    """The README's first day: the server on 127.0.0.1 and the certify run over HTTP each a separate
+    `deepzero-task` process. The classify run they are given runs in this process (what they read is its
+    run directory; a classify process costs ~10 s of CPU here, and its process is tested where it is killed)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     classify = tmp_path / "classify"
-    subprocess.run(cli("classify", f"hydra.run.dir={classify}", *CLASSIFY), check=True, env=env, timeout=300,
-                   capture_output=True)
+    assert main(["classify", f"hydra.run.dir={classify}", *CLASSIFY]) == 0
     port = free_port()
-    server = subprocess.Popen(cli("serve", "classifier=run", f"classifier.run_dir={classify}", f"port={port}",
-                                  f"hydra.run.dir={tmp_path / 'serve'}"),
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        cli(
+            "serve",
+            "classifier=run",
+            f"classifier.run_dir={classify}",
+            f"port={port}",
+            f"hydra.run.dir={tmp_path / 'serve'}",
+        ),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+        wait_until_healthy(server, port, server.stderr.read)
         certify = subprocess.run(
-            cli("certify", "classifier=http", f"classifier.url=http://127.0.0.1:{port}/predict", *CERTIFY,
-                f"hydra.run.dir={tmp_path / 'http'}"), env=env, timeout=300, capture_output=True, text=True)
+            cli(
+                "certify",
+                "classifier=http",
+                f"classifier.url=http://127.0.0.1:{port}/predict",
+                *CERTIFY,
+                f"hydra.run.dir={tmp_path / 'http'}",
+            ),
+            env=env,
+            timeout=300,
+            capture_output=True,
+            text=True,
+        )
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
     assert certify.returncode == 0, certify.stderr
     # The same run loaded in process certifies the same table: what was served is the run's model.
-    assert main(["certify", "classifier=run", f"classifier.run_dir={classify}", *CERTIFY,
-                 f"hydra.run.dir={tmp_path / 'local'}"]) == 0
+    assert (
+        main(
+            [
+                "certify",
+                "classifier=run",
+                f"classifier.run_dir={classify}",
+                *CERTIFY,
+                f"hydra.run.dir={tmp_path / 'local'}",
+            ]
+        )
+        == 0
+    )
     http, local = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("http", "local"))
     assert http["certify"]["certified_accuracy"] == local["certify"]["certified_accuracy"]
     assert http["train"]["eval"] == local["train"]["eval"]
     served = [json.loads(line) for line in (tmp_path / "serve" / "requests.jsonl").read_text().splitlines()]
-    assert sum(r["images"] for r in served if r["status"] == 200) == http["eval_queries"] + http["certify"]["queries"]
+    assert (
+        sum(r["images"] for r in served if r["status"] == 200)
+        == http["eval_queries"] + http["certify"]["queries"]
+    )
