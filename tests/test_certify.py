@@ -1,9 +1,16 @@
 """certify: the black box stays query-only, every mode trains, and the CLI certifies end to end."""
 
+import contextlib
 import fcntl
+import io
 import json
+import multiprocessing
 import os
+import shutil
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +20,9 @@ from deepzero_apps.blackbox import BlackBoxClassifier, BlackBoxError
 from deepzero_apps.blackbox.losses import DenoiserLoss, ImageQueries, WhiteBox, stability
 from deepzero_apps.cli import main
 from deepzero_apps.engine import CGE, FirstOrder, StagedObjective
+from deepzero_apps.errors import RunError
 from deepzero_apps.models import create_model
-from deepzero_apps.rundir import LOCK
+from deepzero_apps.rundir import LOCK, lock_run_dir
 from deepzero_apps.smoothing import load_certification
 from deepzero_apps.tasks.certify.data import NoisyInputs
 from deepzero_apps.tasks.certify.zoae import AEObjective, autoencoder, latent_estimator
@@ -26,8 +34,21 @@ TINY = [
     "batch_size=8", "query_budget=1500", "sparsity.q=4", "sparsity.samples_per_class=2", "certify.limit=4",
     "certify.n0=8", "certify.n=32", "progress=false",
 ]  # fmt: skip
+STAGES = ("classifier", "pretrain", "zo_ae_ds")
 
 
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> SimpleNamespace:
+    """One `method=deepzero` run of TINY that trains the classifier and the denoiser's pretraining into
+    module-wide stage caches, with its stdout. Tests that only read finished stages point their
+    `<stage>.cache_dir` here (a stage is a function of its configuration, which they do not change), so each
+    trains once per test process; ZO-AE-DS's autoencoder is trained by the first zo_ae_ds run that uses it."""
+    root = tmp_path_factory.mktemp("certify_stages")
+    cache = {k: f"{k}.cache_dir={root / 'cache' / k}" for k in STAGES}
+    run_dir, out = root / "deepzero", io.StringIO()
+    with contextlib.redirect_stdout(out):  # the console log handler is bound to sys.stdout during the run
+        assert main(["certify", f"hydra.run.dir={run_dir}", *TINY, *cache.values(), "method=deepzero"]) == 0
+    return SimpleNamespace(cache=cache, dir=root / "cache", run_dir=run_dir, out=out.getvalue())
 
 
 def problem() -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -143,13 +164,17 @@ def test_denoising_metrics_use_a_class_balanced_test_subset(tmp_path, monkeypatc
     assert seen and all(torch.bincount(y, minlength=10).tolist() == [2] * 10 for y in seen)
 
 
-@pytest.mark.parametrize("method", ["deepzero", "zo_ae_ds", "fo_ds"])
-@pytest.mark.parametrize("budget", [100, 700])
-def test_query_budget_is_never_exceeded_not_even_by_the_first_step(tmp_path, capsys, method, budget):
+# No fo_ds at 700: at 8 images a step, 100 already stops it mid-training as 700 would (fo_ds has no first
+# step that cannot fit, the branch the ZO methods' 100 checks).
+@pytest.mark.parametrize(
+    ("method", "budget"),
+    [("deepzero", 100), ("deepzero", 700), ("zo_ae_ds", 100), ("zo_ae_ds", 700), ("fo_ds", 100)],
+)
+def test_query_budget_is_never_exceeded_not_even_by_the_first_step(tmp_path, capsys, stages, method, budget):
     # 64 training images are labelled first (64 queries); a ZO step costs (queries per step) x 8 images, known
     # before it runs, so a step that would cross the budget is not taken, the first one included.
-    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain", "zo_ae_ds")]
-    args = [*TINY, *cache, f"method={method}", f"query_budget={budget}", "certify.limit=1", "certify.n=8"]
+    args = [*TINY, *stages.cache.values(), f"method={method}", f"query_budget={budget}"]
+    args += ["certify.limit=1", "certify.n=8"]
     code = main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *args])
     if method == "deepzero" and budget == 100:  # ZO-GraSP scoring (200 images) cannot fit: refused before sending
         err = capsys.readouterr().err
@@ -160,12 +185,13 @@ def test_query_budget_is_never_exceeded_not_even_by_the_first_step(tmp_path, cap
     assert train["stopped"] == "query budget" and 64 <= train["queries"] <= budget, train
 
 
-def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
-    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain", "zo_ae_ds")]
+def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys, stages):
     runs = []
     for mode in ("deepzero", "zo_ae_ds", "fo_ds", "mse"):
-        run_dir = tmp_path / mode
-        assert main(["certify", f"hydra.run.dir={run_dir}", *TINY, *cache, f"method={mode}"]) == 0
+        run_dir = stages.run_dir if mode == "deepzero" else tmp_path / mode  # the stages' run: deepzero's
+        if mode != "deepzero":
+            args = [*TINY, *stages.cache.values(), f"method={mode}"]
+            assert main(["certify", f"hydra.run.dir={run_dir}", *args]) == 0
         for name in ("certify.tsv", "certified_accuracy.json", "certified_accuracy.png", "summary.json"):
             assert (run_dir / name).exists(), (mode, name)
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -178,7 +204,7 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
             assert ae["heldout_recon_mse"] > 0 and {"noisy_acc", "mse"} <= set(ae["pipeline"]) & set(ae["denoiser"])
             assert (run_dir / "learning_curve.png").exists()
         runs.append(str(run_dir))
-    assert (tmp_path / "deepzero" / "ratios.json").exists()
+    assert (stages.run_dir / "ratios.json").exists()
     assert "certify done: method=mse" in capsys.readouterr().out
     out = tmp_path / "compare"
     assert main(["certify", f"hydra.run.dir={out}", f"compare=[{','.join(runs)}]"]) == 0
@@ -193,13 +219,13 @@ def test_cli_trains_certifies_and_compares_every_mode(tmp_path, capsys):
     ("deepzero", "finetune.params=adapter", {"3.conv.weight", "3.conv.bias"}, 3),
 ])
 def test_finetune_params_trains_only_the_subset_and_reports_its_cost_first(
-    tmp_path, capsys, method, params, trained, first_stage
+    tmp_path, capsys, stages, method, params, trained, first_stage
 ):
-    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain")]
+    cache = [stages.cache[k] for k in ("classifier", "pretrain")]
     run = tmp_path / "run"
     assert main(["certify", f"hydra.run.dir={run}", *TINY, *cache, f"method={method}", params, "sparsity=dense",
                  "certify.limit=1", "certify.n=8"]) == 0
-    pretrained = torch.load(tmp_path / "cache" / "pretrain" / "checkpoint.pt", weights_only=False)["model"]
+    pretrained = torch.load(stages.dir / "pretrain" / "checkpoint.pt", weights_only=False)["model"]
     tuned = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
     changed = {k for k, v in tuned.items() if k not in pretrained or not torch.equal(v, pretrained[k])}
     assert changed - {k for k in changed if "running_" in k or "num_batches" in k} == trained
@@ -215,10 +241,11 @@ def test_finetune_params_trains_only_the_subset_and_reports_its_cost_first(
     assert report < next(i for i, m in enumerate(lines) if m.startswith(f"fine-tuning ({method}): epoch 1/20"))  # before fine-tuning
 
 
-def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys):
-    cache = f"pretrain.cache_dir={tmp_path / 'pretrain'}"
-    assert main(["certify", f"hydra.run.dir={tmp_path / 'a'}", *TINY, cache, "method=mse"]) == 0
-    assert main(["certify", f"hydra.run.dir={tmp_path / 'b'}", *TINY, cache, "method=mse", "sigma=0.5"]) == 2
+def test_cached_stage_with_another_configuration_is_refused(tmp_path, capsys, stages):
+    shutil.copytree(stages.dir / "pretrain", tmp_path / "pretrain")  # a finished stage of TINY
+    # sigma is no part of the classifier's stage: only the denoiser's pretraining is refused
+    cache = [stages.cache["classifier"], f"pretrain.cache_dir={tmp_path / 'pretrain'}"]
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'b'}", *TINY, *cache, "method=mse", "sigma=0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "another configuration" in err and len(err.splitlines()) == 1
 
@@ -317,6 +344,7 @@ def test_finished_stages_are_released_for_concurrent_runs_to_share(tmp_path, mon
 
     monkeypatch.setattr(Trainer, "fit", fit)
     overrides = [f"{k}.cache_dir={d}" for k, d in cache.items()]
+    overrides += ["epochs=1", "certify.limit=1", "certify.n=8"]  # what matters happens before fine-tuning
     assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *TINY, *overrides, "method=zo_ae_ds"]) == 0
     assert free_when_training_starts == {"classifier": True, "pretrain": True, "zo_ae_ds": True}
 
@@ -343,6 +371,7 @@ def test_a_stage_in_use_by_another_run_is_waited_for_not_refused(tmp_path, monke
 
     monkeypatch.setattr(rundir, "_announce_wait", announce_then_let_go)
     overrides = [f"{k}.cache_dir={d}" for k, d in cache.items()]
+    overrides += ["epochs=1", "certify.limit=1", "certify.n=8"]  # the waits happen before fine-tuning
     assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *TINY, *overrides, "method=zo_ae_ds"]) == 0
     assert waited == [d.resolve() for d in cache.values()] and not held
     out = capsys.readouterr().out
@@ -354,7 +383,7 @@ def _snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.mark.parametrize("kind", ["classify_run", "other_stage"])
-def test_a_cache_dir_that_is_not_a_stage_of_its_kind_is_refused_untouched(tmp_path, capsys, kind):
+def test_a_cache_dir_that_is_not_a_stage_of_its_kind_is_refused_untouched(tmp_path, capsys, stages, kind):
     """classifier.cache_dir at a classify run resumed it and overwrote its checkpoint, summary and
     metrics (and wrote stage.json even when the load failed)."""
     foreign = tmp_path / "foreign"
@@ -362,21 +391,22 @@ def test_a_cache_dir_that_is_not_a_stage_of_its_kind_is_refused_untouched(tmp_pa
     if kind == "classify_run":
         for name in ("checkpoint.pt", "summary.json", "metrics.jsonl", "run_config.yaml"):
             (foreign / name).write_bytes(f"{name} of a classify run\n".encode())
-        override = f"classifier.cache_dir={foreign}"
-    else:  # a classifier stage given as the denoiser pretraining's cache
+        overrides = [f"classifier.cache_dir={foreign}"]
+    else:  # a classifier stage given as the denoiser pretraining's cache (the classifier's own is shared)
         (foreign / "stage.json").write_text(json.dumps({"stage": "classifier", "seed": 0}))
-        override = f"pretrain.cache_dir={foreign}"
+        overrides = [stages.cache["classifier"], f"pretrain.cache_dir={foreign}"]
     before = _snapshot(foreign)
-    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *TINY, override, "method=mse"]) == 2
+    assert main(["certify", f"hydra.run.dir={tmp_path / 'run'}", *TINY, *overrides, "method=mse"]) == 2
     err = capsys.readouterr().err.strip()
     assert "refused untouched" in err and str(foreign) in err and len(err.splitlines()) == 1, err
     assert _snapshot(foreign) == before  # no stage.json, no .lock, nothing rewritten
 
 
-def test_a_stage_written_before_the_batchnorm_fix_is_not_reused(tmp_path, capsys):
+def test_a_stage_written_before_the_batchnorm_fix_is_not_reused(tmp_path, capsys, stages):
     """Stages trained before revision 2 ran from their second epoch with BatchNorm frozen: retrain, don't reuse."""
     cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain")]
-    assert main(["certify", f"hydra.run.dir={tmp_path / 'a'}", *TINY, *cache, "method=mse"]) == 0
+    for k in ("classifier", "pretrain"):  # finished stages of TINY, as this code writes them
+        shutil.copytree(stages.dir / k, tmp_path / "cache" / k)
     stamp_file = tmp_path / "cache" / "classifier" / "stage.json"
     stamp = json.loads(stamp_file.read_text())
     assert stamp.pop("revision") == 2
@@ -387,54 +417,56 @@ def test_a_stage_written_before_the_batchnorm_fix_is_not_reused(tmp_path, capsys
     assert "before stage revision 2" in err and "delete it to train it again" in err and len(err.splitlines()) == 1
 
 
-def test_a_stage_cache_equal_to_the_runs_own_directory_is_refused(tmp_path, capsys):
+def test_a_stage_cache_equal_to_the_runs_own_directory_is_refused(tmp_path, capsys, stages):
     """The stage took the run's own lock and dropped it mid-run: a second run could then write into it."""
     run_dir = tmp_path / "run"
-    assert main(["certify", f"hydra.run.dir={run_dir}", *TINY, f"pretrain.cache_dir={run_dir}", "method=mse"]) == 2
+    cache = [stages.cache["classifier"], f"pretrain.cache_dir={run_dir}"]
+    assert main(["certify", f"hydra.run.dir={run_dir}", *TINY, *cache, "method=mse"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"cache_dir {run_dir} is this run's own directory" in err
     assert len(err.splitlines()) == 1 and not (run_dir / "checkpoint.pt").exists()
 
 
-CROSS_WAIT = """
-import sys, time
-from pathlib import Path
-from deepzero_apps.errors import RunError
-from deepzero_apps.rundir import lock_run_dir
-own, other, ready, peer = map(Path, sys.argv[1:5])
-lock_run_dir(own)
-ready.touch()
-while not peer.exists():
-    time.sleep(0.02)
-try:
-    lock_run_dir(other, wait=True)
-except RunError as exc:
-    print(exc, flush=True)
-    sys.exit(1)
-print("acquired", flush=True)
-"""
+def _cross_wait(own: Path, other: Path, ready: Path, peer: Path, out: Path) -> None:
+    """A run of its own (a forked process): hold `own`, then wait for `other`; writes what it got to `out`."""
+    sys.stdout = open(out, "w", buffering=1)  # the process ends with it
+    lock_run_dir(own)
+    ready.touch()
+    while not peer.exists():
+        time.sleep(0.02)
+    try:
+        lock_run_dir(other, wait=True)
+    except RunError as exc:
+        print(exc, flush=True)
+        sys.exit(1)
+    print("acquired", flush=True)
 
 
 def test_two_runs_waiting_for_each_others_directories_do_not_wait_forever(tmp_path):
-    """Caches that cross-reference each other: each run holds one directory and waits for the other's."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "cross.py"
-    script.write_text(CROSS_WAIT)
+    """Caches that cross-reference each other: each run holds one directory and waits for the other's.
+    The two runs are processes forked from this one (their own locks, no interpreter start-up each)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    procs = [subprocess.Popen([sys.executable, str(script), str(own), str(other), str(tmp_path / f"{own.name}.ready"),
-                               str(tmp_path / f"{other.name}.ready")], stdout=subprocess.PIPE, text=True)
-             for own, other in ((a, b), (b, a))]
+    fork = multiprocessing.get_context("fork")
+    ready = {d: tmp_path / f"{d.name}.ready" for d in (a, b)}
+    out = {d: tmp_path / f"{d.name}.out" for d in (a, b)}
+    procs = [
+        fork.Process(target=_cross_wait, args=(own, other, ready[own], ready[other], out[own]))
+        for own, other in ((a, b), (b, a))
+    ]
     try:
-        outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.is_alive():
                 p.kill()
-    codes = sorted(p.returncode for p in procs)
+                p.join()
+    outs = [out[d].read_text().strip() for d in (a, b)]
+    codes = sorted(p.exitcode for p in procs)
     assert codes == [0, 1], outs  # one sees the cycle and gives up; the other then gets the lock
-    line = next(o for o, p in zip(outs, procs) if p.returncode == 1).splitlines()[-1]  # after "waiting for ..."
+    line = next(o for o, p in zip(outs, procs) if p.exitcode == 1).splitlines()[-1]  # after "waiting for ..."
     assert line.startswith("deadlock: waiting for") and "held by this run" in line
     assert any(o.endswith("acquired") for o in outs)
 
@@ -455,16 +487,16 @@ def test_waiting_for_a_stage_gives_up_after_its_timeout(tmp_path):
         os.close(fd)
 
 
-def test_each_training_phase_labels_its_epoch_lines(tmp_path, capsys):
-    """The classifier, the denoiser's pretraining and the fine-tuning each print `<phase>: epoch i/n`."""
-    assert main(["certify", f"hydra.run.dir={tmp_path}", *TINY, "method=deepzero"]) == 0
-    epochs = [line.split(" loss=")[0] for line in capsys.readouterr().out.splitlines() if " loss=" in line]
+def test_each_training_phase_labels_its_epoch_lines(stages):
+    """The classifier, the denoiser's pretraining and the fine-tuning each print `<phase>: epoch i/n`
+    (the stages' deepzero run trains all three)."""
+    epochs = [line.split(" loss=")[0] for line in stages.out.splitlines() if " loss=" in line]
     assert epochs[:2] == ["classifier: epoch 1/1", "denoiser pretraining: epoch 1/1"], epochs
     assert epochs[2].startswith("fine-tuning (deepzero): epoch 1/20"), epochs
 
 
-def test_certify_tsv_names_each_image_so_tables_of_other_subsets_pair_by_image(tmp_path):
-    cache = [f"{k}.cache_dir={tmp_path / 'cache' / k}" for k in ("classifier", "pretrain")]
+def test_certify_tsv_names_each_image_so_tables_of_other_subsets_pair_by_image(tmp_path, stages):
+    cache = [stages.cache[k] for k in ("classifier", "pretrain")]
     tables = {}
     for limit in (4, 8):
         run = tmp_path / f"limit{limit}"
