@@ -162,7 +162,13 @@ def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, 
         )
         == 0
     )
-    assert server.images(since) == _charged(run_dir) == paid(run_dir)  # the failed requests were refunded
+    assert _charged(run_dir) == paid(run_dir)  # the failed requests were refunded
+    # The server logs an answer just before sending it: a SIGKILL between the two leaves one answered
+    # request the run never received (nor paid for) and asks again on resume. No client can tell it apart
+    # from a request the server never saw, so that one request, and nothing else, may be logged twice.
+    killed_rows = server.rows(since)[: server.first_row - since]
+    unreceived = server.images(since) - _charged(run_dir)
+    assert unreceived == 0 or (unreceived == killed_rows[-1]["images"] and killed_rows[-1]["status"] == 200)
     done, reference = summary(run_dir)["train"]["queries"], summary(root / "http")["train"]["queries"]
     assert reference <= done <= 2500  # images answered in the step the server died in stay counted
     if done == reference:  # none were: the run ends as if nothing had happened
