@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from npy_programs import NPY_IO
 
 from deepzero_apps.checkpoint import load_checkpoint
 from deepzero_apps.cli import main
@@ -184,20 +185,7 @@ def test_solver_nan_mid_training_is_a_clear_error_and_keeps_the_checkpoint(tmp_p
 
 
 # ---- solvers selected by name, external programs, the cache ------------------------------------------
-EXTERNAL = """
-import ast, math, struct, sys
-# float64 .npy in and out without numpy (starts in ~20 ms instead of ~170 ms, once per solver call)
-def load(path):
-    data = open(path, "rb").read()
-    n = struct.unpack("<H", data[8:10])[0]
-    head = ast.literal_eval(data[10 : 10 + n].decode("latin1"))
-    assert head["descr"] == "<f8" and not head["fortran_order"], head
-    return head["shape"], struct.unpack(f"<{(len(data) - 10 - n) // 8}d", data[10 + n :])
-def save(path, shape, values):
-    head = f"{{'descr': '<f8', 'fortran_order': False, 'shape': {tuple(shape)}, }}"
-    head += " " * (-(len(head) + 11) % 64) + "\\n"
-    body = head.encode("latin1") + struct.pack(f"<{len(values)}d", *values)
-    open(path, "wb").write(b"\\x93NUMPY\\x01\\x00" + struct.pack("<H", len(head)) + body)
+EXTERNAL = NPY_IO + """
 mode, out = sys.argv[1], sys.argv[-1]
 if mode == "init":
     save(out, (1, 1, 16), [math.sin(i * 2 * math.pi / 16 + int(sys.argv[2])) for i in range(16)])

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from npy_programs import NPY_IO
 
 from deepzero_apps.cli import main
 from deepzero_apps.solvers import register_solver
@@ -24,23 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "solvers.md").read_text()
 CAPS = ["data.train_sims=1", "data.test_sims=1", "data.steps=3", "unroll=2", "epochs=1", "progress=false",
         "estimator=rge", "estimator.q=2", "data.cache_dir=cache"]
-HEAT1D = textwrap.dedent(f"""\
-    #!{sys.executable}
-    # The doc's ./bin/heat1d: `--init SEED --n N --out FILE`, or `--in FILE --out FILE --dt DT` (explicit
-    # heat step, u_t = 0.02 u_xx on [0, 1) with as many points as the input has). Reads and writes float64
-    # .npy itself, as a compiled program would: without numpy it starts in ~20 ms instead of ~170 ms.
-    import ast, math, struct, sys
-    def load(path):
-        data = open(path, "rb").read()
-        n = struct.unpack("<H", data[8:10])[0]
-        head = ast.literal_eval(data[10 : 10 + n].decode("latin1"))
-        assert head["descr"] == "<f8" and not head["fortran_order"], head
-        return head["shape"], struct.unpack(f"<{{(len(data) - 10 - n) // 8}}d", data[10 + n :])
-    def save(path, shape, values):
-        head = f"{{{{'descr': '<f8', 'fortran_order': False, 'shape': {{tuple(shape)}}, }}}}"
-        head += " " * (-(len(head) + 11) % 64) + "\\n"
-        body = head.encode("latin1") + struct.pack(f"<{{len(values)}}d", *values)
-        open(path, "wb").write(b"\\x93NUMPY\\x01\\x00" + struct.pack("<H", len(head)) + body)
+# The doc's ./bin/heat1d: `--init SEED --n N --out FILE`, or `--in FILE --out FILE --dt DT` (explicit heat
+# step, u_t = 0.02 u_xx on [0, 1) with as many points as the input has).
+HEAT1D = f"#!{sys.executable}\n" + NPY_IO + textwrap.dedent("""\
     args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
     if "--init" in args:
         n = int(args.get("--n", 64))
