@@ -24,6 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cli(*args: str) -> list[str]:
+    """The command line of a `deepzero-task` process run by this interpreter."""
+    return [sys.executable, "-m", "deepzero_apps.cli", *args]
+
+
 def digits_model(path: Path) -> Path:
     """A TorchScript digits classifier ([0, 1] images -> logits) trained first-order for half a second, at `path`."""
     torch.manual_seed(0)
@@ -81,10 +86,7 @@ class Server:
         return self.log.parent / f"serve_{self.port}.out"
 
     def start(self) -> Server:
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepzero_apps.cli",
+        cmd = cli(
             "serve",
             "classifier=torchscript",
             f"classifier.path={self.model}",
@@ -92,7 +94,7 @@ class Server:
             f"request_log={self.log}",
             f"hydra.run.dir={self.run_dir}",
             *self.extra,
-        ]
+        )
         self.first_row, self.out_from = self.mark(), self.out.stat().st_size if self.out.exists() else 0
         with self.out.open("a") as out:  # a file, not a pipe nobody reads while it runs
             self.proc = subprocess.Popen(

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from servers import Server, free_port
+from servers import Server, cli, free_port
 
 from deepzero_apps.cli import main
 
@@ -115,20 +114,15 @@ def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, 
     root, cache, _, _ = runs
     since = server.mark()
     run_dir = root / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepzero_apps.cli",
-        "certify",
+    args = [
         f"hydra.run.dir={run_dir}",
         *RUN,
         cache,
         "classifier=http",
         f"classifier.url={server.url}",
         "classifier.max_batch=1024",
-        "classifier.retries=1",
-        "classifier.backoff=0.05",
     ]
+    cmd = cli("certify", *args, "classifier.retries=1", "classifier.backoff=0.05")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 600
@@ -147,21 +141,7 @@ def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, 
     assert f"black box at {server.url} failed after 2 attempts; last error: Connect" in line, err
     assert "Traceback" not in err
     server.start()  # the same port and request log
-    assert (
-        main(
-            [
-                "certify",
-                f"hydra.run.dir={run_dir}",
-                *RUN,
-                cache,
-                "classifier=http",
-                f"classifier.url={server.url}",
-                "classifier.max_batch=1024",
-                "resume=true",
-            ]
-        )
-        == 0
-    )
+    assert main(["certify", *args, "resume=true"]) == 0
     assert _charged(run_dir) == paid(run_dir)  # the failed requests were refunded
     # The server logs an answer just before sending it: a SIGKILL between the two leaves one answered
     # request the run never received (nor paid for) and asks again on resume. No client can tell it apart
@@ -247,9 +227,7 @@ def test_a_run_killed_while_certifying_buys_nothing_twice_on_resume(runs, server
         rows = len(partial.read_text().splitlines()) - 1 if partial.exists() else 0
         return rows >= 2 and paid(run_dir, "certify") > rows * example
 
-    _kill_settled(
-        [sys.executable, "-m", "deepzero_apps.cli", "certify", *args], mid_image, server, since, run_dir
-    )
+    _kill_settled(cli("certify", *args), mid_image, server, since, run_dir)
     lost = paid(run_dir, "certify") - (len(partial.read_text().splitlines()) - 1) * example
     assert 0 < lost <= example
     assert main(["certify", *args, "resume=true"]) == 0
@@ -276,7 +254,7 @@ def test_kills_mid_step_and_mid_certification_leave_the_server_count_equal_to_th
         f"classifier.url={server.url}",
         "classifier.max_batch=1024",
     ]
-    cmd = [sys.executable, "-m", "deepzero_apps.cli", "certify", *args]
+    cmd = cli("certify", *args)
     partial = run_dir / "certify.tsv.partial"
     _kill_settled(
         cmd,

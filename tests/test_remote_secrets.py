@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from servers import Server, free_port
+from servers import Server, cli, free_port
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -38,10 +37,7 @@ def test_no_secret_is_written_or_printed(tmp_path, digits_model_file):
         f"'http://127.0.0.1:{server.port}/predict?api_key=${{oc.env:DZ_TEST_KEY}}&x={SECRETS['query']}']"
     )
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepzero_apps.cli",
+    cmd = cli(
         "certify",
         f"hydra.run.dir={run_dir}",
         *TINY,
@@ -50,7 +46,7 @@ def test_no_secret_is_written_or_printed(tmp_path, digits_model_file):
         f"classifier.url={urls}",
         f"classifier.headers={{Authorization: 'Bearer {SECRETS['token']}'}}",
         "classifier.backoff=0.05",
-    ]
+    )
     try:
         proc = subprocess.run(
             cmd,

@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from servers import free_port, wait_until_healthy
+from servers import cli, free_port, wait_until_healthy
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -129,10 +128,6 @@ def test_serve_and_certify_accept_a_run_and_refuse_what_does_not_fit(runs, tmp_p
         assert main([*argv, f"hydra.run.dir={tmp_path / str(i)}"]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "deepzero_apps.cli", *args]
 
 
 def test_classify_then_serve_then_certify_over_http_with_real_processes(tmp_path):

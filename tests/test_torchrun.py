@@ -41,6 +41,12 @@ PDE = [
 TIMEOUT = 600  # seconds any one launch may take on a loaded 2-core host before the test fails
 
 
+def rank_env(rank: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives rank `rank` of 2 (one per node) with its store at 127.0.0.1:`port`."""
+    return {**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,10 +206,8 @@ def test_a_rank_nobody_waits_for_ends_in_one_line_within_dist_timeout(tmp_path):
     nobody.bind(("127.0.0.1", 0))
     for rank, needle in ((0, "1/2 clients joined"), (1, "trying to connect")):
         port = free_port() if rank == 0 else nobody.getsockname()[1]
-        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}  # fmt: skip
         cmd = [sys.executable, "-m", "deepzero_apps.cli", "classify", "dist_timeout=3", *CLASSIFY]
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=rank_env(rank, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append((rank, needle, port, proc))
     try:
         for rank, needle, port, proc in procs:
@@ -241,10 +245,8 @@ def two_ranks(per_rank: list[list[str]], cwds: list[Path]) -> list[tuple[int, st
     port, procs = free_port(), []
     for r, (overrides, cwd) in enumerate(zip(per_rank, cwds)):
         cwd.mkdir(exist_ok=True)
-        env = {**ENV, "RANK": str(r), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}  # fmt: skip
         cmd = [sys.executable, "-m", "deepzero_apps.cli", "classify", *CLASSIFY, "dist_timeout=60", *overrides]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=rank_env(r, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
         return [(p.returncode, *out) for p, out in zip(procs, outputs)]
