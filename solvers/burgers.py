@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.fft
 import scipy.sparse as sp
 from scipy.sparse.linalg import factorized
 
@@ -60,23 +61,42 @@ def periodic_bilinear(field: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.n
 def periodic_bilinear_batch(fields: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
     """:func:`periodic_bilinear` of a batch: ``fields (B, C, ny, nx)`` at per-sample points ``(B, ny, nx)``.
 
-    Channels lead during the gathers (one ``np.take`` per corner over all samples), so the weights
-    broadcast over them as in the per-state arithmetic.
+    Bit-for-bit the per-state arithmetic, in fewer passes over the batch (it is half of a batched
+    Burgers step): channels lead (the weights broadcast over them), the fields get one wrapped row and
+    column so the four corners are one flat index plus constant offsets (no second modulo), and the
+    weighted sums run in place.
     """
     b, c, ny, nx = fields.shape
     y0, x0 = np.floor(py), np.floor(px)
     fy, fx = py - y0, px - x0
-    iy0, ix0 = y0.astype(np.int64) % ny, x0.astype(np.int64) % nx
-    iy1, ix1 = (iy0 + 1) % ny, (ix0 + 1) % nx
-    flat = fields.transpose(1, 0, 2, 3).reshape(c, -1)
-    row0, row1 = (
-        np.arange(b)[:, None, None] * (ny * nx) + iy0 * nx,
-        np.arange(b)[:, None, None] * (ny * nx) + iy1 * nx,
-    )
-    f00, f01 = np.take(flat, row0 + ix0, axis=1), np.take(flat, row0 + ix1, axis=1)
-    f10, f11 = np.take(flat, row1 + ix0, axis=1), np.take(flat, row1 + ix1, axis=1)
-    out = (1.0 - fy) * ((1.0 - fx) * f00 + fx * f01) + fy * ((1.0 - fx) * f10 + fx * f11)
-    return out.transpose(1, 0, 2, 3)
+    iy0, ix0 = y0.astype(np.int64), x0.astype(np.int64)
+    iy0 %= ny
+    ix0 %= nx
+    w = nx + 1
+    wrapped = np.empty((c, b, ny + 1, w))
+    wrapped[:, :, :ny, :nx] = fields.transpose(1, 0, 2, 3)
+    wrapped[:, :, :ny, nx] = wrapped[:, :, :ny, 0]
+    wrapped[:, :, ny] = wrapped[:, :, 0]
+    flat = wrapped.reshape(c, -1)
+    corner = iy0 * w
+    corner += ix0
+    corner += (np.arange(b) * ((ny + 1) * w))[:, None, None]
+    f00 = np.take(flat, corner, axis=1)
+    corner += 1
+    f01 = np.take(flat, corner, axis=1)
+    corner += nx
+    f10 = np.take(flat, corner, axis=1)
+    corner += 1
+    f11 = np.take(flat, corner, axis=1)
+    gx = 1.0 - fx
+    top = gx * f00
+    top += fx * f01
+    bottom = gx * f10
+    bottom += fx * f11
+    top *= 1.0 - fy
+    bottom *= fy
+    top += bottom
+    return top.transpose(1, 0, 2, 3)
 
 
 def smooth_random_field(
@@ -244,7 +264,7 @@ class BurgersSolver(Solver):
         # The periodic implicit-Euler system is diagonal in Fourier space: one batched FFT solve
         # (SuperLU loops over right-hand sides: slower than the per-state loop).
         nu = np.asarray(self.nu if nu is None else nu, dtype=np.float64).reshape(-1, 1, 1, 1)
-        return np.fft.irfft2(np.fft.rfft2(new) * self._fourier_factor(nu), s=self.grid.shape)
+        return scipy.fft.irfft2(scipy.fft.rfft2(new) * self._fourier_factor(nu), s=self.grid.shape)
 
     def _fourier_factor(self, nu: np.ndarray) -> np.ndarray:
         """:meth:`diffusion_factor` of every ``rfft2`` mode for viscosities ``nu (B, 1, 1, 1)``."""

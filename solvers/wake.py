@@ -33,7 +33,7 @@ along its own axis (a coarse divergence-free state prolongs to a fine divergence
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.ndimage import map_coordinates
@@ -84,6 +84,11 @@ class WakeSolver(CylinderFlow):
         jj, ii = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij")
         self._u_pos = ((jj + 0.5) * dy, (ii + 1.0) * dx)
         self._v_pos = ((jj + 1.0) * dy, (ii + 0.5) * dx)
+        # Fractional indices of the fixed samples (v at the u faces in the ghosted v array, u at the v
+        # faces), with their bilinear stencils for batches.
+        (yu, xu), (yv, xv) = self._u_pos, self._v_pos
+        self._v_at_u = _FixedPoints(yu / dy, xu / dx + 0.5, (ny + 1, nx + 1))
+        self._u_at_v = _FixedPoints(yv / dy - 0.5, xv / dx, (ny, nx + 1))
 
     def torch_twin(self):
         """The differentiable torch version of this solver (:class:`.wake_torch.WakeTorch`)."""
@@ -112,7 +117,7 @@ class WakeSolver(CylinderFlow):
     def apply_boundaries(self, state: np.ndarray) -> np.ndarray:
         """Zero the faces touching the obstacle and the top wall (returns a new array)."""
         out = np.array(state, dtype=np.float64, copy=True)
-        out[..., self.fixed] = 0.0
+        np.copyto(out, 0.0, where=self.fixed)
         return out
 
     def project(self, state: np.ndarray) -> np.ndarray:
@@ -134,44 +139,21 @@ class WakeSolver(CylinderFlow):
         out[..., 1, :, :] -= np.where(self.open[1], grad_y, 0.0)
         return out
 
-    # -- interpolation ----------------------------------------------------------------------------
-    @staticmethod
-    def _interpolate(field: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
-        """Bilinear, edge-clamped samples of ``field (..., h, w)`` at fractional indices ``(..., ny, nx)``:
-        scipy's ``map_coordinates(order=1, mode="nearest")`` for one state; for a batch the same
-        arithmetic in array operations (scipy's generic spline code is slower than this gather)."""
-        if field.ndim == 2:
-            return map_coordinates(field, [cy, cx], order=1, mode="nearest")
-        b, h, w = field.shape
-        cy, cx = np.clip(cy, 0.0, h - 1.0), np.clip(cx, 0.0, w - 1.0)
-        y0, x0 = np.minimum(np.floor(cy), h - 2.0), np.minimum(np.floor(cx), w - 2.0)
-        ty, tx = cy - y0, cx - x0
-        i00 = (np.arange(b)[:, None, None] * h + y0.astype(np.int64)) * w + x0.astype(np.int64)
-        flat = field.reshape(-1)
-        f00, f01, f10, f11 = (flat.take(i00 + k) for k in (0, 1, w, w + 1))
-        return (1.0 - ty) * ((1.0 - tx) * f00 + tx * f01) + ty * ((1.0 - tx) * f10 + tx * f11)
-
-    def _sample_u(self, uf: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-        dy, dx = self.grid.spacing
-        y, x = np.broadcast_arrays(y, x, uf[..., :-1])[:2]
-        return self._interpolate(uf, y / dy - 0.5, x / dx)
-
-    def _sample_v(self, vf: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-        dy, dx = self.grid.spacing
-        # Ghost column at x = -dx/2 holding -v, so that v = 0 on the inflow boundary.
-        vg = np.concatenate([-vf[..., :, :1], vf], axis=-1)
-        y, x = np.broadcast_arrays(y, x, vf[..., :-1, :])[:2]
-        return self._interpolate(vg, y / dy, x / dx + 0.5)
+    # -- advection ------------------------------------------------------------------------------
+    def _ghost_v(self, vf: np.ndarray) -> np.ndarray:
+        """``(..., ny + 1, nx + 1)``: a ghost column at ``x = -dx/2`` holding ``-v`` (``v = 0`` on the
+        inflow boundary), then the full v faces."""
+        return np.concatenate([-vf[..., :, :1], vf], axis=-1)
 
     def advect(self, state: np.ndarray) -> np.ndarray:
         u, v = state[..., 0, :, :], state[..., 1, :, :]
-        uf, vf = self._full_u(u), self._full_v(v)
+        uf, vg = self._full_u(u), self._ghost_v(self._full_v(v))
         (yu, xu), (yv, xv) = self._u_pos, self._v_pos
-        dt = self.dt
-        v_at_u = self._sample_v(vf, yu, xu)
-        u_new = self._sample_u(uf, yu - dt * v_at_u, xu - dt * u)
-        u_at_v = self._sample_u(uf, yv, xv)
-        v_new = self._sample_v(vf, yv - dt * v, xv - dt * u_at_v)
+        dy, dx, dt = *self.grid.spacing, self.dt
+        v_at_u = self._v_at_u.sample(vg)
+        u_new = _sample(uf, (yu - dt * v_at_u) / dy - 0.5, (xu - dt * u) / dx)
+        u_at_v = self._u_at_v.sample(uf)
+        v_new = _sample(vg, (yv - dt * v) / dy, (xv - dt * u_at_v) / dx + 0.5)
         return np.stack([u_new, v_new], axis=-3)
 
     def diffuse(self, state: np.ndarray, nu: float | np.ndarray) -> np.ndarray:
@@ -198,10 +180,14 @@ class WakeSolver(CylinderFlow):
                 vp[..., :-2, 1:-1] - 2 * vp[..., 1:-1, 1:-1] + vp[..., 2:, 1:-1]
             ) / dy**2
             active = i < n_sub  # states with fewer sub-steps keep their value
-            u = np.where(active, u + h * lap_u, u)
-            v[..., :-1, :] = np.where(active, v[..., :-1, :] + h * lap_v, v[..., :-1, :])
-            u[..., self.fixed[0]] = 0.0
-            v[..., self.fixed[1]] = 0.0
+            if np.all(active):
+                u = u + h * lap_u
+                v[..., :-1, :] += h * lap_v
+            else:
+                u = np.where(active, u + h * lap_u, u)
+                v[..., :-1, :] = np.where(active, v[..., :-1, :] + h * lap_v, v[..., :-1, :])
+            np.copyto(u, 0.0, where=self.fixed[0])
+            np.copyto(v, 0.0, where=self.fixed[1])
         return np.stack([u, v], axis=-3)
 
     # -- Solver API -------------------------------------------------------------------------------
@@ -276,3 +262,74 @@ class WakeSolver(CylinderFlow):
 
     def _full_u_shape(self, u: np.ndarray, ny: int) -> np.ndarray:
         return np.concatenate([np.full((ny, 1), self.inflow), u], axis=1)
+
+
+# -- bilinear sampling ------------------------------------------------------------------------------
+# One state goes through scipy's map_coordinates; a batch through the same arithmetic in array
+# operations (scipy's generic spline code is slower than this gather), split into the stencil (clamped
+# corner index and weights) and the gather, so that samples at fixed positions compute their stencil once.
+
+
+def _sample(field: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    """Bilinear, edge-clamped (``mode="nearest"``) samples of ``field (h, w)`` or ``(B, h, w)`` at
+    fractional indices ``(cy, cx)`` of shape ``(ny, nx)`` or ``(B, ny, nx)``."""
+    if field.ndim == 2:
+        return map_coordinates(field, [cy, cx], order=1, mode="nearest")
+    return _Stencil.of(cy, cx, field.shape[-2:]).gather(field)
+
+
+class _Stencil(NamedTuple):
+    """Bilinear stencil in a ``(h, w)`` field: flat index of each sample's lower-left corner within
+    its state and the weights ``ty``, ``tx`` toward the upper and right neighbours."""
+
+    corner: np.ndarray
+    ty: np.ndarray
+    tx: np.ndarray
+
+    @classmethod
+    def of(cls, cy: np.ndarray, cx: np.ndarray, shape: tuple[int, int]) -> _Stencil:
+        """Edge-clamped (as ``mode="nearest"``): indices clipped to the field, the corner kept one
+        cell inside it so its neighbours exist."""
+        h, w = shape
+        cy, cx = np.clip(cy, 0.0, h - 1.0), np.clip(cx, 0.0, w - 1.0)
+        y0, x0 = np.minimum(np.floor(cy), h - 2.0), np.minimum(np.floor(cx), w - 2.0)
+        corner = y0.astype(np.int64)
+        corner *= w
+        corner += x0.astype(np.int64)
+        cy -= y0
+        cx -= x0
+        return cls(corner, cy, cx)
+
+    def gather(self, field: np.ndarray) -> np.ndarray:
+        """Samples of every state of ``field (B, h, w)``, the four corners by flat offsets."""
+        b, h, w = field.shape
+        index = self.corner + (np.arange(b) * (h * w))[:, None, None]
+        flat = field.reshape(-1)
+        f00 = flat.take(index)
+        index += 1
+        f01 = flat.take(index)
+        index += w - 1
+        f10 = flat.take(index)
+        index += 1
+        f11 = flat.take(index)
+        gx = 1.0 - self.tx
+        top = gx * f00
+        top += self.tx * f01
+        bottom = gx * f10
+        bottom += self.tx * f11
+        top *= 1.0 - self.ty
+        bottom *= self.ty
+        top += bottom
+        return top
+
+
+class _FixedPoints:
+    """Samples at fixed fractional indices ``(cy, cx)`` of an ``(h, w)`` field (positions that do not
+    depend on the state): a batch uses the stencil computed here once."""
+
+    def __init__(self, cy: np.ndarray, cx: np.ndarray, shape: tuple[int, int]) -> None:
+        self.cy, self.cx = cy, cx
+        self.stencil = _Stencil.of(cy, cx, shape)
+
+    def sample(self, field: np.ndarray) -> np.ndarray:
+        return _sample(field, self.cy, self.cx) if field.ndim == 2 else self.stencil.gather(field)
