@@ -42,10 +42,13 @@ def loop_step(solver: Solver, states: np.ndarray, **conditions) -> np.ndarray:
 @pytest.mark.parametrize(
     "solver", [BurgersSolver(resolution=(8, 12)), WakeSolver(resolution=(16, 32))], ids=["burgers", "wake"]
 )
-def test_native_step_batch_equals_the_per_state_step(solver):
+@pytest.mark.parametrize("noise", [0.05, 30.0], ids=["near", "beyond_the_domain"])
+def test_native_step_batch_equals_the_per_state_step(solver, noise):
+    """`noise` makes every state different; at 30 the backtraces leave the domain (Burgers wraps
+    several periods, wake clamps at its edges)."""
     seeds = [0, 1, 2, 0, 5]
     states = np.stack([solver.initial_state(s) for s in seeds])
-    states += 0.05 * np.random.default_rng(0).normal(size=states.shape)  # every state different
+    states += noise * np.random.default_rng(0).normal(size=states.shape)
     conditions = Stepper(solver, seeds).batched_conditions(range(len(seeds)))
     assert solver.batch_native and conditions
     want = loop_step(solver, states, **conditions)
