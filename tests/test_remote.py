@@ -68,21 +68,20 @@ def runs(digits_model_file, _server, tmp_path_factory):
     )
     server = _server if _server.proc.poll() is None else _server.start()
     since = server.mark()
-    assert (
-        main(
-            [
-                "certify",
-                f"hydra.run.dir={root / 'http'}",
-                *RUN,
-                cache,
-                "classifier=http",
-                f"classifier.url={server.url}",
-                "classifier.max_batch=1024",
-            ]
-        )
-        == 0
-    )
+    assert main(["certify", *http_run(root / "http", cache, server.url)]) == 0
     return root, cache, server.rows(since), server.url
+
+
+def http_run(run_dir: Path, cache: str, url: str) -> list[str]:
+    """The certify arguments of a run in `run_dir` against the server at `url`."""
+    return [
+        f"hydra.run.dir={run_dir}",
+        *RUN,
+        cache,
+        "classifier=http",
+        f"classifier.url={url}",
+        "classifier.max_batch=1024",
+    ]
 
 
 def table(run_dir: Path) -> list[list[str]]:
@@ -114,14 +113,7 @@ def test_server_killed_mid_run_stops_in_one_line_and_resume_loses_nothing(runs, 
     root, cache, _, _ = runs
     since = server.mark()
     run_dir = root / "killed"
-    args = [
-        f"hydra.run.dir={run_dir}",
-        *RUN,
-        cache,
-        "classifier=http",
-        f"classifier.url={server.url}",
-        "classifier.max_batch=1024",
-    ]
+    args = http_run(run_dir, cache, server.url)
     cmd = cli("certify", *args, "classifier.retries=1", "classifier.backoff=0.05")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -212,14 +204,7 @@ def test_a_run_killed_while_certifying_buys_nothing_twice_on_resume(runs, server
     uninterrupted = sum(r["images"] for r in served if r["status"] == 200)
     since = server.mark()
     run_dir = root / "twice"
-    args = [
-        f"hydra.run.dir={run_dir}",
-        *RUN,
-        cache,
-        "classifier=http",
-        f"classifier.url={server.url}",
-        "classifier.max_batch=1024",
-    ]
+    args = http_run(run_dir, cache, server.url)
     partial = run_dir / "certify.tsv.partial"
     example = 8 + 64  # certify.n0 + certify.n
 
@@ -246,14 +231,7 @@ def test_kills_mid_step_and_mid_certification_leave_the_server_count_equal_to_th
     root, cache, _, _ = runs
     since = server.mark()
     run_dir = root / "steps"
-    args = [
-        f"hydra.run.dir={run_dir}",
-        *RUN,
-        cache,
-        "classifier=http",
-        f"classifier.url={server.url}",
-        "classifier.max_batch=1024",
-    ]
+    args = http_run(run_dir, cache, server.url)
     cmd = cli("certify", *args)
     partial = run_dir / "certify.tsv.partial"
     _kill_settled(
