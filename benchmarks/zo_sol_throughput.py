@@ -11,7 +11,10 @@ CGE over a random 10% of each conv weight plus all biases, mu = 1e-4) with ZO-SO
              on all K x B states;
   ranks:     the batched path under `ShardedEvaluator` on --ranks gloo processes (1 thread each);
 and the wall time of one full ZO-SOL step (base query + all coordinate queries + gradient) for the
-loop and the batched path, plus where the batched path's time goes (solver vs the rest). For the ranks,
+loop and the batched path, plus where that time goes: the solver, the correction network, the rest.
+What bounds the batched path: `bound_speedup_if_only_solver_and_network` (the speedup over the loop
+if the rest cost nothing) and the network's convolution rate (torch's FlopCounterMode FLOPs over its
+seconds) beside the rate this machine gives a wide convolution (64 -> 64 channels, a ResNet-20 layer). For the ranks,
 `why` says where a shortfall goes: one rank's share timed alone (the ideal split), the shares timed in
 independent processes at the same time (what the machine's cores give parallel work, no communication),
 and the remainder (broadcast and all-reduce).
@@ -38,11 +41,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from deepzero_apps.allocator import tune_malloc
 from deepzero_apps.engine import (
@@ -58,6 +64,7 @@ from deepzero_apps.models import create_model
 from deepzero_apps.solvers import Solver
 from deepzero_apps.solvers.burgers import BurgersSolver
 from deepzero_apps.solvers.wake import WakeSolver
+from deepzero_apps.tasks.pde import app
 from deepzero_apps.tasks.pde.app import RolloutObjective, black_box_step
 from deepzero_apps.tasks.pde.conditions import make_split
 from deepzero_apps.tasks.pde.data import Stepper
@@ -155,22 +162,55 @@ def step_seconds(ev, obj, batch, coords) -> float:
     return time.perf_counter() - t0
 
 
-def solver_share(obj: RolloutObjective, run: Callable[[], object]) -> float:
-    """Seconds spent inside the black-box solver during `run()`."""
-    spent, inner = [0.0], obj.step
+def timed(fn: Callable, spent: list[float]) -> Callable:
+    """`fn`, adding the seconds of every call to spent[0]."""
 
-    def timed(state, sims, k):
+    def wrapper(*args, **kwargs):
         t0 = time.perf_counter()
-        out = inner(state, sims, k)
-        spent[0] += time.perf_counter() - t0
-        return out
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
 
-    obj.step = timed
-    try:
+    return wrapper
+
+
+def step_parts(obj: RolloutObjective, run: Callable[[], object]) -> tuple[float, float, float]:
+    """Seconds of `run()`, and of them the seconds inside the black-box solver and inside the
+    correction network (the app's `correct` and `call_stacked`, timed where the objective calls them)."""
+    wall, solver, network = [0.0], [0.0], [0.0]
+    inner = obj.step
+    obj.step = timed(inner, solver)
+    with (
+        mock.patch.object(app, "correct", timed(app.correct, network)),
+        mock.patch.object(app, "call_stacked", timed(app.call_stacked, network)),
+    ):
+        try:
+            timed(run, wall)()
+        finally:
+            obj.step = inner
+    return wall[0], solver[0], network[0]
+
+
+def network_gflop(obj: RolloutObjective, run: Callable[[], object]) -> float:
+    """Convolution GFLOPs of `run()` as torch runs them (FlopCounterMode; the solver is numpy)."""
+    with FlopCounterMode(display=False) as counter:
         run()
-    finally:
-        obj.step = inner
-    return spent[0]
+    return counter.get_total_flops() / 1e9
+
+
+def wide_conv_gflop_per_s(reps: int = 20) -> float:
+    """The rate this machine gives a wide convolution (a ResNet-20 layer: 64 -> 64 channels, 3x3,
+    8x8, batch 64, channels last), for comparison with the correction net's 4-channel groups."""
+    x = torch.randn(64, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3)
+    F.conv2d(x, w, padding=1)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        F.conv2d(x, w, padding=1)
+        best = min(best, time.perf_counter() - t0)
+    return 64 * 64 * 64 * 64 * 9 * 2 / best / 1e9
 
 
 def _rank_worker(r: int, world: int, port: int, name: str, reps: int, queue) -> None:
@@ -232,12 +272,13 @@ def bench(name: str, world: int, reps: int) -> dict:
     if world > 1:  # where a 2-rank shortfall goes: the work split, the machine, or the communication
         t_share = time_queries(StackedEvaluator(), obj, batch, torch.sort(coords).values.tensor_split(world)[0], reps)
         t_concurrent = concurrent_shard_seconds(name, world, reps)
-    step_loop = step_seconds(ReferenceEvaluator(), loop_obj, batch, coords)
-    step_batched = step_seconds(StackedEvaluator(), obj, batch, coords)
-    in_solver = solver_share(obj, lambda: step_seconds(StackedEvaluator(), obj, batch, coords))
-    in_solver_loop = solver_share(
-        loop_obj, lambda: step_seconds(ReferenceEvaluator(), loop_obj, batch, coords)
-    )
+    parts = {  # one full ZO-SOL step each: (wall, in the solver, in the network) seconds
+        "loop": step_parts(loop_obj, lambda: step_seconds(ReferenceEvaluator(), loop_obj, batch, coords)),
+        "batched": step_parts(obj, lambda: step_seconds(StackedEvaluator(), obj, batch, coords)),
+    }
+    wall_b, solver_b, net_b = parts["batched"]
+    gflop = network_gflop(obj, lambda: step_seconds(StackedEvaluator(), obj, batch, coords))
+    speedup = t_loop / t_batched
     out = {
         "problem": name,
         "source_grid": list(obj.refs.shape[-2:]),
@@ -249,11 +290,15 @@ def bench(name: str, world: int, reps: int) -> dict:
         "speedup_batched_vs_loop": round(t_loop / t_batched, 2),
         "queries_per_cpu_s": {"loop": round(n / cpu_loop, 1), "batched": round(n / cpu_batched, 1)},
         "speedup_batched_vs_loop_cpu": round(cpu_loop / cpu_batched, 2),
-        "zo_sol_step_seconds": {"loop": round(step_loop, 3), "batched": round(step_batched, 3)},
-        "solver_fraction_of_step": {
-            "loop": round(in_solver_loop / step_loop, 2),
-            "batched": round(in_solver / step_batched, 2),
-        },
+        "zo_sol_step_seconds": {k: round(v[0], 3) for k, v in parts.items()},
+        "solver_fraction_of_step": {k: round(v[1] / v[0], 2) for k, v in parts.items()},
+        "network_fraction_of_step": {k: round(v[2] / v[0], 2) for k, v in parts.items()},
+        # what bounds the batched path: the speedup if everything but the solver and the network
+        # (state handling, conversions, loss, Python) cost nothing, and the rate its convolutions run at
+        "bound_speedup_if_only_solver_and_network": round(speedup * wall_b / (solver_b + net_b), 2),
+        "batched_network_gflop_per_step": round(gflop, 3),
+        "batched_network_gflop_per_s": round(gflop / net_b, 1),
+        "wide_conv_gflop_per_s": round(wide_conv_gflop_per_s(), 1),
         "timed_calls_each_interleaved": reps,
         "load_average": open("/proc/loadavg").read().split()[:3],
     }
