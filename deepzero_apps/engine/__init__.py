@@ -7,6 +7,7 @@ from .distributed import ShardedEvaluator, barrier, init_distributed, is_main, o
 from .estimators import CGE, RGE, FirstOrder
 from .evaluators import FeatureReuse, ReferenceEvaluator, make_evaluator
 from .objective import Objective, StagedObjective, model_stages
+from .precision import full_precision
 from .pruning import (
     compute_ratios,
     grasp_scores,
@@ -36,6 +37,7 @@ __all__ = [
     "ReferenceEvaluator",
     "StagedObjective",
     "frozen_running_stats",
+    "full_precision",
     "make_evaluator",
     "model_stages",
     "DenseSampler",

@@ -4,7 +4,8 @@
 All three share one call: `estimate(objective, batch, coords=None, step=0) -> base loss`, where
 `coords` (global coordinate indices, see `CoordinateView`) restricts the estimate to a sparse set
 (the gradient is zero elsewhere) and `step` is the global step index, which seeds any randomness so a
-resumed run replays the same directions.
+resumed run replays the same directions. CGE and RGE run every query in full float32 precision
+(`full_precision`: no autocast, no TF32 or bf16 math), whatever the caller set.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from .batchnorm import frozen_running_stats
 from .evaluators import ReferenceEvaluator, make_evaluator
 from .objective import Batch, Objective
+from .precision import full_precision
 from .zo_core import Directions, Scheme, check_distribution, check_mu, check_scheme, difference
 
 
@@ -40,7 +42,7 @@ class CGE:
         view = objective.coords
         todo = torch.arange(view.dim) if coords is None else coords
         ev = self.evaluator
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             f0, context = ev.base(objective, batch)
             f0 = float(f0)
             with frozen_running_stats(objective.module):
@@ -101,7 +103,7 @@ class RGE:
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
         view, ev = objective.coords, self.evaluator
         dirs = self.directions(step, view.dim if coords is None else len(coords), view.blocks[0].param)
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             f0, context = ev.base(objective, batch)
             f0 = float(f0)
             with frozen_running_stats(objective.module):

@@ -20,6 +20,7 @@ from torch import Tensor
 from deepzero_apps.errors import RunError
 
 from .estimators import CGE, RGE
+from .precision import full_precision
 from .queries import QueryCounter
 from .zo_core import Directions, difference
 
@@ -74,7 +75,8 @@ class ZOFunction:
         """fn at `x`, which holds `count` inputs (one: a batch when per_sample), each counted as a
         query; a tensor on x's device and dtype."""
         self.counter.add(count, float(count))
-        out = self.fn(x.detach().cpu().numpy() if self.numpy else x.detach(), *args)
+        with full_precision():  # finite differences of what fn computes at x, not of its rounding
+            out = self.fn(x.detach().cpu().numpy() if self.numpy else x.detach(), *args)
         out = torch.as_tensor(out, device=x.device)
         return out.to(x.dtype) if out.is_floating_point() else out
 
