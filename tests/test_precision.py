@@ -11,6 +11,7 @@ from torch import nn
 
 from deepzero_apps.engine import CGE, RGE, FirstOrder, StagedObjective, full_precision, zo_function
 from deepzero_apps.engine.precision import _precision_knobs
+from deepzero_apps.errors import ConfigError
 
 
 def settings() -> tuple:
@@ -156,3 +157,28 @@ def test_cuda_conv_estimates_ignore_tf32():
     want = estimate(CGE(mu=1e-3), copy.deepcopy(model), (x, y))
     torch.backends.cudnn.allow_tf32 = True
     assert torch.equal(estimate(CGE(mu=1e-3), model, (x, y)), want)
+
+
+@pytest.mark.parametrize(
+    "dtype, mu, refused",
+    [("bfloat16", 5e-3, True), ("float16", 1e-4, True), ("float16", 5e-3, False), ("float32", 1e-4, False)],
+)
+def test_a_mu_finer_than_16_bit_parameters_resolve_is_a_one_line_error(dtype, mu, refused):
+    model, b = mlp().to(getattr(torch, dtype)), batch()
+    b = (b[0].to(model[0][1].weight.dtype), b[1])
+    for make in (lambda: CGE(mu=mu), lambda: RGE(q=2, mu=mu)):
+        if not refused:
+            estimate(make(), model, b)
+            continue
+        with pytest.raises(ConfigError) as err:
+            estimate(make(), model, b)
+        msg = str(err.value)
+        assert "\n" not in msg and f"mu={mu:g}" in msg and "0.1.weight" in msg and dtype in msg, msg
+        assert all(p.grad is None for p in model.parameters())  # refused before any query
+
+
+def test_zo_function_refuses_a_mu_its_16_bit_input_cannot_resolve():
+    f = zo_function(lambda a: a.square(), CGE(mu=1e-4))
+    x = torch.full((3,), 0.5, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ConfigError, match=r"mu=0.0001 is too fine for the black box's input \(bfloat16"):
+        f(x).sum().backward()

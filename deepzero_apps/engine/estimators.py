@@ -18,7 +18,15 @@ from .batchnorm import frozen_running_stats
 from .evaluators import ReferenceEvaluator, make_evaluator
 from .objective import Batch, Objective
 from .precision import full_precision
-from .zo_core import Directions, Scheme, check_distribution, check_mu, check_scheme, difference
+from .zo_core import (
+    Directions,
+    Scheme,
+    check_distribution,
+    check_mu,
+    check_resolution,
+    check_scheme,
+    difference,
+)
 
 
 class CGE:
@@ -42,6 +50,7 @@ class CGE:
         view = objective.coords
         todo = torch.arange(view.dim) if coords is None else coords
         ev = self.evaluator
+        check_resolution(self.mu, ((b.name, b.param) for b in view.blocks))
         with torch.no_grad(), full_precision():
             f0, context = ev.base(objective, batch)
             f0 = float(f0)
@@ -103,6 +112,7 @@ class RGE:
     def estimate(self, objective: Objective, batch: Batch, coords: torch.Tensor | None = None, step: int = 0) -> float:
         view, ev = objective.coords, self.evaluator
         dirs = self.directions(step, view.dim if coords is None else len(coords), view.blocks[0].param)
+        check_resolution(self.mu, ((b.name, b.param) for b in view.blocks))
         with torch.no_grad(), full_precision():
             f0, context = ev.base(objective, batch)
             f0 = float(f0)

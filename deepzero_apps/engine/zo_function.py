@@ -22,7 +22,7 @@ from deepzero_apps.errors import RunError
 from .estimators import CGE, RGE
 from .precision import full_precision
 from .queries import QueryCounter
-from .zo_core import Directions, difference
+from .zo_core import Directions, check_resolution, difference
 
 
 class ZOFunction:
@@ -107,6 +107,7 @@ class ZOFunction:
     def vjp(self, x: Tensor, y: Tensor, v: Tensor, step: int, args: Sequence[Any]) -> Tensor:
         """ZO estimate of grad_x <v, fn(x)> (per sample: row b of x only moves <v_b, fn(x)_b>)."""
         est = self.estimator
+        check_resolution(est.mu, [("the black box's input", x)])
         rows = x.shape[0] if self.per_sample else 1
         flat = x.detach().reshape(rows, -1)
         d = flat.shape[1]
