@@ -75,8 +75,7 @@ class ZOFunction:
         """fn at `x`, which holds `count` inputs (one: a batch when per_sample), each counted as a
         query; a tensor on x's device and dtype."""
         self.counter.add(count, float(count))
-        with full_precision():  # finite differences of what fn computes at x, not of its rounding
-            out = self.fn(x.detach().cpu().numpy() if self.numpy else x.detach(), *args)
+        out = self.fn(x.detach().cpu().numpy() if self.numpy else x.detach(), *args)
         out = torch.as_tensor(out, device=x.device)
         return out.to(x.dtype) if out.is_floating_point() else out
 
@@ -146,7 +145,8 @@ class ZOFunction:
 class _BlackBoxVJP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, box: ZOFunction, step: int, args: tuple) -> Tensor:  # type: ignore[override]
-        y = box.query(x, args)
+        with full_precision():  # differences of what fn computes at x, not of its rounding (also in backward)
+            y = box.query(x, args)
         ctx.box, ctx.step, ctx.args = box, step, args
         ctx.save_for_backward(x, y)
         return y
@@ -155,7 +155,8 @@ class _BlackBoxVJP(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         x, y = ctx.saved_tensors
-        grad = ctx.box.vjp(x, y, v, ctx.step, ctx.args) if ctx.needs_input_grad[0] else None
+        with full_precision():
+            grad = ctx.box.vjp(x, y, v, ctx.step, ctx.args) if ctx.needs_input_grad[0] else None
         return grad, None, None, None
 
 
