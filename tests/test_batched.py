@@ -208,7 +208,8 @@ def test_cge_with_batched_equals_reference(scheme):
     model = create_model("small_cnn", depth=2, in_channels=1, num_classes=10).double()
     twin, b, coords = copy.deepcopy(model), images(8, 1, 8), per_tensor_sample(model, 10)
     o1, o2 = StagedObjective(model, ce), StagedObjective(twin, ce)
-    CGE(scheme=scheme, evaluator="batched").estimate(o1, b, coords)
+    nchw = BatchedEvaluator(channels_last=False)  # the reuse loop's layout: bit-identical base queries
+    CGE(scheme=scheme, evaluator=nchw).estimate(o1, b, coords)
     CGE(scheme=scheme, evaluator="reuse").estimate(o2, b, coords)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-7)
@@ -220,7 +221,7 @@ def test_cge_with_batched_equals_reference(scheme):
 def test_rge_runs_through_the_batched_context():
     model = create_model("small_cnn", depth=1, in_channels=1, num_classes=10).double()
     twin, b = copy.deepcopy(model), images(8, 1, 8)
-    RGE(q=3, evaluator="batched").estimate(StagedObjective(model, ce), b)
+    RGE(q=3, evaluator=BatchedEvaluator(channels_last=False)).estimate(StagedObjective(model, ce), b)
     RGE(q=3, evaluator="reuse").estimate(StagedObjective(twin, ce), b)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
@@ -231,3 +232,35 @@ def test_cuda_matches_reference():
     model = create_model("resnet20").double().cuda()
     x, y = images(2, 3, 32)
     assert_matches_reference(model, (x.cuda(), y.cuda()), per_tensor_sample(model, 2).cuda())
+
+
+def avgpool_cnn() -> nn.Sequential:
+    """A one-channel input, then average pooling of the changed channels (a mean that rounds)."""
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.AvgPool2d(2)),
+        nn.Sequential(nn.Conv2d(5, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1)),
+        nn.Sequential(nn.Flatten(), nn.Linear(6, 10)),
+    )
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize(
+    "make, channels", [(lambda: create_model("resnet20"), 3), (avgpool_cnn, 1)], ids=["resnet20", "avgpool_cnn"]
+)
+def test_a_zero_step_reproduces_the_base_loss_bit_for_bit_in_float32(make, channels, train):
+    """Every query's loss is compared with the base query's, so at the base point they must round
+    alike: a query path that runs another layout or kernel than the base forward (NHWC queries
+    against an NCHW base, a one-channel BatchNorm or average pool summing in another order) adds its
+    offset / mu to every coordinate. In float32, where that offset shows."""
+    torch.manual_seed(0)
+    model = make().train(train)
+    b = (torch.randn(8, channels, 16, 16), torch.randint(0, 10, (8,)))
+    coords = per_tensor_sample(model, per=2)
+    for chunk in (1, 3):
+        obj = StagedObjective(model, ce)
+        ev = BatchedEvaluator(chunk=chunk)
+        with torch.no_grad():
+            f0, ctx = ev.base(obj, b)
+            with frozen_running_stats(model):
+                got = ev.coordinate_losses(obj, b, ctx, coords, 0.0)
+        assert torch.equal(got, torch.full_like(got, float(f0))), (got - float(f0)).abs().max()

@@ -215,14 +215,25 @@ def _normalized(bn: _BatchNorm, v: Tensor, ch: Tensor) -> Tensor:
     return (v - bn.running_mean[ch].view(shape)) * torch.rsqrt(bn.running_var[ch].view(shape) + bn.eps)
 
 
-def _sparse_batch_norm(bn: _BatchNorm, s: Sparse) -> Sparse:
-    v, ch = s.values, s.channels
+def _sparse_batch_norm(bn: _BatchNorm, v: Tensor, ch: Tensor) -> Tensor:
+    """BatchNorm of the changed channels v (K, B, ...), each with its own batch statistics or the
+    running ones."""
     weight, bias = _bn_params(bn, (len(ch),) + (1,) * (v.dim() - 1), ch)
     if _uses_batch_stats(bn):
-        return Sparse(_standardize(v, tuple(range(1, v.dim())), bn.eps, weight, bias), ch)
+        return _standardize(v, tuple(range(1, v.dim())), bn.eps, weight, bias)
     out = _normalized(bn, v, ch)
     out = out if weight is None else out.mul_(weight)
-    return Sparse(out if bias is None else out.add_(bias), ch)
+    return out if bias is None else out.add_(bias)
+
+
+def from_base(fn: Callable[[Tensor], Tensor], s: Sparse, x: Tensor, y: Tensor) -> Sparse:
+    """A channel-wise layer that rounds (BatchNorm, average pooling) on the changed channels, as the
+    base output y plus fn's change: y + (fn(values) - fn(base values)). Running fn on the one-channel
+    values directly would sum in another order than the base forward's kernel (other layout, other
+    width), and that offset, divided by mu, would bias every coordinate; the difference is exactly 0
+    where the values did not change, so the query's loss minus the base loss measures the change alone."""
+    change = fn(s.values) - fn(channels(x, s.channels))
+    return Sparse(channels(y, s.channels) + change, s.channels)
 
 
 def _pad(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -341,6 +352,7 @@ POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
 )  # fmt: skip
+EXACT_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)  # no sums
 CHANNELWISE: set[type[nn.Module]] = set()  # registered module types that act on each channel alone
 
 
@@ -392,6 +404,12 @@ class Propagator:
                 state = self._add(parent, None, state)
         return state
 
+    @staticmethod
+    def _per_channel(m: nn.Module, v: Tensor) -> Tensor:
+        """m on (K, B, ...) one-channel values, run as K * B one-channel samples."""
+        out = m(v.reshape(v.shape[0] * v.shape[1], 1, *v.shape[2:]))
+        return out.reshape(*v.shape[:2], *out.shape[2:])
+
     def _add(self, node: Residual, main: State, shortcut: State) -> State:
         y_main, y_short = self.record[node.main][1], self.record[node.shortcut][1]
         if main is None and shortcut is None:
@@ -415,11 +433,12 @@ class Propagator:
             pooled = _max_pool(m, v)
             if pooled is not None:
                 return Sparse(pooled, ch)
-        if type(m) in ELEMENTWISE or ((type(m) in POOLS or type(m) in CHANNELWISE) and v.dim() >= 3):
-            out = m(v.reshape(k * v.shape[1], 1, *v.shape[2:]))
-            return Sparse(out.reshape(k, v.shape[1], *out.shape[2:]), ch)
+        if type(m) in ELEMENTWISE or (type(m) in EXACT_POOLS and v.dim() >= 3):  # no rounding: per element or max
+            return Sparse(self._per_channel(m, v), ch)
+        if (type(m) in POOLS or type(m) in CHANNELWISE) and v.dim() >= 3:
+            return from_base(lambda u: self._per_channel(m, u), state, x, y)
         if is_standard(m, _BatchNorm):
-            return _sparse_batch_norm(m, state)
+            return from_base(lambda u: _sparse_batch_norm(m, u, ch), state, x, y)
         if is_standard(m, nn.Conv2d) and m.groups == 1:
             return _conv_from_sparse(m, state, x, y)
         if is_standard(m, nn.Linear) and v.dim() == 2:

@@ -113,6 +113,9 @@ class StagedObjective(Objective):
         self._unchecked = check_stages and not _composes_by_construction(model, self.stages)
         self.readers: dict[int, set[nn.Module]] = {}  # parameter id -> innermost modules reading it
         self.writes_input = [False] * self.num_stages  # stages that modify their input in place
+        # Memory format of every 4-D stage input (None: as it comes). An evaluator that runs its
+        # queries in NHWC sets it, so the base query rounds as they do (see BatchedEvaluator.base).
+        self.stage_format: torch.memory_format | None = None
         super().__init__(model, trainable)
 
     def _stage_of_param(self, p: nn.Parameter) -> int:
@@ -137,7 +140,13 @@ class StagedObjective(Objective):
 
     def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Stage i on h; on a copy if the stage writes into its input, so a cached input stays intact."""
+        h = self._formatted(h)
         return self.stages[i](h.clone() if self.writes_input[i] else h)
+
+    def _formatted(self, h: torch.Tensor) -> torch.Tensor:
+        if self.stage_format is None or h.dim() != 4:
+            return h
+        return h.contiguous(memory_format=self.stage_format)
 
     def _run(self, stage: int, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.loss_fn(self._compose(h, stage), batch)
@@ -196,6 +205,7 @@ class StagedObjective(Objective):
         """The composed output and every stage's input (what feature reuse caches)."""
         h, inputs = self.inputs(batch), []
         for i in range(self.num_stages):
+            h = self._formatted(h)
             inputs.append(h)
             h = self._stage(i, h)
         return h, inputs
