@@ -3,7 +3,8 @@
 An estimator is any object with `estimate(objective, batch, coords=None, step=0) -> base loss`
 that fills `p.grad`. This one asks its evaluator for the losses along q sign vectors s_i in
 {-1, +1}^d (E[s s^T] = I, so no scaling is needed) and combines them with the shared ZO core's
-finite difference. It works with sparse coordinates, BatchNorm, the Trainer and torchrun (a
+finite difference, with its queries in full float32 precision as the built-in estimators run
+them (`full_precision`). It works with sparse coordinates, BatchNorm, the Trainer and torchrun (a
 `ShardedEvaluator` deals its directions over the ranks). The script checks it against backprop on
 one batch, then trains the bundled small CNN on 8x8 digits with it. Prints one JSON line.
 
@@ -25,6 +26,7 @@ from deepzero_apps.engine import (
     difference,
     direction_seed,
     frozen_running_stats,
+    full_precision,
     make_evaluator,
 )
 from deepzero_apps.models import create_model
@@ -41,7 +43,7 @@ class RademacherRGE:
         d, like = (view.dim if coords is None else len(coords)), view.blocks[0].param
         gen = torch.Generator().manual_seed(direction_seed(self.seed, step, 0))  # replayable per step
         signs = [(torch.randint(0, 2, (d,), generator=gen) * 2 - 1).to(like) for _ in range(self.q)]
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():  # no autocast/TF32 rounding of the perturbations
             f0, context = ev.base(objective, batch)
             with frozen_running_stats(objective.module):
                 plus = ev.direction_losses(objective, batch, context, signs, coords, self.mu)
