@@ -14,8 +14,8 @@ and the wall time of one full ZO-SOL step (base query + all coordinate queries +
 loop and the batched path, plus where that time goes: the solver, the correction network, the rest.
 What bounds the batched path: `bound_speedup_if_only_solver_and_network` (the speedup over the loop
 if the rest cost nothing) and the network's convolution rate (torch's FlopCounterMode FLOPs over its
-seconds) beside the rate this machine gives a wide convolution (64 -> 64 channels, a ResNet-20 layer). For the ranks,
-`why` says where a shortfall goes: one rank's share timed alone (the ideal split), the shares timed in
+seconds) beside the rate this machine gives a wide convolution (64 -> 64 channels, a ResNet-20
+layer). For the ranks, `why` says where a shortfall goes: one rank's share timed alone (the ideal split), the shares timed in
 independent processes at the same time (what the machine's cores give parallel work, no communication),
 and the remainder (broadcast and all-reduce).
 Then one line `classify_allocator` with the default `deepzero-task classify` wall time with and without
@@ -287,7 +287,7 @@ def bench(name: str, world: int, reps: int) -> dict:
         "parameters": obj.coords.dim,
         "queries_per_step": n,
         "queries_per_s": {"loop": round(n / t_loop, 1), "batched": round(n / t_batched, 1)},
-        "speedup_batched_vs_loop": round(t_loop / t_batched, 2),
+        "speedup_batched_vs_loop": round(speedup, 2),
         "queries_per_cpu_s": {"loop": round(n / cpu_loop, 1), "batched": round(n / cpu_batched, 1)},
         "speedup_batched_vs_loop_cpu": round(cpu_loop / cpu_batched, 2),
         "zo_sol_step_seconds": {k: round(v[0], 3) for k, v in parts.items()},

@@ -127,13 +127,12 @@ class BatchedEvaluator(FeatureReuse):
     sizes); `chunk` fixes K instead of timing candidates. channels_last runs the base query's stage
     inputs, and so the traced and stacked 4-D activations, in NHWC (default: on CPU, where BatchNorm,
     pooling and convs are several times faster in that layout; values change by float rounding, and
-    queries and base change alike: at a zero step every query reproduces the base loss bit for bit). A `StackedObjective` gets K
-    perturbed parameter vectors per call (`stacked`). Coordinates of parameters shared by several
-    layers or read again after their layer (a weight penalty in the loss, found by a check on first
-    use), and objectives that are not staged or have a stage writing into its input, use the
-    FeatureReuse loop. Query
-    accounting is the FeatureReuse one (one query restarted at the owning stage per coordinate), so
-    budgets mean the same thing whichever evaluator runs them.
+    queries and base change alike: at a zero step every query reproduces the base loss bit for bit).
+    A `StackedObjective` gets K perturbed parameter vectors per call (`stacked`). Coordinates of
+    parameters shared by several layers or read again after their layer (a weight penalty in the loss,
+    found by a check on first use), and objectives that are not staged or have a stage writing into
+    its input, use the FeatureReuse loop. Query accounting is the FeatureReuse one (one query restarted
+    at the owning stage per coordinate), so budgets mean the same thing whichever evaluator runs them.
     """
 
     name = "batched"

@@ -433,7 +433,7 @@ class Propagator:
             pooled = _max_pool(m, v)
             if pooled is not None:
                 return Sparse(pooled, ch)
-        if type(m) in ELEMENTWISE or (type(m) in EXACT_POOLS and v.dim() >= 3):  # no rounding: per element or max
+        if type(m) in ELEMENTWISE or (type(m) in EXACT_POOLS and v.dim() >= 3):  # per element or max: exact
             return Sparse(self._per_channel(m, v), ch)
         if (type(m) in POOLS or type(m) in CHANNELWISE) and v.dim() >= 3:
             return from_base(lambda u: self._per_channel(m, u), state, x, y)

@@ -145,7 +145,7 @@ class ZOFunction:
 class _BlackBoxVJP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, box: ZOFunction, step: int, args: tuple) -> Tensor:  # type: ignore[override]
-        with full_precision():  # differences of what fn computes at x, not of its rounding (also in backward)
+        with full_precision():  # differences of what fn computes, not of rounding (backward too)
             y = box.query(x, args)
         ctx.box, ctx.step, ctx.args = box, step, args
         ctx.save_for_backward(x, y)
